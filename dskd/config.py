@@ -1,0 +1,417 @@
+"""Typed configuration for every stage, with validation that names the offending flag.
+
+Each stage owns one dataclass. Field names follow the paper's symbols where it has one
+(``k``, ``kappa``, ``lam``, ``T``, ``alpha``, ``margin``). Every dataclass validates itself on
+creation (``__post_init__``) and raises :class:`ConfigError` with the dotted flag name, so a bad
+value is reported before any long work starts, whether it came from YAML or from the command line.
+
+The top-level :class:`RunConfig` groups the stage configs; YAML files in ``configs/`` are instances
+of it, and dotted CLI overrides (``--distill.lr 3e-4``) address its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class DskdError(Exception):
+    """Base of every user-facing error: the CLI prints its message (which names the flag or file)."""
+
+
+class ConfigError(DskdError, ValueError):
+    """A user-facing configuration error; the message names the flag or file."""
+
+
+def _check(cond: bool, flag: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"--{flag}: {msg} (got {value!r})")
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    _check(value in choices, flag, f"must be one of {', '.join(choices)}", value)
+
+
+@dataclass
+class ModelConfig:
+    """Teacher and student.
+
+    Args:
+        teacher: Teacher model: a hub id, a local folder, or the alias ``smollm2-135m-instruct``.
+        student: An independent student (same tokenizer as the teacher). When unset, the student is
+            the teacher truncated to its first ``student_layers`` decoder layers.
+        student_layers: N, the number of teacher decoder layers the truncated student keeps
+            (default: half of the teacher's layers).
+        trainable_layers: M, the number of top student decoder layers that are trained; all other
+            parameters are frozen.
+        dtype: Weights dtype for loading: float32, bfloat16 or float16.
+        trust_remote_code: Allow model code from the hub (off unless you ask).
+    """
+
+    teacher: str = "smollm2-135m-instruct"
+    student: str | None = None
+    student_layers: int | None = None
+    trainable_layers: int = 2
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.teacher), "model.teacher", "must be a model spec", self.teacher)
+        if self.student_layers is not None:
+            _check(self.student_layers >= 1, "model.student_layers", "must be >= 1", self.student_layers)
+        _check(self.trainable_layers >= 0, "model.trainable_layers", "must be >= 0", self.trainable_layers)
+        if self.student_layers is not None:
+            _check(
+                self.trainable_layers <= self.student_layers,
+                "model.trainable_layers",
+                f"must be <= model.student_layers ({self.student_layers})",
+                self.trainable_layers,
+            )
+        _choice(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+
+
+@dataclass
+class LexiconConfig:
+    """Lexical relations.
+
+    Args:
+        sources: Lexical sources: ``wordnet``, ``mythes``, ``kaikki:FILE``, ``pairs:FILE:syn|ant``.
+        normalize_negation: Replace words with an odd number of negating affixes by their base and
+            flip the relation (syn(sad, unhappy) -> ant(sad, happy)).
+        max_tail_tokens: Synonyms/antonyms longer than this many tokens are dropped.
+        min_head_chars: Head words shorter than this are dropped.
+        max_malformed_share: Fail when more than this share of a file's lines is malformed.
+    """
+
+    sources: list[str] = field(default_factory=lambda: ["wordnet", "mythes"])
+    normalize_negation: bool = True
+    max_tail_tokens: int = 3
+    min_head_chars: int = 3
+    max_malformed_share: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "lexicon.sources", "needs at least one source", self.sources)
+        _check(1 <= self.max_tail_tokens <= 8, "lexicon.max_tail_tokens", "must be in [1, 8]", self.max_tail_tokens)
+        _check(self.min_head_chars >= 1, "lexicon.min_head_chars", "must be >= 1", self.min_head_chars)
+        _check(
+            0.0 <= self.max_malformed_share <= 1.0,
+            "lexicon.max_malformed_share",
+            "must be in [0, 1]",
+            self.max_malformed_share,
+        )
+
+
+@dataclass
+class SenseConfig:
+    """Sense dictionary.
+
+    Args:
+        corpus: Corpora: text files, folders or globs of .txt/.jsonl files, or ``default``.
+        k: Senses (k-means centroids) per token.
+        max_samples: Per-token reservoir sample cap.
+        key: File each state under the teacher's ``predicted`` next token or the ``actual`` one.
+        max_tokens: Stop gathering after this many corpus tokens.
+        seq_len: Sequence length of gathering batches.
+        batch_size: Sequences per gathering batch.
+        seed: Seed for the reservoir and k-means.
+        kmeans_iters: Lloyd iterations of k-means.
+        store_dtype: Dtype of the stored sense matrix: float16 or bfloat16.
+    """
+
+    corpus: list[str] = field(default_factory=lambda: ["default"])
+    k: int = 5
+    max_samples: int = 2000
+    key: str = "predicted"
+    max_tokens: int = 200_000
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    kmeans_iters: int = 25
+    store_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check(len(self.corpus) > 0, "senses.corpus", "needs at least one corpus", self.corpus)
+        _check(self.k >= 1, "senses.k", "must be >= 1", self.k)
+        _check(self.max_samples >= self.k, "senses.max_samples", f"must be >= senses.k ({self.k})", self.max_samples)
+        _choice(self.key, ("predicted", "actual"), "senses.key")
+        _check(self.max_tokens >= 1, "senses.max_tokens", "must be >= 1", self.max_tokens)
+        _check(self.seq_len >= 2, "senses.seq_len", "must be >= 2", self.seq_len)
+        _check(self.batch_size >= 1, "senses.batch_size", "must be >= 1", self.batch_size)
+        _check(self.kmeans_iters >= 1, "senses.kmeans_iters", "must be >= 1", self.kmeans_iters)
+        _choice(self.store_dtype, ("float16", "bfloat16"), "senses.store_dtype")
+
+
+@dataclass
+class LossConfig:
+    """Loss terms: L = ce_weight * CE + alpha * T^2 * D(teacher || student) + lam * L_sense + hidden_weight * L_hidden.
+
+    Args:
+        divergence: KD divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tv.
+        T: Softmax temperature of the KD term.
+        alpha: Weight of the KD term.
+        ce_weight: Weight of the next-token cross-entropy term.
+        beta: Interpolation of the generalised JSD (0 -> forward KL limit, 1 -> reverse KL limit).
+        skew: Skew of the skew KL divergences.
+        lam: lambda, weight of the sense loss; 0 gives the KD baseline.
+        kappa: Candidates of each set kept, nearest (L2) to the teacher state.
+        margin: Hinge margin on antonyms (MSE units, or a multiple of the store's median distance
+            when margin_mode is relative).
+        margin_mode: ``absolute`` or ``relative`` (margin times the store's median sense MSE).
+        positive_margin: beta_p: synonyms within this MSE are not pulled further.
+        max_synonyms: Cap on sampled synonyms per position.
+        max_antonyms: Cap on sampled antonyms per position.
+        min_positions: Lower bound of the number of related positions sampled per sequence.
+        position_frac: Share of related positions sampled per sequence.
+        self_sense: Add the self-sense pull at as many positions sampled from all positions.
+        use_synonyms: Include synonyms' senses in the positive set.
+        use_antonyms: Include antonyms' senses in the negative set.
+        reference_antonyms: Reproduce the reference code: append y's own senses to the antonyms.
+        hidden: Direct hidden-state loss between student and teacher last states: none, mse, cosine.
+        hidden_weight: Weight of the direct hidden-state loss.
+    """
+
+    divergence: str = "forward_kl"
+    T: float = 2.0
+    alpha: float = 0.7
+    ce_weight: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    lam: float = 1.0
+    kappa: int = 5
+    margin: float = 1.0
+    margin_mode: str = "absolute"
+    positive_margin: float = 0.0
+    max_synonyms: int = 25
+    max_antonyms: int = 25
+    min_positions: int = 25
+    position_frac: float = 0.4
+    self_sense: bool = True
+    use_synonyms: bool = True
+    use_antonyms: bool = True
+    reference_antonyms: bool = False
+    hidden: str = "none"
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice(
+            self.divergence,
+            ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"),
+            "loss.divergence",
+        )
+        _check(self.T > 0, "loss.T", "must be > 0", self.T)
+        _check(self.alpha >= 0, "loss.alpha", "must be >= 0", self.alpha)
+        _check(self.ce_weight >= 0, "loss.ce_weight", "must be >= 0", self.ce_weight)
+        _check(0.0 <= self.beta <= 1.0, "loss.beta", "must be in [0, 1]", self.beta)
+        _check(0.0 <= self.skew <= 1.0, "loss.skew", "must be in [0, 1]", self.skew)
+        _check(self.lam >= 0, "loss.lam", "must be >= 0", self.lam)
+        _check(self.kappa >= 1, "loss.kappa", "must be >= 1", self.kappa)
+        _check(self.margin >= 0, "loss.margin", "must be >= 0", self.margin)
+        _choice(self.margin_mode, ("absolute", "relative"), "loss.margin_mode")
+        _check(self.positive_margin >= 0, "loss.positive_margin", "must be >= 0", self.positive_margin)
+        _check(self.max_synonyms >= 0, "loss.max_synonyms", "must be >= 0", self.max_synonyms)
+        _check(self.max_antonyms >= 0, "loss.max_antonyms", "must be >= 0", self.max_antonyms)
+        _check(self.min_positions >= 0, "loss.min_positions", "must be >= 0", self.min_positions)
+        _check(0.0 <= self.position_frac <= 1.0, "loss.position_frac", "must be in [0, 1]", self.position_frac)
+        _choice(self.hidden, ("none", "mse", "cosine"), "loss.hidden")
+        _check(self.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0", self.hidden_weight)
+
+
+@dataclass
+class DataConfig:
+    """Distillation data.
+
+    Args:
+        tasks: Tasks whose training items (see ``dskd eval --list`` and the split protocol) make prompts.
+        shots: Few-shot exemplars per prompt.
+        sample_frac: Share of each task's training items used.
+        max_items: Cap on prompts per task (0: no cap).
+        chat: Wrap prompts in the tokenizer's chat template.
+        continuation_tokens: Tokens of greedy teacher continuation appended to each prompt.
+        text_files: Plain text files used as extra training sequences.
+        max_length: Prompts are truncated from the left to this many tokens.
+        seed: Seed for sampling items and exemplars.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["arc_challenge", "arc_easy", "mmlu", "csqa", "piqa"])
+    shots: int = 5
+    sample_frac: float = 1.0
+    max_items: int = 0
+    chat: bool = True
+    continuation_tokens: int = 1
+    text_files: list[str] = field(default_factory=list)
+    max_length: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.shots >= 0, "data.shots", "must be >= 0", self.shots)
+        _check(0.0 < self.sample_frac <= 1.0, "data.sample_frac", "must be in (0, 1]", self.sample_frac)
+        _check(self.max_items >= 0, "data.max_items", "must be >= 0", self.max_items)
+        _check(self.continuation_tokens >= 0, "data.continuation_tokens", "must be >= 0", self.continuation_tokens)
+        _check(self.max_length >= 8, "data.max_length", "must be >= 8", self.max_length)
+        _check(bool(self.tasks) or bool(self.text_files), "data.tasks", "needs tasks or data.text_files", self.tasks)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation.
+
+    Args:
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_frac: Share of optimiser steps spent in linear warm-up before the cosine decay.
+        epochs: Passes over the training data.
+        max_steps: Stop after this many optimiser steps (0: no cap).
+        batch_size: Sequences per micro-batch per process.
+        grad_accum: Micro-batches per optimiser step.
+        max_grad_norm: Gradient clipping norm (0: off).
+        precision: fp32 or bf16 autocast.
+        grad_checkpointing: Recompute activations in the backward pass to save memory.
+        teacher_cache: Use (and build if missing) the teacher cache instead of running the teacher online.
+        cache_topk: Teacher logits kept per position in the cache (0: the full vocabulary).
+        seed: Seed of initialisation-free randomness (data order, position sampling).
+        log_every: Optimiser steps between metric lines.
+        save_every: Optimiser steps between checkpoints (0: only at the end).
+    """
+
+    lr: float = 1.5e-4
+    weight_decay: float = 1e-3
+    warmup_frac: float = 0.1
+    epochs: int = 2
+    max_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 8
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    teacher_cache: bool = True
+    cache_topk: int = 64
+    seed: int = 0
+    log_every: int = 5
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "distill.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "distill.weight_decay", "must be >= 0", self.weight_decay)
+        _check(0.0 <= self.warmup_frac < 1.0, "distill.warmup_frac", "must be in [0, 1)", self.warmup_frac)
+        _check(self.epochs >= 1, "distill.epochs", "must be >= 1", self.epochs)
+        _check(self.max_steps >= 0, "distill.max_steps", "must be >= 0", self.max_steps)
+        _check(self.batch_size >= 1, "distill.batch_size", "must be >= 1", self.batch_size)
+        _check(self.grad_accum >= 1, "distill.grad_accum", "must be >= 1", self.grad_accum)
+        _check(self.max_grad_norm >= 0, "distill.max_grad_norm", "must be >= 0", self.max_grad_norm)
+        _choice(self.precision, ("fp32", "bf16"), "distill.precision")
+        _check(self.cache_topk >= 0, "distill.cache_topk", "must be >= 0", self.cache_topk)
+        _check(self.log_every >= 1, "distill.log_every", "must be >= 1", self.log_every)
+        _check(self.save_every >= 0, "distill.save_every", "must be >= 0", self.save_every)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation.
+
+    Args:
+        tasks: Tasks to evaluate (``dskd eval --list``).
+        shots: Few-shot exemplars per question.
+        chat: Wrap prompts in the tokenizer's chat template.
+        scoring: ``loglik`` (per-choice log-likelihood, acc and acc_norm) or ``letter``.
+        limit: Evaluate at most this many items per task (0: all).
+        batch_size: Sequences per forward pass.
+        bootstrap: Bootstrap resamples for standard errors.
+        seed: Seed for exemplars and the bootstrap.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge"])
+    shots: int = 0
+    chat: bool = False
+    scoring: str = "loglik"
+    limit: int = 0
+    batch_size: int = 8
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.tasks) > 0, "eval.tasks", "needs at least one task", self.tasks)
+        _check(self.shots >= 0, "eval.shots", "must be >= 0", self.shots)
+        _choice(self.scoring, ("loglik", "letter"), "eval.scoring")
+        _check(self.limit >= 0, "eval.limit", "must be >= 0", self.limit)
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        _check(self.bootstrap >= 0, "eval.bootstrap", "must be >= 0", self.bootstrap)
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe: what ``dskd run`` and ``dskd distill`` read from YAML.
+
+    Args:
+        name: Name of the recipe; the default output folder is ``runs/<name>``.
+        out: Output folder (default ``runs/<name>``).
+        model: Teacher and student.
+        lexicon: Lexical relations.
+        senses: Sense dictionary.
+        data: Distillation data.
+        loss: Loss terms.
+        distill: Optimisation.
+        eval: Evaluation.
+    """
+
+    name: str = "run"
+    out: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lexicon: LexiconConfig = field(default_factory=LexiconConfig)
+    senses: SenseConfig = field(default_factory=SenseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must be non-empty", self.name)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"--{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        flag = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"--{flag}: unknown option; valid: {', '.join(sorted(names))}")
+        sub = names[key].default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value or {}, flag)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any], cls: type = RunConfig) -> Any:
+    """Build and validate a config dataclass from a nested dict (unknown keys are refused)."""
+    return _build(cls, data, "")
+
+
+def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
+    """Load and validate a YAML recipe; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+    try:
+        return from_dict(data, cls)
+    except ConfigError as e:
+        raise ConfigError(f"{e} [in {path}]") from e

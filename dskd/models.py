@@ -1,0 +1,282 @@
+"""Load teachers and students, truncate a teacher into a student, freeze, fingerprint.
+
+A *model spec* is one of: the alias ``smollm2-135m-instruct`` (the packaged default, exported once
+by :mod:`dskd.assets`), a local Hugging Face folder, or a hub id (only usable when the weights are
+in the local Hugging Face cache or the network is reachable).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dskd import assets
+from dskd.config import DskdError
+
+ALIASES = {assets.DEFAULT_MODEL_ALIAS: assets.default_model_dir}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config keys that do not change what a model computes.
+_VOLATILE_KEYS = {
+    "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype",
+    "use_cache", "quantization_config", "_attn_implementation", "_attn_implementation_autoset",
+    "architectures", "_commit_hash", "output_hidden_states", "return_dict",
+}  # fmt: skip
+
+
+class ModelError(DskdError, ValueError):
+    """A model or tokenizer that cannot be used as asked; the message names the spec or flag."""
+
+
+def resolve_spec(spec: str) -> str:
+    """Turn a model spec into what ``from_pretrained`` accepts: a local folder or a hub id.
+
+    The packaged alias is exported on first use.
+    """
+    if spec in ALIASES:
+        path = ALIASES[spec]()
+        if not (path / "config.json").is_file():
+            assets.export_smollm2()
+        return str(path)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model {spec!r}: folder has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model {spec!r}: no such folder")
+    return spec  # a hub id
+
+
+def _wrap_load_error(spec: str, e: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+        f"Use a local folder, the alias {assets.DEFAULT_MODEL_ALIAS!r}, or a hub id that is in the local "
+        "Hugging Face cache (this machine may be offline)."
+    )
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """Load the tokenizer of a model spec."""
+    from transformers import AutoTokenizer
+
+    path = resolve_spec(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _wrap_load_error(spec, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_spec(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _wrap_load_error(spec, e) from e
+    model.eval()
+    return model
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list of a causal LM and its parameter-name prefix (e.g. ``model.layers``)."""
+    for name in (
+        "model.layers",
+        "model.decoder.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.language_model.layers",
+    ):
+        mod: Any = model
+        try:
+            for part in name.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            return name, mod
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model)[1])
+
+
+def truncate(teacher: nn.Module, n_layers: int) -> nn.Module:
+    """A new model holding copies of the teacher's embeddings, first ``n_layers`` decoder layers,
+    final norm and LM head.
+
+    Args:
+        teacher: A causal LM.
+        n_layers: N, the number of decoder layers to keep (1 <= N <= teacher layers).
+    """
+    from transformers import AutoModelForCausalLM
+
+    prefix, layers = decoder_layers(teacher)
+    total = len(layers)
+    if not 1 <= n_layers <= total:
+        raise ModelError(f"--model.student_layers: must be in [1, {total}] for this teacher (got {n_layers})")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = n_layers
+    for key in ("layer_types", "sliding_window_pattern_list"):
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, getattr(config, key)[:n_layers])
+    dtype = next(teacher.parameters()).dtype
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    state = {}
+    for k, v in teacher.state_dict().items():
+        m = pat.match(k)
+        if m and int(m.group(1)) >= n_layers:
+            continue
+        state[k] = v.detach().clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ModelError(f"truncation failed: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if tied:
+        student.tie_weights()
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.eval()
+    return student
+
+
+def freeze_except_top(model: nn.Module, trainable_layers: int) -> list[str]:
+    """Freeze every parameter except those of the top ``trainable_layers`` decoder layers.
+
+    Returns:
+        Names of the parameters left trainable.
+    """
+    prefix, layers = decoder_layers(model)
+    if not 0 <= trainable_layers <= len(layers):
+        raise ModelError(f"--model.trainable_layers: must be in [0, {len(layers)}] (got {trainable_layers})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    first = len(layers) - trainable_layers
+    for layer in list(layers)[first:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's vocabulary (token -> id) and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return _sha({"vocab": vocab, "special": sorted(map(str, tokenizer.all_special_tokens))})
+
+
+def config_fingerprint(config) -> str:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    d = {k: v for k, v in d.items() if k not in _VOLATILE_KEYS}
+    return _sha(d)
+
+
+def fingerprint(model: nn.Module, tokenizer) -> str:
+    """Identity of a model for artefact sidecars: a hash of its config and tokenizer vocabulary."""
+    return _sha({"config": config_fingerprint(model.config), "tokenizer": tokenizer_fingerprint(tokenizer)})
+
+
+def check_same_tokenizer(
+    teacher_tok, student_tok, teacher_name: str = "teacher", student_name: str = "student"
+) -> None:
+    """Refuse a teacher/student pair whose tokenizers differ (token-level KD would be meaningless)."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv == sv:
+        return
+    only_t = sorted(set(tv) - set(sv))[:5]
+    only_s = sorted(set(sv) - set(tv))[:5]
+    moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])[:5]
+    raise ModelError(
+        f"tokenizer mismatch between {teacher_name} ({len(tv)} tokens) and {student_name} ({len(sv)} tokens): "
+        f"only in teacher {only_t}, only in student {only_s}, different ids {moved}. "
+        "Token-level KD needs the same tokenizer: pick a student from the teacher's family or truncate the "
+        "teacher (--model.student unset)."
+    )
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def shared_vocab_size(teacher: nn.Module, student: nn.Module, tokenizer) -> int:
+    """The number of logit columns KD compares. Vocabularies padded beyond the tokenizer (as in some
+    Qwen checkpoints) are sliced to the tokenizer's size; a model with fewer rows than the tokenizer
+    is refused."""
+    v = len(tokenizer)
+    for name, m in (("teacher", teacher), ("student", student)):
+        rows = output_vocab_size(m)
+        if rows < v:
+            raise ModelError(f"{name} has {rows} output rows but the tokenizer has {v} tokens")
+    return v
+
+
+@dataclass
+class Pair:
+    """A teacher, its student, the shared tokenizer and how they were made."""
+
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: Any
+    vocab_size: int
+    teacher_fingerprint: str
+    student_fingerprint: str
+    trainable: list[str]
+    info: dict[str, Any]
+
+
+def build_pair(cfg, teacher: nn.Module | None = None, tokenizer=None) -> Pair:
+    """Load the teacher and make or load the student described by a :class:`~dskd.config.ModelConfig`."""
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    t = teacher if teacher is not None else load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code)
+    for p in t.parameters():
+        p.requires_grad_(False)
+    n_teacher = num_layers(t)
+    if cfg.student:
+        s_tok = load_tokenizer(cfg.student, cfg.trust_remote_code)
+        check_same_tokenizer(tok, s_tok, f"teacher {cfg.teacher!r}", f"student {cfg.student!r}")
+        s = load_model(cfg.student, cfg.dtype, cfg.trust_remote_code)
+        source = {"kind": "independent", "spec": cfg.student}
+    else:
+        n = cfg.student_layers if cfg.student_layers is not None else max(1, n_teacher // 2)
+        s = truncate(t, n)
+        source = {"kind": "truncated", "from": cfg.teacher, "layers": n}
+    m = min(cfg.trainable_layers, num_layers(s))
+    trainable = freeze_except_top(s, m)
+    v = shared_vocab_size(t, s, tok)
+    info = {
+        "teacher": cfg.teacher,
+        "teacher_layers": n_teacher,
+        "student": source,
+        "student_layers": num_layers(s),
+        "trainable_layers": m,
+        "trainable_params": sum(p.numel() for p in s.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in s.parameters()),
+        "vocab_size": v,
+    }
+    return Pair(t, s, tok, v, fingerprint(t, tok), fingerprint(s, tok), trainable, info)
+
+
+@torch.no_grad()
+def complete(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """Greedy completion of a raw prompt (no chat template)."""
+    enc = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,114 @@
+"""Shared fixtures: a toy byte-level BPE tokenizer and tiny Llama models built in-process.
+
+Nothing here touches the network. ``make_tokenizer`` trains a ~600-token byte-level BPE on
+``TOY_TEXT`` (so common words are single tokens written with a leading space, as in real decoders);
+``make_model`` builds a 4-layer, hidden-32 Llama with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TOY_WORDS = (
+    "the a an of is was to and in on it that this with for as are be by at from or not "
+    "hot cold warm cool good bad big small large little happy sad unhappy glad increase decrease "
+    "rise fall fast slow quick light dark heavy red crimson scarlet ruby blue green bus car train "
+    "house home day night water fire question answer choice what which who why when where opposite "
+    "synonym word words sentence text news report people city country government market price "
+)
+TOY_TEXT = (
+    " ".join([TOY_WORDS] * 30)
+    + (
+        " The opposite of hot is cold. The opposite of good is bad. A synonym of big is large. "
+        "Question: Which is heavy? Answer: A. The red car and the blue bus. Prices rise and fall. "
+    )
+    * 20
+)
+
+
+def make_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer with ChatML special tokens, trained in-process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TOY_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0, tie: bool = True):
+    """A tiny Llama causal LM with seeded random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny teacher (4 layers) with the toy tokenizer, usable as a model spec."""
+    d = tmp_path_factory.mktemp("tiny-teacher")
+    model = make_model(len(tokenizer), layers=4, seed=0)
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def packaged_model_dir() -> Path:
+    """The real packaged SmolLM2 (exported on first use); for tests marked slow."""
+    from dskd.assets import export_smollm2
+
+    path, _ = export_smollm2()
+    return path

@@ -1,0 +1,138 @@
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from dskd.config import ModelConfig
+from dskd.models import (
+    ModelError,
+    build_pair,
+    check_same_tokenizer,
+    decoder_layers,
+    fingerprint,
+    freeze_except_top,
+    load_model,
+    load_tokenizer,
+    resolve_spec,
+    shared_vocab_size,
+    tokenizer_fingerprint,
+    truncate,
+)
+
+
+@pytest.fixture
+def teacher(tokenizer):
+    return make_model(len(tokenizer), layers=4, seed=0)
+
+
+def _ids(tokenizer):
+    return tokenizer("The opposite of hot is cold. A synonym of big is large.", return_tensors="pt")["input_ids"]
+
+
+def test_student_with_all_layers_reproduces_teacher_logits(teacher, tokenizer):
+    student = truncate(teacher, 4)
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(teacher(ids).logits, student(ids).logits)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_truncated_student_equals_first_n_layers_then_norm_and_head(teacher, tokenizer, n):
+    student = truncate(teacher, n)
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        hs = teacher(ids, output_hidden_states=True).hidden_states
+        # hidden_states[n] is the output of decoder layer n (before the final norm), for n < L.
+        expected = teacher.lm_head(teacher.model.norm(hs[n]))
+        got = student(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert len(decoder_layers(student)[1]) == n
+    # copies, not shared storage: training the student must never move the teacher
+    assert (
+        student.model.layers[0].mlp.up_proj.weight.data_ptr() != teacher.model.layers[0].mlp.up_proj.weight.data_ptr()
+    )
+
+
+def test_truncation_bounds(teacher):
+    with pytest.raises(ModelError, match="student_layers"):
+        truncate(teacher, 5)
+    with pytest.raises(ModelError, match="student_layers"):
+        truncate(teacher, 0)
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 3])
+def test_exactly_top_m_layers_require_grad(teacher, m):
+    student = truncate(teacher, 3)
+    names = freeze_except_top(student, m)
+    trainable_layers = {int(n.split(".")[2]) for n in names}
+    assert trainable_layers == set(range(3 - m, 3))
+    for name, p in student.named_parameters():
+        in_top = name.startswith("model.layers.") and int(name.split(".")[2]) >= 3 - m
+        assert p.requires_grad == in_top, name
+    assert not student.model.embed_tokens.weight.requires_grad
+    assert not student.model.norm.weight.requires_grad
+
+
+def test_fingerprints_stable_and_distinct(tokenizer):
+    a1 = make_model(len(tokenizer), layers=4, seed=0)
+    a2 = make_model(len(tokenizer), layers=4, seed=1)  # same config, other weights: same identity by design
+    b = make_model(len(tokenizer), layers=3)
+    c = make_model(len(tokenizer), layers=4, hidden=64)
+    other_tok = make_tokenizer(vocab_size=400)
+    fa = fingerprint(a1, tokenizer)
+    assert fa == fingerprint(a1, tokenizer) == fingerprint(a2, tokenizer)
+    assert len({fa, fingerprint(b, tokenizer), fingerprint(c, tokenizer), fingerprint(a1, other_tok)}) == 4
+    assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(other_tok)
+
+
+def test_wrong_tokenizer_pair_refused(tokenizer):
+    other = make_tokenizer(vocab_size=400)
+    with pytest.raises(ModelError, match="tokenizer mismatch"):
+        check_same_tokenizer(tokenizer, other)
+    check_same_tokenizer(tokenizer, make_tokenizer())  # same training -> same vocabulary
+
+
+def test_padded_vocabulary_is_sliced_not_refused(tokenizer):
+    t = make_model(len(tokenizer) + 64, layers=2)  # padded like some Qwen checkpoints
+    s = make_model(len(tokenizer), layers=1)
+    assert shared_vocab_size(t, s, tokenizer) == len(tokenizer)
+    short = make_model(len(tokenizer) - 10, layers=1)
+    with pytest.raises(ModelError, match="output rows"):
+        shared_vocab_size(t, short, tokenizer)
+
+
+def test_build_pair_from_folder_and_independent_student(tiny_teacher_dir, tmp_path, tokenizer):
+    pair = build_pair(ModelConfig(teacher=str(tiny_teacher_dir), trainable_layers=1))
+    assert pair.info["student_layers"] == 2 and pair.info["trainable_layers"] == 1
+    assert all(not p.requires_grad for p in pair.teacher.parameters())
+    # an independent student with the same tokenizer is accepted
+    sdir = tmp_path / "student"
+    make_model(len(tokenizer), layers=2, seed=3).save_pretrained(sdir)
+    tokenizer.save_pretrained(sdir)
+    pair2 = build_pair(ModelConfig(teacher=str(tiny_teacher_dir), student=str(sdir), trainable_layers=1))
+    assert pair2.info["student"]["kind"] == "independent"
+    # ... and one with another tokenizer is refused with a clear message
+    bad = tmp_path / "bad"
+    other = make_tokenizer(vocab_size=400)
+    make_model(len(other), layers=2).save_pretrained(bad)
+    other.save_pretrained(bad)
+    with pytest.raises(ModelError, match="tokenizer mismatch"):
+        build_pair(ModelConfig(teacher=str(tiny_teacher_dir), student=str(bad)))
+
+
+def test_spec_errors(tmp_path):
+    with pytest.raises(ModelError, match="no such folder"):
+        resolve_spec(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_spec(str(tmp_path))
+    with pytest.raises(ModelError, match="could not load"):
+        load_model("no-such-org/no-such-model")
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_completes_opposite_of_hot(packaged_model_dir):
+    from dskd.models import complete
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct")
+    assert model.config.num_hidden_layers == 30 and len(tok) == 49152
+    assert "cold" in complete(model, tok, "The opposite of hot is", max_new_tokens=5).lower()
