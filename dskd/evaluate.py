@@ -1,0 +1,658 @@
+"""Multiple-choice evaluation: prompts, fast shared-prefix scoring, metrics with bootstrap errors.
+
+Two scoring modes:
+
+* ``loglik`` (lm-eval's ``multiple_choice``): each choice is a continuation of the question's cloze
+  query; its score is the summed log-probability of its tokens. ``acc`` takes the best sum,
+  ``acc_norm`` the best sum divided by the continuation's length in characters.
+* ``letter`` (the paper's style): the prompt lists the choices as ``A. ... B. ...`` and ends with
+  ``Answer:``; the prediction is the letter with the highest log-probability at the answer position,
+  i.e. greedy one-token exact match restricted to the letters.
+
+Speed: every question is one *group* (a context and all its continuations) and is packed into one
+row ``[context | cont_1[:-1] | cont_2[:-1] | ...]`` whose 4D attention mask lets each continuation
+see the context and itself only, with positions restarting after the context. The context is thus
+encoded once per question instead of once per choice, the last token of each continuation is never
+fed (nothing reads its output), and the LM head runs only at the positions that are scored. Rows are
+sorted by length so batches carry little padding. A self-check on the first question compares the
+packed scores with a plain per-choice forward and falls back to per-choice scoring when a model
+ignores custom masks.
+
+Tokenisation follows lm-eval exactly: trailing spaces of the context move to the continuation, the
+context is encoded alone, and the continuation tokens are the tail of the encoded context +
+continuation, with no special tokens added.
+
+Result files are JSON (see :func:`evaluate`) with per-item predictions and log-likelihoods, so
+:mod:`dskd.report` can compute paired bootstrap intervals between models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dskd.config import ConfigError, EvalConfig
+from dskd.tasks import Item, Task, get_task
+from dskd.tasks.base import LETTERS
+
+RESULT_FORMAT = {"name": "dskd-eval", "version": 1}
+LETTER_INSTRUCTION = "Answer with the letter of the correct choice."
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+def _chat(tokenizer, turns: list[tuple[str, str]], last: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat: this tokenizer has no chat template; use --no-chat")
+    messages: list[dict[str, str]] = []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    messages.append({"role": "user", "content": last})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def letter_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> str:
+    """The lettered-choice prompt of ``item``, ending exactly where the answer letter goes.
+
+    Without chat: solved exemplars (``...Answer: B``) separated by blank lines, then the question
+    ending in ``Answer:`` (the letter follows after a space). With chat: one user/assistant turn per
+    exemplar (the assistant says the letter), the question as the last user turn, then the
+    template's generation prompt (the letter follows directly).
+
+    Args:
+        task: The task that formats the question.
+        item: The question to ask.
+        exemplars: Solved examples shown first (from ``task.train_items()``).
+        tokenizer: Needed for its chat template when ``chat`` is on.
+        chat: Wrap in the tokenizer's chat template.
+    """
+    if chat:
+        turns = [(task.letter_block(x), LETTERS[x.gold]) for x in exemplars]
+        if turns:
+            turns[0] = (f"{LETTER_INSTRUCTION}\n\n{turns[0][0]}", turns[0][1])
+            last = task.letter_block(item)
+        else:
+            last = f"{LETTER_INSTRUCTION}\n\n{task.letter_block(item)}"
+        return _chat(tokenizer, turns, last)
+    shots = [f"{task.letter_block(x)} {LETTERS[x.gold]}" for x in exemplars]
+    return "\n\n".join([*shots, task.letter_block(item)])
+
+
+def loglik_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
+    """(context, continuation) per choice for ``loglik`` scoring, few-shot exemplars included."""
+    reqs = task.loglik_requests(item)
+    if chat:
+        turns = []
+        for x in exemplars:
+            ctx, cont = task.loglik_requests(x)[x.gold]
+            turns.append((ctx, cont.strip()))
+        return [(_chat(tokenizer, turns, ctx), cont.strip()) for ctx, cont in reqs]
+    prefix = "".join(task.cloze_example(x) + "\n\n" for x in exemplars)
+    return [(prefix + ctx, cont) for ctx, cont in reqs]
+
+
+def letter_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
+    """(prompt, letter) per choice for ``letter`` scoring."""
+    prompt = letter_prompt(task, item, exemplars, tokenizer, chat)
+    sep = "" if chat else " "
+    return [(prompt, sep + LETTERS[i]) for i in range(len(item.choices))]
+
+
+# ---- tokenisation --------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One packed row: a shared context and the continuations scored after it.
+
+    Args:
+        item: Index of the question this group belongs to.
+        choices: Choice index of each continuation.
+        ctx: Context token ids, (L,).
+        conts: Continuation token ids, each (l_i,) with l_i >= 1.
+    """
+
+    item: int
+    choices: list[int]
+    ctx: list[int]
+    conts: list[list[int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.ctx) + sum(len(c) - 1 for c in self.conts)
+
+
+def build_groups(tokenizer, requests: list[list[tuple[str, str]]]) -> list[Group]:
+    """Tokenise per-item (context, continuation) lists as lm-eval does, one group per distinct context.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        requests: For item i, its (context, continuation) per choice.
+    """
+    pairs = []
+    for reqs in requests:
+        for ctx, cont in reqs:
+            n = len(ctx) - len(ctx.rstrip())
+            if n:
+                ctx, cont = ctx[:-n], ctx[-n:] + cont
+            pairs.append((ctx, cont))
+    ctxs = sorted({c for c, _ in pairs})
+    ctx_ids = dict(zip(ctxs, tokenizer(ctxs, add_special_tokens=False)["input_ids"], strict=True))
+    wholes = tokenizer([c + k for c, k in pairs], add_special_tokens=False)["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    groups: list[Group] = []
+    k = 0
+    for i, reqs in enumerate(requests):
+        by_ctx: dict[str, Group] = {}
+        for j in range(len(reqs)):
+            ctx, _ = pairs[k]
+            c_ids = ctx_ids[ctx]
+            cont = wholes[k][len(c_ids) :]
+            k += 1
+            if not c_ids:  # lm-eval scores an empty context after the end-of-text token
+                c_ids = [start]
+            if not cont:
+                raise ConfigError(f"item {i}: choice {j} tokenises to nothing after its context")
+            g = by_ctx.setdefault(ctx, Group(i, [], list(c_ids), []))
+            g.choices.append(j)
+            g.conts.append(list(cont))
+        groups += by_ctx.values()
+    return groups
+
+
+# ---- scoring -------------------------------------------------------------------------------------
+def _pack(groups: list[Group], pad_id: int, max_length: int, dtype: torch.dtype):
+    """Tensors of one packed batch and, per group, where each continuation token is predicted.
+
+    Returns:
+        input_ids (B, T), mask (B, 1, T, T) additive float, position_ids (B, T),
+        targets: list of (row, position, token id, group slot, continuation index).
+    """
+    rows, segs, poss, targets = [], [], [], []
+    for b, g in enumerate(groups):
+        ctx = g.ctx
+        over = g.length - max_length
+        if over > 0:
+            ctx = ctx[min(over, len(ctx) - 1) :]
+        ids, seg, pos = list(ctx), [0] * len(ctx), list(range(len(ctx)))
+        L = len(ctx)
+        for ci, cont in enumerate(g.conts):
+            start = len(ids)
+            for t, tok in enumerate(cont):
+                # token t of cont is predicted at the last context position (t == 0) or where cont[t-1] sits
+                targets.append((b, L - 1 if t == 0 else start + t - 1, tok, b, ci))
+            ids += cont[:-1]
+            seg += [ci + 1] * (len(cont) - 1)
+            pos += list(range(L, L + len(cont) - 1))
+        rows.append(ids)
+        segs.append(seg)
+        poss.append(pos)
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    seg_t = torch.full((B, T), -1, dtype=torch.long)
+    pos_t = torch.zeros((B, T), dtype=torch.long)
+    for b in range(B):
+        n = len(rows[b])
+        input_ids[b, :n] = torch.tensor(rows[b])
+        seg_t[b, :n] = torch.tensor(segs[b])
+        pos_t[b, :n] = torch.tensor(poss[b])
+    idx = torch.arange(T)
+    causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
+    sq, sk = seg_t[:, :, None], seg_t[:, None, :]  # (B, T, 1), (B, 1, T)
+    allowed = causal[None] & ((sk == 0) | (sk == sq))  # (B, T, T)
+    mask = torch.zeros((B, 1, T, T), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return input_ids, mask, pos_t, targets
+
+
+def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def _score_packed(model: nn.Module, groups: list[Group], pad_id: int, max_length: int) -> list[list[float]]:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype)
+    hidden = model.get_decoder()(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        use_cache=False,
+    ).last_hidden_state  # (B, T, d)
+    rows = torch.tensor([t[0] for t in targets], device=device)
+    cols = torch.tensor([t[1] for t in targets], device=device)
+    toks = torch.tensor([t[2] for t in targets], device=device)
+    logp = torch.log_softmax(_head(model, hidden[rows, cols]), dim=-1)  # (N, V)
+    tok_lp = logp.gather(1, toks[:, None])[:, 0].cpu().tolist()
+    out = [[0.0] * len(g.conts) for g in groups]
+    for (_, _, _, b, ci), lp in zip(targets, tok_lp, strict=True):
+        out[b][ci] += lp
+    return out
+
+
+@torch.no_grad()
+def score_reference(model: nn.Module, group: Group) -> list[float]:
+    """Brute force: one plain forward per continuation, as lm-eval does (for checks and tests)."""
+    device = next(model.parameters()).device
+    out = []
+    for cont in group.conts:
+        ids = torch.tensor([group.ctx + cont[:-1]], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, -len(cont) :].float(), dim=-1)  # (l, V)
+        out.append(float(logp.gather(1, torch.tensor(cont, device=device)[:, None]).sum()))
+    return out
+
+
+def score_groups(
+    model: nn.Module,
+    groups: list[Group],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    max_length: int = 4096,
+    progress: Any = None,
+    weights: Sequence[float] | None = None,
+    packed: bool = True,
+) -> list[list[float]]:
+    """Summed log-probability of every continuation of every group.
+
+    Args:
+        model: A causal LM in eval mode.
+        groups: Groups from :func:`build_groups`.
+        batch_size: Rows per forward pass.
+        pad_id: Token id used for padding (never attended to).
+        max_length: Rows longer than this lose context tokens from the left.
+        progress: A tqdm bar advanced by ``weights`` (items per group) after each batch.
+        weights: Progress units per group (default 1).
+        packed: Score all continuations of a group in one row; False scores one plain forward per
+            continuation (the fallback for models that ignore custom attention masks).
+
+    Returns:
+        For each group, the log-likelihood of each of its continuations.
+    """
+    out: list[list[float] | None] = [None] * len(groups)
+    order = sorted(range(len(groups)), key=lambda i: -groups[i].length)
+    for s in range(0, len(order), batch_size):
+        batch = order[s : s + batch_size]
+        if packed:
+            scores = _score_packed(model, [groups[i] for i in batch], pad_id, max_length)
+        else:
+            scores = [score_reference(model, groups[i]) for i in batch]
+        for i, sc in zip(batch, scores, strict=True):
+            out[i] = sc
+        if progress is not None:
+            progress.update(sum(weights[i] if weights else 1 for i in batch))
+    return out  # type: ignore[return-value]
+
+
+def packing_ok(model: nn.Module, group: Group, pad_id: int, tol: float = 2e-3) -> bool:
+    """Whether packed scores of ``group`` match the per-choice reference (a model honouring masks)."""
+    try:
+        packed = _score_packed(model, [group], pad_id, 1 << 30)[0]
+    except Exception as e:  # an architecture without get_decoder/custom masks
+        warnings.warn(f"packed scoring unavailable ({type(e).__name__}: {e}); scoring per choice", stacklevel=2)
+        return False
+    ref = score_reference(model, group)
+    return all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(packed, ref, strict=True))
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def bootstrap_samples(
+    correct: np.ndarray, subjects: Sequence[str] | None = None, n: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """Bootstrap replicates of a metric over items (resampled within each subject when given).
+
+    Args:
+        correct: (R, N) per-item scores of R paired result sets over the same N items.
+        subjects: (N,) subject per item; the metric is then the macro average over subjects.
+        n: Number of resamples.
+        seed: RNG seed.
+
+    Returns:
+        (n, R) metric of each resample for each result set.
+    """
+    rng = np.random.default_rng(seed)
+    correct = np.asarray(correct, dtype=np.float64)
+    if subjects is None:
+        idx = rng.integers(0, correct.shape[1], size=(n, correct.shape[1]))
+        return correct[:, idx].mean(axis=2).T
+    subj = np.asarray(subjects)
+    parts = []
+    for s in dict.fromkeys(subj.tolist()):
+        cols = np.flatnonzero(subj == s)
+        idx = cols[rng.integers(0, len(cols), size=(n, len(cols)))]
+        parts.append(correct[:, idx].mean(axis=2).T)  # (n, R)
+    return np.mean(parts, axis=0)
+
+
+def metric_value(correct: np.ndarray, subjects: Sequence[str] | None = None) -> float:
+    """Mean of ``correct`` (N,), or the macro average over subjects."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if subjects is None:
+        return float(correct.mean())
+    subj = np.asarray(subjects)
+    return float(np.mean([correct[subj == s].mean() for s in dict.fromkeys(subj.tolist())]))
+
+
+def _argmax(xs: Sequence[float]) -> int:
+    return int(max(range(len(xs)), key=lambda i: xs[i]))
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def select_items(task: Task, limit: int) -> list[Item]:
+    """Evaluation items, at most ``limit`` (0: all) in file order; per subject for tasks with subjects."""
+    items = task.eval_items()
+    if not limit:
+        return items
+    if not task.has_subjects:
+        return items[:limit]
+    seen: dict[str | None, int] = {}
+    out = []
+    for x in items:
+        if seen.get(x.subject, 0) < limit:
+            seen[x.subject] = seen.get(x.subject, 0) + 1
+            out.append(x)
+    return out
+
+
+def score_task(
+    model: nn.Module,
+    tokenizer,
+    task: Task,
+    items: Sequence[Item],
+    cfg: EvalConfig,
+    progress: bool = False,
+    packed: bool | None = None,
+) -> dict[str, Any]:
+    """Score ``items`` of ``task`` and compute its metrics.
+
+    Args:
+        model: A causal LM in eval mode.
+        tokenizer: Its tokenizer.
+        task: The task.
+        items: Items to score (usually ``select_items(task, cfg.limit)``).
+        cfg: Shots, chat, scoring, batch size, bootstrap.
+        progress: Show a tqdm bar with items/s on stderr.
+        packed: Force packed (True) or per-choice (False) scoring; None runs the self-check.
+
+    Returns:
+        The task's entry of the result file: ``metrics``, ``n``, timings and per-item ``items``.
+    """
+    t0 = time.perf_counter()
+    build = letter_requests if cfg.scoring == "letter" else loglik_requests
+    requests = [build(task, x, task.exemplars(x, cfg.shots, cfg.seed), tokenizer, cfg.chat) for x in items]
+    groups = build_groups(tokenizer, requests)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if packed is None:
+        packed = packing_ok(model, groups[0], pad_id)
+        if not packed:
+            warnings.warn("this model ignores packed attention masks: scoring each choice separately", stacklevel=2)
+    n_groups = np.bincount([g.item for g in groups], minlength=len(items))
+    weights = [1.0 / n_groups[g.item] for g in groups]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc=task.name, unit="item", file=sys.stderr, dynamic_ncols=True)
+    max_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    t1 = time.perf_counter()
+    scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed)
+    t_score = time.perf_counter() - t1
+    if bar is not None:
+        bar.close()
+    ll = [[0.0] * len(x.choices) for x in items]
+    for g, sc in zip(groups, scores, strict=True):
+        for j, s in zip(g.choices, sc, strict=True):
+            ll[g.item][j] = s
+    gold = [x.gold for x in items]
+    pred = [_argmax(v) for v in ll]
+    rec: dict[str, Any] = {"id": [x.id for x in items], "gold": gold, "pred": pred, "loglik": ll}
+    correct = {"acc": np.array([p == g for p, g in zip(pred, gold, strict=True)], dtype=float)}
+    if cfg.scoring == "loglik":
+        lens = [[max(1, len(c[1:] if c.startswith(" ") else c)) for _, c in r] for r in requests]
+        pred_norm = [_argmax([s / n for s, n in zip(v, ln, strict=True)]) for v, ln in zip(ll, lens, strict=True)]
+        rec["pred_norm"] = pred_norm
+        correct["acc_norm"] = np.array([p == g for p, g in zip(pred_norm, gold, strict=True)], dtype=float)
+    subjects = [x.subject or "" for x in items] if task.has_subjects else None
+    if subjects is not None:
+        rec["subject"] = subjects
+    metrics: dict[str, float] = {}
+    for name, c in correct.items():
+        metrics[name] = metric_value(c, subjects)
+        if cfg.bootstrap:
+            metrics[f"{name}_stderr"] = float(bootstrap_samples(c[None], subjects, cfg.bootstrap, cfg.seed).std())
+    entry: dict[str, Any] = {
+        "title": task.title,
+        "n": len(items),
+        "metrics": metrics,
+        "primary": "acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
+        "aggregate": "macro over subjects" if subjects is not None else "mean over items",
+        "protocol": task.protocol,
+        "packed": packed,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "score_seconds": round(t_score, 3),
+        "items_per_s": round(len(items) / max(t_score, 1e-9), 3),
+        "tokens": int(sum(g.length for g in groups)),
+        "items": rec,
+    }
+    if subjects is not None:
+        entry["subjects"] = {
+            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in correct.items()}
+            | {"n": int(sum(1 for x in subjects if x == s))}
+            for s in dict.fromkeys(subjects)
+        }
+    return entry
+
+
+# lm-eval reports acc_norm as the headline for these (length-biased choices); acc elsewhere.
+_ACC_NORM_TASKS = {"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq"}
+
+
+def resolve_model_spec(spec: str) -> str:
+    """A model spec, with a run folder (holding ``student/``) mapped to its exported student."""
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "student" / "config.json").is_file():
+        return str(p / "student")
+    return spec
+
+
+def parse_sources(data: Sequence[str]) -> dict[str, str]:
+    """``["piqa=ybisk/piqa", ...]`` -> ``{"piqa": "ybisk/piqa"}`` with task names checked."""
+    out = {}
+    for entry in data:
+        name, sep, source = entry.partition("=")
+        if not sep or not name or not source:
+            raise ConfigError(f"--data: expected TASK=DATASET (got {entry!r})")
+        out[get_task(name).name] = source
+    return out
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """A markdown table of a result dict: one row per task (and per MMLU subject below it)."""
+    cfg = result["config"]
+    lines = [
+        f"# {result['name']}: {result['model']}",
+        "",
+        f"scoring={cfg['scoring']} shots={cfg['shots']} chat={cfg['chat']} limit={cfg['limit']}",
+        "",
+        "| task | n | acc | acc_norm | items/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def cell(m: dict[str, float], k: str) -> str:
+        if k not in m:
+            return "-"
+        se = m.get(f"{k}_stderr")
+        return f"{100 * m[k]:.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
+
+    for name, e in result["tasks"].items():
+        m = e["metrics"]
+        lines.append(f"| {name} | {e['n']} | {cell(m, 'acc')} | {cell(m, 'acc_norm')} | {e['items_per_s']:.1f} |")
+    for name, e in result["tasks"].items():
+        if "subjects" in e:
+            lines += ["", f"## {name} per subject", "", "| subject | n | acc | acc_norm |", "|---|---:|---:|---:|"]
+            for s, m in e["subjects"].items():
+                lines.append(f"| {s} | {m['n']} | {cell(m, 'acc')} | {cell(m, 'acc_norm')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def evaluate(
+    model_spec: str,
+    cfg: EvalConfig,
+    out: Path | str,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a causal LM on ``cfg.tasks`` and write ``out`` (JSON) and ``out`` with ``.md``.
+
+    Args:
+        model_spec: Hub id, local folder, alias, or a run folder (its ``student/`` is evaluated).
+        cfg: Evaluation settings.
+        out: Result JSON path; the markdown table goes next to it with the suffix ``.md``.
+        model: An already loaded model (then ``model_spec`` only labels the result).
+        tokenizer: Its tokenizer (loaded from ``model_spec`` when None).
+        progress: Show progress bars.
+        name: Label of the result in reports (default: the file name without suffix).
+
+    Returns:
+        The result dict written to ``out``: ``format``, ``name``, ``model``, ``fingerprint``,
+        ``config``, ``dskd_version``, ``tasks`` (per task: ``metrics`` with ``acc``, ``acc_norm``
+        and their bootstrap ``*_stderr``, ``n``, ``items_per_s``, per-item ``items``; MMLU also
+        ``subjects``), ``complete``.
+    """
+    from dskd import __version__
+    from dskd.models import fingerprint, load_model, load_tokenizer
+
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ConfigError(f"--out: expected a .json file (got {out})")
+    sources = parse_sources(cfg.data)
+    tasks = [get_task(t, sources.get(get_task(t).name)) for t in cfg.tasks]
+    work = [(t, select_items(t, cfg.limit)) for t in tasks]  # data errors surface before the model loads
+    spec = resolve_model_spec(model_spec)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec)
+    if model is None:
+        model = load_model(spec, cfg.dtype)
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+    model.eval()
+    result: dict[str, Any] = {
+        "format": RESULT_FORMAT,
+        "name": name or out.stem,
+        "model": model_spec,
+        "model_path": spec,
+        "fingerprint": fingerprint(model, tokenizer),
+        "config": dataclasses.asdict(cfg),
+        "dskd_version": __version__,
+        "device": str(next(model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "tasks": {},
+        "complete": False,
+    }
+    for task, items in work:
+        result["tasks"][task.name] = score_task(model, tokenizer, task, items, cfg, progress=progress)
+    result["complete"] = True
+    _write_atomic(out, json.dumps(result, indent=1))
+    _write_atomic(out.with_suffix(".md"), markdown_table(result))
+    return result
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    """``dskd eval``: evaluate a model on multiple-choice benchmarks."""
+    from dskd.cli import parser
+    from dskd.tasks import TASKS
+
+    d = EvalConfig()
+    p = parser(
+        "eval",
+        "Evaluate a causal LM on multiple-choice benchmarks; writes JSON results and a markdown table.\n\n"
+        "  dskd eval --model smollm2-135m-instruct --tasks arc_easy,arc_challenge --limit 200 --out results/t.json\n"
+        "  dskd eval --list",
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, folder, alias, or a run folder.")
+    p.add_argument("--tasks", nargs="+", default=d.tasks, help="Task names, comma- or space-separated.")
+    p.add_argument("--shots", type=int, default=d.shots, help="Few-shot exemplars (from training items).")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=d.chat,
+        help="Wrap prompts in the chat template (--no-chat: raw).",
+    )
+    p.add_argument("--scoring", choices=("loglik", "letter"), default=d.scoring, help="Scoring mode (see docs).")
+    p.add_argument("--limit", type=int, default=d.limit, help="At most N items per task (per subject for MMLU).")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="Questions per forward pass.")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples for standard errors.")
+    p.add_argument("--seed", type=int, default=d.seed, help="Seed for exemplars and the bootstrap.")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype, help="Weights dtype.")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--data", action="append", default=[], metavar="TASK=DATASET", help="Read TASK from a HF dataset or folder."
+    )
+    p.add_argument("--name", default=None, help="Label of this result in reports (default: file name).")
+    p.add_argument("--out", type=Path, default=None, help="Result JSON file (a .md table is written next to it).")
+    p.add_argument("--list", action="store_true", help="List the tasks and their split protocol, then exit.")
+    args = p.parse_args(argv)
+    if args.list:
+        for n, cls in TASKS.items():
+            alias = f" (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""
+            print(f"{n:<14} {cls.title}{alias}\n{'':<14} {cls.protocol}")
+        return 0
+    if args.out is None:
+        raise ConfigError("--out: required (a .json file)")
+    tasks = [t for entry in args.tasks for t in entry.split(",") if t]
+    cfg = EvalConfig(
+        tasks=tasks,
+        shots=args.shots,
+        chat=args.chat,
+        scoring=args.scoring,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        data=args.data,
+    )
+    res = evaluate(args.model, cfg, args.out, name=args.name)
+    print(markdown_table(res), end="")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+__all__ = [
+    "Group",
+    "bootstrap_samples",
+    "build_groups",
+    "evaluate",
+    "letter_prompt",
+    "loglik_requests",
+    "main",
+    "score_groups",
+    "score_reference",
+    "score_task",
+]

@@ -1,0 +1,76 @@
+"""Paired bootstrap and the report table on hand-made results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dskd.__main__ import main as dskd_main
+from dskd.report import ReportError, paired_bootstrap, report
+
+
+def test_paired_bootstrap_hand_made():
+    # 100 items; the model is right wherever the baseline is, plus on 10 more items.
+    b = np.array([1] * 50 + [0] * 50, dtype=float)
+    a = b.copy()
+    a[50:60] = 1
+    d, lo, hi = paired_bootstrap(a, b, n=4000, seed=0)
+    assert d == pytest.approx(0.10)
+    # per-item differences are Bernoulli(0.1): se = sqrt(0.1 * 0.9 / 100) = 0.03
+    assert lo == pytest.approx(0.10 - 1.96 * 0.03, abs=0.015)
+    assert hi == pytest.approx(0.10 + 1.96 * 0.03, abs=0.015)
+    assert lo > 0  # pairing: never below 0 as every item difference is >= 0
+    d0, lo0, hi0 = paired_bootstrap(b, b)
+    assert (d0, lo0, hi0) == (0.0, 0.0, 0.0)
+
+
+def test_paired_bootstrap_macro_over_subjects():
+    a = np.array([1, 1, 1, 1, 0, 0], dtype=float)
+    b = np.array([1, 1, 1, 1, 1, 1], dtype=float)
+    subj = ["x", "x", "x", "x", "y", "y"]
+    d, _, _ = paired_bootstrap(a, b, subj)
+    assert d == pytest.approx((1.0 + 0.0) / 2 - 1.0)  # macro: subject y counts as much as subject x
+
+
+def _result(path, name, pred, gold, norm=None):
+    items = {"id": [f"q{i}" for i in range(len(gold))], "gold": gold, "pred": pred}
+    metrics = {"acc": float(np.mean(np.array(pred) == np.array(gold))), "acc_stderr": 0.01}
+    if norm is not None:
+        items["pred_norm"] = norm
+        metrics["acc_norm"] = float(np.mean(np.array(norm) == np.array(gold)))
+    data = {
+        "format": {"name": "dskd-eval", "version": 1},
+        "name": name,
+        "model": f"models/{name}",
+        "complete": True,
+        "tasks": {"arc_easy": {"n": len(gold), "metrics": metrics, "items": items}},
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_table_with_baseline(tmp_path, capsys):
+    gold = [0] * 100
+    base = _result(tmp_path / "kd.json", "kd", [0] * 50 + [1] * 50, gold)
+    better = _result(tmp_path / "dskd.json", "dskd", [0] * 60 + [1] * 40, gold, norm=[0] * 100)
+    text = report([base, better], baseline="kd")
+    assert "| kd | models/kd | 50.00 ± 1.00 |" in text
+    assert "| dskd | models/dskd | 60.00 ± 1.00 (Δ +10.00 [" in text and "]*)" in text
+    text_norm = report([base, better], baseline="kd", metric="acc_norm")
+    assert "(Δ +50.00" in text_norm  # kd has no acc_norm (letter scoring): its acc is used
+    assert dskd_main(["report", str(base), str(better), "--baseline", "kd"]) == 0
+    assert "Δ +10.00" in capsys.readouterr().out
+
+
+def test_report_errors(tmp_path):
+    f = _result(tmp_path / "a.json", "a", [0], [0])
+    with pytest.raises(ReportError, match="--baseline"):
+        report([f], baseline="nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": {"name": "dskd-eval"}, "complete": False, "tasks": {}}))
+    with pytest.raises(ReportError, match="incomplete"):
+        report([bad])
+    with pytest.raises(ReportError, match="not found"):
+        report([tmp_path / "missing.json"])
