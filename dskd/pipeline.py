@@ -1,0 +1,427 @@
+"""The main job and the paired experiment: every stage of the method, each skipped when done.
+
+``dskd run`` chains: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students
+-> evaluation of teacher, untrained truncated student, KD and DSKD -> report table and pictures.
+
+Each stage writes into the run folder and records, in ``<out>/pipeline.json``, a hash of everything
+it was built from (its config section and the hashes of the stages it reads). A rerun skips every
+stage whose output exists and whose hash matches, so a rerun is quick, an interrupted run continues
+(the distillation stage also resumes mid-training from its last checkpoint), and changing one option
+rebuilds exactly the stages downstream of it.
+
+``dskd experiment`` runs several arms (KD, DSKD, KD + direct hidden-state MSE, ablations) over
+several seeds, sharing the lexicon, the sense store and the teacher cache, and reports per task the
+mean of each arm and the paired difference against KD with its bootstrap confidence interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dskd.config import ConfigError, RunConfig, to_dict
+
+STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
+
+# Arms of the experiment: name -> (description, loss overrides).
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "kd": ("logit KD + CE (lambda = 0)", {"lam": 0.0, "hidden": "none", "hidden_weight": 0.0}),
+    "dskd": ("KD + CE + sense loss", {}),
+    "hidden_mse": (
+        "KD + CE + direct MSE to the teacher's last hidden state (no dictionary)",
+        {"lam": 0.0, "hidden": "mse", "hidden_weight": None},  # None: use the config's lambda
+    ),
+    "dskd_no_ant": ("DSKD without antonyms", {"use_antonyms": False}),
+    "dskd_no_syn": ("DSKD without synonyms", {"use_synonyms": False}),
+    "dskd_no_self": ("DSKD without the self-sense term", {"self_sense": False}),
+    "dskd_ref": ("DSKD with the reference code's antonym candidates", {"reference_antonyms": True}),
+}
+DEFAULT_ARMS = ("kd", "dskd", "hidden_mse")
+
+
+def quick(cfg: RunConfig) -> RunConfig:
+    """The ``--quick`` variant: same stages, budgets small enough for a few minutes on 2 cores."""
+    q = copy.deepcopy(cfg)
+    q.name = f"{cfg.name}-quick"
+    if q.out:
+        q.out = f"{q.out}-quick"
+    q.senses.max_tokens = min(q.senses.max_tokens, 12_000)
+    q.senses.max_samples = min(q.senses.max_samples, 200)
+    q.data.tasks = [t for t in q.data.tasks if t.startswith("arc")] or q.data.tasks[:1]
+    q.data.shots = min(q.data.shots, 1)
+    q.data.max_items = 24 if q.data.max_items == 0 else min(q.data.max_items, 24)
+    q.data.max_length = min(q.data.max_length, 384)
+    q.distill.epochs = 1
+    q.distill.max_steps = 6 if q.distill.max_steps == 0 else min(q.distill.max_steps, 6)
+    q.distill.grad_accum = min(q.distill.grad_accum, 4)
+    q.distill.save_every = 0
+    q.eval.tasks = [t for t in q.eval.tasks if t.startswith("arc")] or q.eval.tasks[:1]
+    q.eval.limit = 40 if q.eval.limit == 0 else min(q.eval.limit, 40)
+    q.eval.bootstrap = min(q.eval.bootstrap, 200)
+    return q
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Runs stages into one folder and remembers what each was built from."""
+
+    def __init__(self, out: Path, force: bool = False, log: Callable[[str], None] = print):
+        self.out = out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state_file = out / "pipeline.json"
+        self.state: dict[str, Any] = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.force = force
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    def stage(self, key: str, inputs: dict[str, Any], path: Path, fn: Callable[[], Any]) -> str:
+        """Run ``fn`` unless ``path`` exists and was built from the same ``inputs``; returns the hash."""
+        h = _hash(inputs)
+        prev = self.state.get(key, {})
+        if not self.force and prev.get("hash") == h and path.exists() and prev.get("complete"):
+            self.log(f"[skip] {key:<24} {path}  (up to date)")
+            return h
+        self.log(f"[run ] {key:<24} -> {path}")
+        t0 = time.time()
+        fn()
+        dt = time.time() - t0
+        self.timings[key] = dt
+        self.state[key] = {"hash": h, "path": str(path), "complete": True, "seconds": round(dt, 1)}
+        _write_json(self.state_file, self.state)
+        self.log(f"[done] {key:<24} {dt:7.1f}s")
+        return h
+
+
+def _arm_config(cfg: RunConfig, arm: str, seed: int | None = None) -> RunConfig:
+    if arm not in ARMS:
+        raise ConfigError(f"--arms: unknown arm {arm!r}; valid: {', '.join(ARMS)}")
+    c = copy.deepcopy(cfg)
+    overrides = dict(ARMS[arm][1])
+    if overrides.get("hidden_weight", 0.0) is None:
+        overrides["hidden_weight"] = cfg.loss.lam if cfg.loss.lam > 0 else 1.0
+    c.loss = dataclasses.replace(c.loss, **overrides)
+    if seed is not None:
+        c.distill = dataclasses.replace(c.distill, seed=seed)
+        c.data = dataclasses.replace(c.data, seed=c.data.seed)  # same data for every seed: paired arms
+    return c
+
+
+def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
+    """assets -> lexicon -> senses -> teacher cache; returns their paths and hashes."""
+    from dskd import assets
+
+    out = pipe.out
+
+    def do_assets() -> None:
+        for r in assets.prepare_all():
+            if r.error and r.name.startswith(("default teacher", "benchmarks")):
+                raise ConfigError(r.error)
+
+    pipe.stage("assets", {"v": 1}, assets.dskd_home(), do_assets)
+
+    from dskd.lexicon import build_lexicon
+    from dskd.models import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
+    lex_dir = out / "lexicon"
+    lex_inputs = {"teacher": cfg.model.teacher, "tok": tokenizer_fingerprint(tok), "cfg": to_dict(cfg.lexicon)}
+    h_lex = pipe.stage(
+        "lexicon", lex_inputs, lex_dir, lambda: build_lexicon(tok, cfg.model.teacher, cfg.lexicon, lex_dir)
+    )
+
+    from dskd.senses import build_senses
+
+    sen_dir = out / "senses"
+    sen_inputs = {"teacher": cfg.model.teacher, "cfg": to_dict(cfg.senses), "lexicon": h_lex}
+    h_sen = pipe.stage(
+        "senses", sen_inputs, sen_dir, lambda: build_senses(cfg.model.teacher, cfg.senses, lex_dir, sen_dir)
+    )
+
+    from dskd.data import build_teacher_cache
+
+    cache_dir = out / "teacher_cache"
+    cache_inputs = {
+        "teacher": cfg.model.teacher,
+        "data": to_dict(cfg.data),
+        "topk": cfg.distill.cache_topk,
+        "dtype": cfg.model.dtype,
+    }
+    h_cache = h_lex
+    if cfg.distill.teacher_cache:
+        h_cache = pipe.stage("cache", cache_inputs, cache_dir, lambda: build_teacher_cache(cfg, cache_dir))
+    return {
+        "lexicon": lex_dir,
+        "senses": sen_dir,
+        "cache": cache_dir if cfg.distill.teacher_cache else None,
+        "hashes": {"lexicon": h_lex, "senses": h_sen, "cache": h_cache},
+    }
+
+
+def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, seed: int | None = None) -> Path:
+    from dskd.distill import distill
+
+    c = _arm_config(cfg, arm, seed)
+    key = arm if seed is None else f"{arm}/seed{seed}"
+    run_dir = pipe.out / "students" / key
+    inputs = {
+        "model": to_dict(c.model),
+        "data": to_dict(c.data),
+        "loss": to_dict(c.loss),
+        "distill": to_dict(c.distill),
+        "shared": shared["hashes"],
+    }
+    pipe.stage(
+        f"train:{key}",
+        inputs,
+        run_dir / "student",
+        lambda: distill(
+            c,
+            run_dir,
+            lexicon_dir=shared["lexicon"],
+            senses_dir=shared["senses"],
+            cache_dir=shared["cache"],
+            resume=True,
+        ),
+    )
+    return run_dir / "student"
+
+
+def export_untrained(cfg: RunConfig, pipe: Pipeline) -> Path:
+    """The truncated student before training, saved as a plain folder so it is evaluated like the others."""
+    from dskd.models import build_pair
+
+    path = pipe.out / "students" / "untrained" / "student"
+
+    def do() -> None:
+        pair = build_pair(cfg.model)
+        tmp = path.with_name(".student.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        pair.student.save_pretrained(tmp)
+        pair.tokenizer.save_pretrained(tmp)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+    pipe.stage("train:untrained", {"model": to_dict(cfg.model)}, path, do)
+    return path
+
+
+def evaluate_model(cfg: RunConfig, pipe: Pipeline, name: str, spec: str, upstream: str) -> Path:
+    from dskd.evaluate import evaluate
+
+    out = pipe.out / "eval" / f"{name.replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    inputs = {"spec": spec, "eval": to_dict(cfg.eval), "upstream": upstream}
+    pipe.stage(f"eval:{name}", inputs, out, lambda: evaluate(spec, cfg.eval, out, name=name))
+    return out
+
+
+def _upstream(pipe: Pipeline, key: str) -> str:
+    return str(pipe.state.get(key, {}).get("hash", ""))
+
+
+def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
+    """Loss curves of several runs (one panel per logged loss term) from their ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for name, run_dir in runs.items():
+        f = run_dir / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            if "step" not in rec:
+                continue
+            for k, v in rec.items():
+                if k.startswith("loss") and isinstance(v, int | float):
+                    xs, ys = series.setdefault(k, {}).setdefault(name, ([], []))
+                    xs.append(rec["step"])
+                    ys.append(v)
+    if not series:
+        return None
+    keys = sorted(series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        for name, (xs, ys) in series[k].items():
+            ax.plot(xs, ys, label=name)
+        ax.set_title(k)
+        ax.set_xlabel("optimiser step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[str, Any]:
+    """The main job; returns the paths of everything it wrote."""
+    if until not in STAGES:
+        raise ConfigError(f"--until: must be one of {', '.join(STAGES)} (got {until!r})")
+    t0 = time.time()
+    out = cfg.out_dir
+    pipe = Pipeline(out, force=force)
+    out.mkdir(parents=True, exist_ok=True)
+    from dskd.config import dump_yaml
+
+    dump_yaml(cfg, out / "config.yaml")
+    print(f"dskd run: {cfg.name} -> {out}")
+    shared = prepare_shared(cfg, pipe)
+    result: dict[str, Any] = {"out": out, **{k: v for k, v in shared.items() if k != "hashes"}}
+    if STAGES.index(until) < STAGES.index("students"):
+        return result
+    students = {"untrained": export_untrained(cfg, pipe)}
+    for arm in ("kd", "dskd"):
+        students[arm] = train_arm(cfg, pipe, shared, arm)
+    result["students"] = students
+    if STAGES.index(until) < STAGES.index("eval"):
+        return result
+    from dskd.models import resolve_spec
+
+    files = {"teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), "")}
+    for name, path in students.items():
+        files[name] = evaluate_model(cfg, pipe, name, str(path), _upstream(pipe, f"train:{name}"))
+    result["eval"] = files
+    if STAGES.index(until) < STAGES.index("report"):
+        return result
+    from dskd.report import report
+
+    table = report(list(files.values()), baseline="kd")
+    (out / "report.md").write_text(table + "\n")
+    figures = out / "figures"
+    loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")
+    tsne_png = figures / "senses_tsne.png"
+    try:
+        from dskd.senses import plot_main
+
+        words = "red,crimson,scarlet,ruby,bus,car"
+        plot_main([str(shared["senses"]), "--words", words, "--out", str(tsne_png), "--teacher", cfg.model.teacher])
+    except Exception as e:  # a picture must never sink a finished run
+        print(f"(sense t-SNE skipped: {e})")
+        tsne_png = None
+    result.update(report=out / "report.md", figures=[p for p in (loss_png, tsne_png) if p])
+    print("\n" + table)
+    print(f"\nwrote: {out}/report.md, {', '.join(str(p) for p in result['figures'])}")
+    print(f"stage times (s): {json.dumps({k: round(v, 1) for k, v in pipe.timings.items()})}")
+    print(f"total {time.time() - t0:.0f}s")
+    return result
+
+
+def experiment(cfg: RunConfig, *, seeds: int = 3, arms: list[str] | None = None, force: bool = False) -> Path:
+    """Arms x seeds sharing the lexicon, sense store and teacher cache; writes ``experiment.md``."""
+    arms = list(arms or DEFAULT_ARMS)
+    for a in arms:
+        if a not in ARMS:
+            raise ConfigError(f"--arms: unknown arm {a!r}; valid: {', '.join(ARMS)}")
+    if "kd" not in arms:
+        arms.insert(0, "kd")
+    if seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1 (got {seeds})")
+    out = cfg.out_dir
+    pipe = Pipeline(out, force=force)
+    from dskd.config import dump_yaml
+    from dskd.models import resolve_spec
+
+    dump_yaml(cfg, out / "config.yaml")
+    print(f"dskd experiment: {cfg.name}, arms {arms}, seeds {seeds} -> {out}")
+    shared = prepare_shared(cfg, pipe)
+    files: dict[str, dict[int, Path]] = {}
+    refs = {
+        "teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), ""),
+        "untrained": evaluate_model(cfg, pipe, "untrained", str(export_untrained(cfg, pipe)), ""),
+    }
+    base_seed = cfg.distill.seed
+    for s in range(seeds):
+        for arm in arms:  # seed-major order: an interrupted experiment still has paired arms
+            student = train_arm(cfg, pipe, shared, arm, seed=base_seed + s)
+            key = f"{arm}/seed{base_seed + s}"
+            files.setdefault(arm, {})[base_seed + s] = evaluate_model(
+                cfg, pipe, key, str(student), _upstream(pipe, f"train:{key}")
+            )
+    from dskd.report import experiment_table
+
+    table = experiment_table(files, refs, baseline="kd", descriptions={a: ARMS[a][0] for a in arms})
+    (out / "experiment.md").write_text(table + "\n")
+    _write_json(
+        out / "experiment.json",
+        {
+            "arms": arms,
+            "seeds": seeds,
+            "files": {a: {str(s): str(p) for s, p in f.items()} for a, f in files.items()},
+            "refs": {k: str(v) for k, v in refs.items()},
+        },
+    )
+    plot_losses(
+        {f"{a}/seed{s}": out / "students" / a / f"seed{s}" for a in arms for s in files[a]},
+        out / "figures" / "losses.png",
+    )
+    print("\n" + table)
+    print(f"\nwrote {out / 'experiment.md'}")
+    return out / "experiment.md"
+
+
+def main_run(argv: list[str]) -> int:
+    """``dskd run``."""
+    from dskd.cli import config_parser, parse_config
+
+    p = config_parser(
+        "run",
+        "The main job: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students ->\n"
+        "evaluation of teacher, untrained student, KD and DSKD -> report table and pictures.\n"
+        "Stages whose outputs exist and match their inputs are skipped; an interrupted run continues.\n"
+        "Example: dskd run --config configs/smollm2-135m_to_15l.yaml [--quick] [--loss.lam 1.5]",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="Small budgets (a few minutes on 2 cores); output in <out>-quick."
+    )
+    p.add_argument("--until", default="report", choices=STAGES, help="Stop after this stage.")
+    p.add_argument("--force", action="store_true", help="Rebuild every stage even when up to date.")
+    cfg, extra = parse_config(p, argv)
+    if extra.quick:
+        cfg = quick(cfg)
+    run(cfg, until=extra.until, force=extra.force)
+    return 0
+
+
+def main_experiment(argv: list[str]) -> int:
+    """``dskd experiment``."""
+    from dskd.cli import config_parser, parse_config
+
+    arms_help = "; ".join(f"{k}: {v[0]}" for k, v in ARMS.items())
+    p = config_parser(
+        "experiment",
+        "Paired arms over seeds, sharing the lexicon, sense store and teacher cache; reports per task the\n"
+        "mean of each arm and the paired difference against KD with its bootstrap confidence interval.\n"
+        "Example: dskd experiment --config configs/smollm2-135m_to_15l.yaml --seeds 3",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="Seeds per arm (default 3).")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"Comma-separated arms. {arms_help}")
+    p.add_argument("--quick", action="store_true", help="Small budgets, for a smoke test.")
+    p.add_argument("--force", action="store_true", help="Rebuild every stage even when up to date.")
+    cfg, extra = parse_config(p, argv)
+    if extra.quick:
+        cfg = quick(cfg)
+    experiment(cfg, seeds=extra.seeds, arms=[a.strip() for a in extra.arms.split(",") if a.strip()], force=extra.force)
+    return 0

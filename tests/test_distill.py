@@ -1,0 +1,284 @@
+"""The training loop: run folder, export, accumulation/resume/cache/multi-process equivalences, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOY_TEXT
+from fakes import FakeLexicon, FakeStore
+from safetensors.torch import load_file
+
+from dskd.config import ConfigError, from_dict
+from dskd.data import CacheError, TeacherCache, build_teacher_cache
+from dskd.distill import distill, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SYN = [(" big", " large"), (" red", " crimson"), (" fast", " quick"), (" happy", " glad")]
+ANT = [(" hot", " cold"), (" good", " bad"), (" big", " small"), (" happy", " sad"), (" rise", " fall")]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "train.txt"
+    p.write_text("\n\n".join(TOY_TEXT[-2600:][i : i + 200] for i in range(0, 2600, 200)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def senses(tokenizer):
+    """A fake sense store over the whole toy vocabulary (d = 32) and a small relation table."""
+
+    def tid(w):
+        ids = tokenizer(w)["input_ids"]
+        assert len(ids) == 1, w
+        return ids[0]
+
+    store = FakeStore.random(list(range(len(tokenizer))), 32, k=3, seed=1)
+    lex = FakeLexicon.from_pairs([(tid(a), tid(b)) for a, b in SYN], [(tid(a), tid(b)) for a, b in ANT])
+    return store, lex
+
+
+def make_cfg(teacher_dir, text_file, **over):
+    d = {
+        "model": {"teacher": str(teacher_dir), "student_layers": 2, "trainable_layers": 1},
+        "data": {"tasks": [], "text_files": [str(text_file)], "max_length": 48},
+        "loss": {"lam": 1.0, "kappa": 2, "margin": 2.0, "min_positions": 4},
+        "distill": {
+            "batch_size": 1,
+            "grad_accum": 4,
+            "epochs": 1,
+            "max_steps": 3,
+            "teacher_cache": False,
+            "log_every": 1,
+            "save_every": 0,
+            "lr": 1e-2,
+            "warmup_frac": 0.0,
+        },
+    }
+    for key, value in over.items():
+        sec, name = key.split("__")
+        d[sec][name] = value
+    return from_dict(d)
+
+
+def trainable(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_metrics_and_exported_student(tiny_teacher_dir, text_file, senses, tmp_path):
+    store, lex = senses
+    run = distill(make_cfg(tiny_teacher_dir, text_file), tmp_path / "run", store=store, lexicon=lex, progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "meta.json", "data/recipe.json", "student/config.json"):
+        assert (run / name).is_file(), name
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "ce", "kd", "sense", "hidden", "hinge_active_share", "pos_mse", "neg_mse", "tokens_per_s"):
+        assert key in rows[0], key
+    assert rows[0]["sense"] > 0 and rows[0]["sense_terms"] > 0 and 0 <= rows[0]["hinge_active_share"] <= 1
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["complete"] and meta["senses"]["table"]["related_tokens"] > 0 and meta["steps"] == 3
+    # the trained weights moved, the frozen ones did not
+    w = trainable(run)
+    assert list(w) and all(k.startswith("model.layers.1.") for k in w)
+    # plain transformers, without importing dskd, reloads the student and gives the trained model's logits
+    from dskd.models import load_model, truncate
+
+    ref = truncate(load_model(str(tiny_teacher_dir)), 2)
+    ref.load_state_dict(w, strict=False)
+    ids = [[5, 17, 42, 99, 7]]
+    code = (
+        "import sys, json, torch; from transformers import AutoModelForCausalLM as A; "
+        f"m = A.from_pretrained({str(run / 'student')!r}); assert 'dskd' not in sys.modules; "
+        f"print(json.dumps(m(torch.tensor({ids})).logits[0].tolist()))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = torch.tensor(json.loads(r.stdout.strip().splitlines()[-1]))
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(expected, truncate(load_model(str(tiny_teacher_dir)), 2)(torch.tensor(ids)).logits[0])
+
+
+def test_grad_accumulation_1x4_equals_4x1(tiny_teacher_dir, text_file, senses, tmp_path):
+    store, lex = senses
+    kw = {"store": store, "lexicon": lex, "progress": False}
+    common = {"loss__hidden": "mse", "loss__hidden_weight": 0.5}
+    a = distill(
+        make_cfg(tiny_teacher_dir, text_file, distill__batch_size=4, distill__grad_accum=1, **common),
+        tmp_path / "a",
+        **kw,
+    )
+    b = distill(
+        make_cfg(tiny_teacher_dir, text_file, distill__batch_size=1, distill__grad_accum=4, **common),
+        tmp_path / "b",
+        **kw,
+    )
+    for ra, rb in zip(metrics(a), metrics(b), strict=True):
+        for k in ("loss", "ce", "kd", "sense", "hidden"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
+        assert ra["tokens"] == rb["tokens"]
+    wa, wb = trainable(a), trainable(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_resume_after_kill_reaches_the_same_weights(tiny_teacher_dir, text_file, senses, tmp_path):
+    store, lex = senses
+    kw = {"store": store, "lexicon": lex, "progress": False}
+    cfg = make_cfg(tiny_teacher_dir, text_file, distill__max_steps=5, distill__save_every=2, distill__grad_accum=2)
+    full = distill(cfg, tmp_path / "full", **kw)
+    run = distill(cfg, tmp_path / "killed", stop_after=3, **kw)  # dies after step 3; newest checkpoint: step 2
+    assert not (run / "student").exists() and latest_checkpoint(run).name == "step-00000002"
+    with pytest.raises(ConfigError, match="--resume"):
+        distill(cfg, run, resume=False, **kw)
+    with pytest.raises(ConfigError, match="loss.kappa"):
+        distill(make_cfg(tiny_teacher_dir, text_file, distill__max_steps=5, loss__kappa=3), run, **kw)
+    distill(cfg, run, resume=True, **kw)
+    wf, wr = trainable(full), trainable(run)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)  # exactly, on CPU
+    assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(run)]
+
+
+def test_cached_teacher_equals_online_teacher(tiny_teacher_dir, text_file, senses, tmp_path):
+    store, lex = senses
+    kw = {"store": store, "lexicon": lex, "progress": False}
+    common = {"distill__cache_topk": 0, "distill__cache_hidden_dtype": "float32", "loss__hidden": "cosine"}
+    common["loss__hidden_weight"] = 0.3
+    online = distill(make_cfg(tiny_teacher_dir, text_file, **common), tmp_path / "online", **kw)
+    cache_dir = tmp_path / "cache"
+    cached_cfg = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, **common)
+    cached = distill(cached_cfg, tmp_path / "cached", cache_dir=cache_dir, **kw)
+    for ro, rc in zip(metrics(online), metrics(cached), strict=True):
+        for k in ("loss", "ce", "kd", "sense", "hidden"):
+            assert ro[k] == pytest.approx(rc[k], rel=1e-5, abs=1e-7), k
+    wo, wc = trainable(online), trainable(cached)
+    assert all(torch.allclose(wo[k], wc[k], atol=1e-5) for k in wo)
+    meta = json.loads((cached / "meta.json").read_text())
+    assert meta["teacher_cache"]["settings"]["dense"]
+    # a cache is reused, and refused for another recipe (here: another data recipe)
+    stamp = (cache_dir / "meta.json").stat().st_mtime_ns
+    assert build_teacher_cache(cached_cfg, cache_dir) == cache_dir
+    assert (cache_dir / "meta.json").stat().st_mtime_ns == stamp
+    other = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, data__max_length=40, **common)
+    with pytest.raises(CacheError, match="another teacher or data recipe"):
+        distill(other, tmp_path / "other", cache_dir=cache_dir, **kw)
+    with pytest.raises(CacheError, match="another teacher or data recipe"):
+        TeacherCache.open(cache_dir, key="0" * 16)
+
+
+def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path):
+    cfg = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, distill__cache_topk=8, loss__lam=0.0)
+    run = distill(cfg, tmp_path / "sparse", progress=False)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["teacher_cache"]["settings"] == {
+        "topk": 8,
+        "dense": False,
+        "vocab_size": meta["model"]["vocab_size"],
+        "hidden_dtype": "float16",
+        "T": 2.0,
+    }
+    # the default cache folder is shared by the runs next to this one
+    assert Path(meta["teacher_cache"]["path"]).parent == tmp_path / "teacher_cache"
+    assert all(r["kd"] > 0 and r["sense"] == 0 for r in metrics(run))
+
+
+def test_lam_needs_sense_folders(tiny_teacher_dir, text_file, tmp_path):
+    with pytest.raises(ConfigError, match="--distill.lexicon_dir"):
+        distill(make_cfg(tiny_teacher_dir, text_file), tmp_path / "x", progress=False)
+
+
+def test_cli_distill_and_cache_build(tiny_teacher_dir, text_file, tmp_path, capsys):
+    import yaml
+
+    from dskd.__main__ import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"teacher": str(tiny_teacher_dir), "student_layers": 2, "trainable_layers": 1},
+                "data": {"tasks": [], "text_files": [str(text_file)], "max_length": 32},
+                "loss": {"lam": 0.0},
+                "distill": {"max_steps": 2, "grad_accum": 1, "save_every": 1, "log_every": 1},
+            }
+        )
+    )
+    cache = tmp_path / "cache"
+    assert main(["cache", "build", "--config", str(cfg), "--distill.cache_dir", str(cache)]) == 0
+    assert "teacher cache:" in capsys.readouterr().out
+    out = tmp_path / "run"
+    argv = ["distill", "--config", str(cfg), "--distill.cache_dir", str(cache), "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "student" / "config.json").is_file() and len(metrics(out)) == 2
+    assert main(argv) == 2  # a finished run is not overwritten without --resume
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_twice_the_accumulation(tiny_teacher_dir, text_file, tmp_path):
+    """DDP over gloo (2 CPU processes, accumulation 2) follows 1 process with accumulation 4."""
+    import yaml
+
+    runs = {}
+    for name, procs, accum in (("one", 1, 4), ("two", 2, 2)):
+        c = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, loss__hidden="mse", loss__hidden_weight=0.5)
+        c.distill.grad_accum = accum
+        c.distill.max_steps = 3
+        path = tmp_path / f"{name}.yaml"
+        from dskd.config import to_dict
+
+        path.write_text(yaml.safe_dump(to_dict(c)))
+        out = tmp_path / name
+        # accelerate launch needs mpirun for several CPU processes; torchrun starts them, and accelerate's
+        # Accelerator picks up the process group (gloo on CPU) from its environment
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+        cmd += ["-m", "dskd", "distill", "--config", str(path), "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = out
+    one, two = metrics(runs["one"]), metrics(runs["two"])
+    assert json.loads((runs["two"] / "meta.json").read_text())["processes"] == 2
+    for a, b in zip(one, two, strict=True):
+        for k in ("loss", "ce", "kd", "hidden"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+        assert a["tokens"] == b["tokens"]
+    w1, w2 = trainable(runs["one"]), trainable(runs["two"])
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+def test_with_the_real_lexicon_and_sense_store(tiny_teacher_dir, text_file, tokenizer, tmp_path):
+    """Integration: dskd.lexicon + dskd.senses folders (built from the tiny teacher) drive the sense loss."""
+    from dskd.config import LexiconConfig, SenseConfig
+    from dskd.lexicon import build_lexicon
+    from dskd.senses import build_senses
+
+    syn, ant = tmp_path / "syn.txt", tmp_path / "ant.txt"
+    syn.write_text("".join(f"{a.strip()} {b.strip()}\n" for a, b in SYN))
+    ant.write_text("".join(f"{a.strip()} {b.strip()}\n" for a, b in ANT))
+    lex_cfg = LexiconConfig(sources=[f"pairs:{syn}:syn", f"pairs:{ant}:ant"], normalize_negation=False)
+    lex = build_lexicon(tokenizer, str(tiny_teacher_dir), lex_cfg, tmp_path / "lexicon", quiet=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TOY_TEXT)
+    sen_cfg = SenseConfig(corpus=[str(corpus)], k=2, max_samples=20, max_tokens=3000, seq_len=64, batch_size=4)
+    store = build_senses(str(tiny_teacher_dir), sen_cfg, lex, tmp_path / "senses", progress=False)
+    cfg = make_cfg(tiny_teacher_dir, text_file, loss__margin=0.5, loss__margin_mode="relative")
+    cfg.distill.lexicon_dir, cfg.distill.senses_dir = str(lex), str(store)
+    run = distill(cfg, tmp_path / "run", progress=False)
+    meta = json.loads((run / "meta.json").read_text())
+    table = meta["senses"]["table"]
+    assert table["related_tokens"] > 0 and table["store_median_mse"] > 0
+    assert table["margin"] == pytest.approx(0.5 * table["store_median_mse"])
+    assert meta["senses"]["store"]["teacher_fingerprint"] == meta["teacher_fingerprint"]
+    assert all(r["sense"] > 0 and r["sense_terms"] > 0 for r in metrics(run))
