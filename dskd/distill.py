@@ -605,7 +605,9 @@ def distill(
         bar.set_postfix({k: f"{rec[k]:.3g}" for k in shown} | {"tok/s": f"{rec['tokens_per_s']:.0f}"})
         if acc.is_main_process and (done % dc.log_every == 0 or done == total):
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                # NaN (e.g. no antonym term in a window) is written as null: strict JSON readers choke on NaN
+                clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+                f.write(json.dumps(clean) + "\n")
         if (dc.save_every and done % dc.save_every == 0) or done == total:
             state = {"epoch": epoch, "window": window, "tokens": tokens_seen, "seconds": elapsed, "total_steps": total}
             save_checkpoint(out, done, model, opt, sched, acc, state, dc.keep_checkpoints)

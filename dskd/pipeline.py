@@ -44,6 +44,7 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "dskd_ref": ("DSKD with the reference code's antonym candidates", {"reference_antonyms": True}),
 }
 DEFAULT_ARMS = ("kd", "dskd", "hidden_mse")
+LOSS_KEYS = ("loss", "ce", "kd", "sense", "hidden", "hinge_active_share")
 
 
 def quick(cfg: RunConfig) -> RunConfig:
@@ -173,32 +174,69 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     }
 
 
+SENSE_FIELDS = (
+    "kappa", "margin", "margin_mode", "positive_margin", "max_synonyms", "max_antonyms", "min_positions",
+    "position_frac", "self_sense", "use_synonyms", "use_antonyms", "reference_antonyms",
+)  # fmt: skip
+
+
+def _train_inputs(c: RunConfig, shared: dict[str, Any]) -> dict[str, Any]:
+    """What a student depends on. Without the sense loss (lambda = 0), sense options and the sense
+    store do not matter, so changing them does not retrain the KD baseline."""
+    loss = to_dict(c.loss)
+    hashes = dict(shared["hashes"])
+    if c.loss.lam == 0:
+        loss = {k: v for k, v in loss.items() if k not in SENSE_FIELDS}
+        hashes.pop("senses", None)
+        hashes.pop("lexicon", None)
+    return {
+        "model": to_dict(c.model),
+        "data": to_dict(c.data),
+        "loss": loss,
+        "distill": to_dict(c.distill),
+        "shared": hashes,
+    }
+
+
+def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
+    """A run folder started with another config is moved out of the way (resume needs the same one)."""
+    import shutil
+
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    now = to_dict(c)
+    if {k: v for k, v in old.items() if k != "out"} != {k: v for k, v in now.items() if k != "out"}:
+        stale = run_dir.with_name(f".{run_dir.name}.stale")
+        if stale.exists():
+            shutil.rmtree(stale)
+        run_dir.rename(stale)
+        shutil.rmtree(stale)
+
+
 def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, seed: int | None = None) -> Path:
+    """Train one arm (continuing from its last checkpoint when interrupted); returns its student folder."""
     from dskd.distill import distill
 
     c = _arm_config(cfg, arm, seed)
     key = arm if seed is None else f"{arm}/seed{seed}"
     run_dir = pipe.out / "students" / key
-    inputs = {
-        "model": to_dict(c.model),
-        "data": to_dict(c.data),
-        "loss": to_dict(c.loss),
-        "distill": to_dict(c.distill),
-        "shared": shared["hashes"],
-    }
-    pipe.stage(
-        f"train:{key}",
-        inputs,
-        run_dir / "student",
-        lambda: distill(
+
+    def do() -> None:
+        _clear_if_stale(run_dir, c)
+        distill(
             c,
             run_dir,
             lexicon_dir=shared["lexicon"],
             senses_dir=shared["senses"],
             cache_dir=shared["cache"],
             resume=True,
-        ),
-    )
+        )
+
+    pipe.stage(f"train:{key}", _train_inputs(c, shared), run_dir / "student", do)
     return run_dir / "student"
 
 
@@ -255,7 +293,7 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
             if "step" not in rec:
                 continue
             for k, v in rec.items():
-                if k.startswith("loss") and isinstance(v, int | float):
+                if k in LOSS_KEYS and isinstance(v, int | float):
                     xs, ys = series.setdefault(k, {}).setdefault(name, ([], []))
                     xs.append(rec["step"])
                     ys.append(v)

@@ -1,0 +1,121 @@
+"""End-to-end: ``dskd run`` and ``dskd experiment`` on a tiny in-process teacher and fixture data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TOY_TEXT
+
+from dskd.__main__ import main
+
+FIX = Path(__file__).parent / "fixtures" / "lexicon"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(tmp_path: Path, teacher: Path) -> Path:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join([TOY_TEXT[i : i + 600] for i in range(0, 6000, 600)]))
+    cfg = {
+        "name": "tiny",
+        "out": str(tmp_path / "run"),
+        "model": {"teacher": str(teacher), "student_layers": 2, "trainable_layers": 1},
+        "lexicon": {"sources": [f"pairs:{FIX / 'antonyms.txt'}:ant", f"pairs:{FIX / 'tails.txt'}:syn"]},
+        "senses": {"corpus": [str(corpus)], "key": "actual", "k": 2, "max_samples": 20, "max_tokens": 1500, "seq_len": 64},
+        "data": {"tasks": ["arc_easy"], "text_files": [str(corpus)], "shots": 0, "max_items": 4, "max_length": 160},
+        "loss": {"lam": 1.0, "kappa": 2, "margin_mode": "relative"},
+        "distill": {"epochs": 1, "max_steps": 2, "batch_size": 1, "grad_accum": 2, "save_every": 0},
+        "eval": {"tasks": ["arc_easy"], "limit": 6, "bootstrap": 50, "batch_size": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir, tmp_path, capsys):
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    assert main(["run", "--config", str(recipe)]) == 0
+    first = capsys.readouterr().out
+    out = tmp_path / "run"
+    for rel in [
+        "config.yaml",
+        "pipeline.json",
+        "lexicon/meta.json",
+        "senses/meta.json",
+        "senses/senses.safetensors",
+        "students/untrained/student/config.json",
+        "students/kd/student/model.safetensors",
+        "students/dskd/student/model.safetensors",
+        "students/dskd/metrics.jsonl",
+        "eval/teacher.json",
+        "eval/untrained.json",
+        "eval/kd.json",
+        "eval/dskd.json",
+        "report.md",
+        "figures/losses.png",
+    ]:
+        assert (out / rel).exists(), rel
+    assert any((out / "teacher_cache").iterdir())
+    state = json.loads((out / "pipeline.json").read_text())
+    assert {"lexicon", "senses", "cache", "train:kd", "train:dskd", "eval:teacher", "eval:dskd"} <= set(state)
+    report = (out / "report.md").read_text()
+    for row in ("teacher", "untrained", "kd", "dskd"):
+        assert f"| {row} |" in report
+    assert "[run ]" in first
+    # KD and DSKD differ only in lambda: their metrics logs must differ in the sense term
+    kd = [json.loads(line) for line in (out / "students/kd/metrics.jsonl").read_text().splitlines()]
+    ds = [json.loads(line) for line in (out / "students/dskd/metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("sense", 0.0) == 0.0 for r in kd if "step" in r)
+    assert any(r.get("sense", 0.0) > 0.0 for r in ds if "step" in r)
+
+    assert main(["run", "--config", str(recipe)]) == 0
+    second = capsys.readouterr().out
+    assert "[run ]" not in second, second
+    assert second.count("[skip]") >= 10
+
+    # changing a loss option retrains the DSKD student only (and re-evaluates it)
+    assert main(["run", "--config", str(recipe), "--loss.kappa", "1"]) == 0
+    third = capsys.readouterr().out
+    ran = {line.split()[2] for line in third.splitlines() if line.startswith("[run ]")}
+    assert ran == {"train:dskd", "eval:dskd"}, third
+
+
+def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    assert main(["experiment", "--config", str(recipe), "--seeds", "2", "--arms", "kd,dskd,hidden_mse"]) == 0
+    out = tmp_path / "run"
+    table = (out / "experiment.md").read_text()
+    for row in (
+        "| teacher (reference) |",
+        "| untrained (reference) |",
+        "| kd | 2 |",
+        "| dskd | 2 |",
+        "| hidden_mse | 2 |",
+    ):
+        assert row in table, table
+    assert table.count("Δ") >= 4
+    files = json.loads((out / "experiment.json").read_text())["files"]
+    assert set(files) == {"kd", "dskd", "hidden_mse"} and all(len(v) == 2 for v in files.values())
+    cfg = yaml.safe_load((out / "students/hidden_mse/seed1/config.yaml").read_text())
+    assert cfg["loss"]["hidden"] == "mse" and cfg["loss"]["lam"] == 0.0 and cfg["distill"]["seed"] == 1
+
+
+def test_unknown_arm_is_refused(tiny_teacher_dir, tmp_path, capsys):
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    assert main(["experiment", "--config", str(recipe), "--arms", "kd,dksd"]) == 2
+    assert "unknown arm 'dksd'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_run_with_the_packaged_smollm2(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "dskd", "run", "--config", "configs/smollm2-135m_to_15l.yaml", "--quick"]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "q")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "q-quick"
+    assert (out / "report.md").is_file() and (out / "figures" / "losses.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "| dskd |" in report and "| teacher |" in report
