@@ -297,11 +297,17 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
                     xs, ys = series.setdefault(k, {}).setdefault(name, ([], []))
                     xs.append(rec["step"])
                     ys.append(v)
+    # drop terms that are zero for every run (e.g. the hidden-state loss when it is off)
+    series = {k: v for k, v in series.items() if any(y != 0 for _, ys in v.values() for y in ys)}
     if not series:
         return None
     keys = sorted(series)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys, strict=True):
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    for ax, k in zip(axes.flat, keys, strict=False):
         for name, (xs, ys) in series[k].items():
             ax.plot(xs, ys, label=name)
         ax.set_title(k)
