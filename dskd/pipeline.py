@@ -392,9 +392,10 @@ def experiment(cfg: RunConfig, *, seeds: int = 3, arms: list[str] | None = None,
     print(f"dskd experiment: {cfg.name}, arms {arms}, seeds {seeds} -> {out}")
     shared = prepare_shared(cfg, pipe)
     files: dict[str, dict[int, Path]] = {}
+    untrained = export_untrained(cfg, pipe)
     refs = {
         "teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), ""),
-        "untrained": evaluate_model(cfg, pipe, "untrained", str(export_untrained(cfg, pipe)), ""),
+        "untrained": evaluate_model(cfg, pipe, "untrained", str(untrained), _upstream(pipe, "train:untrained")),
     }
     base_seed = cfg.distill.seed
     for s in range(seeds):
