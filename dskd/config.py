@@ -455,9 +455,6 @@ def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write a config as YAML (atomically)."""
-    import os
+    from dskd.io import write_text_atomic
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 
 from dskd.config import DskdError, RunConfig
+from dskd.io import stable_hash as _sha
+from dskd.io import write_text_atomic
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
 CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 1}
@@ -54,10 +56,6 @@ class DataError(DskdError, ValueError):
 
 class CacheError(DskdError, ValueError):
     """A teacher cache that does not belong to this run (stale, foreign, or incomplete)."""
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _file_sha(path: Path) -> str:
@@ -130,9 +128,7 @@ def _split(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 import warnings
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from dskd.config import ConfigError, EvalConfig
+from dskd.io import write_text_atomic
 from dskd.tasks import Item, Task, get_task
 from dskd.tasks.base import LETTERS
 
@@ -510,13 +510,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def evaluate(
     model_spec: str,
     cfg: EvalConfig,
@@ -576,8 +569,8 @@ def evaluate(
     for task, items in work:
         result["tasks"][task.name] = score_task(model, tokenizer, task, items, cfg, progress=progress)
     result["complete"] = True
-    _write_atomic(out, json.dumps(result, indent=1))
-    _write_atomic(out.with_suffix(".md"), markdown_table(result))
+    write_text_atomic(out, json.dumps(result, indent=1))
+    write_text_atomic(out.with_suffix(".md"), markdown_table(result))
     return result
 
 

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import DskdError, LexiconConfig
+from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
 RELATIONS_FORMAT = {"name": "dskd-lexicon-relations", "version": 1}
@@ -217,10 +218,6 @@ class SourceResult:
 def _file_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _wordnet_files() -> list[Path]:

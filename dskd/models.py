@@ -8,8 +8,6 @@ in the local Hugging Face cache or the network is reachable).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from torch import nn
 
 from dskd import assets
 from dskd.config import DskdError
+from dskd.io import stable_hash as _sha
 
 ALIASES = {assets.DEFAULT_MODEL_ALIAS: assets.default_model_dir}
 
@@ -171,10 +170,6 @@ def freeze_except_top(model: nn.Module, trainable_layers: int) -> list[str]:
         for p in layer.parameters():
             p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

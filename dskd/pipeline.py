@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import ConfigError, RunConfig, to_dict
+from dskd.io import stable_hash, write_text_atomic
 
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
 
@@ -69,14 +69,8 @@ def quick(cfg: RunConfig) -> RunConfig:
     return q
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 class Pipeline:
@@ -93,7 +87,7 @@ class Pipeline:
 
     def stage(self, key: str, inputs: dict[str, Any], path: Path, fn: Callable[[], Any]) -> str:
         """Run ``fn`` unless ``path`` exists and was built from the same ``inputs``; returns the hash."""
-        h = _hash(inputs)
+        h = stable_hash(inputs)
         prev = self.state.get(key, {})
         if not self.force and prev.get("hash") == h and path.exists() and prev.get("complete"):
             self.log(f"[skip] {key:<24} {path}  (up to date)")

@@ -74,6 +74,8 @@ import numpy as np
 import torch
 
 from dskd.config import DskdError, SenseConfig
+from dskd.io import stable_hash as _sha
+from dskd.io import write_text_atomic
 
 FORMAT = {"name": "dskd-senses", "version": 1}
 STORE_FILE = "senses.safetensors"
@@ -659,16 +661,6 @@ class SenseStore:
 # ----------------------------------------------------------------------------------------- building
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _on_batch_end(batch: int) -> None:
     """Called after every gathering batch (tests patch it to simulate a kill)."""
 
@@ -783,7 +775,7 @@ def _gather(
                 os.replace(work / f".{name}.tmp", work / name)
                 secs = elapsed + time.perf_counter() - t0
                 prog = {"gather_key": gather_key, "file": name, "next_batch": b + 1, "tokens": done, "seconds": secs}
-                _atomic_write_text(prog_file, json.dumps(prog, indent=2))
+                write_text_atomic(prog_file, json.dumps(prog, indent=2))
                 for old in work.glob("progress-*.safetensors"):
                     if old.name != name:
                         old.unlink()
@@ -993,8 +985,8 @@ def build_senses(
     meta["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
     for f in list(work.glob("progress*")) + list(work.glob(".progress*")):
         f.unlink()
-    _atomic_write_text(work / META_FILE, json.dumps({**meta, "complete": False}, indent=2))
-    _atomic_write_text(work / META_FILE, json.dumps({**meta, "complete": True}, indent=2))
+    write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": False}, indent=2))
+    write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": True}, indent=2))
     if out.exists():
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)
