@@ -34,6 +34,7 @@ import json
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,8 +300,23 @@ def score_groups(
     return out  # type: ignore[return-value]
 
 
+# Models already checked by packing_ok (whether a model honours custom masks does not change).
+_PACKING_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
 def packing_ok(model: nn.Module, group: Group, pad_id: int, tol: float = 2e-3) -> bool:
-    """Whether packed scores of ``group`` match the per-choice reference (a model honouring masks)."""
+    """Whether packed scores of ``group`` match the per-choice reference (a model honouring masks).
+
+    The answer is remembered per model object, so evaluating several tasks checks once.
+    """
+    if model in _PACKING_CHECKED:
+        return _PACKING_CHECKED[model]
+    ok = _packing_check(model, group, pad_id, tol)
+    _PACKING_CHECKED[model] = ok
+    return ok
+
+
+def _packing_check(model: nn.Module, group: Group, pad_id: int, tol: float) -> bool:
     try:
         packed = _score_packed(model, [group], pad_id, 1 << 30)[0]
     except Exception as e:  # an architecture without get_decoder/custom masks
