@@ -172,49 +172,106 @@ def build_groups(tokenizer, requests: list[list[tuple[str, str]]]) -> list[Group
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-def _pack(groups: list[Group], pad_id: int, max_length: int, dtype: torch.dtype):
+def _pack(groups: list[Group], pad_id: int, max_length: int, dtype: torch.dtype, rows: list[list[int]] | None = None):
     """Tensors of one packed batch and, per group, where each continuation token is predicted.
 
+    Args:
+        groups: The groups of the batch.
+        pad_id: Padding token id.
+        max_length: A group longer than this loses context tokens from the left.
+        dtype: Dtype of the additive mask.
+        rows: Indices into ``groups`` laid side by side in each row (default: one group per row).
+            A token attends only within its group: to the group's context and to its own continuation.
     Returns:
         input_ids (B, T), mask (B, 1, T, T) additive float, position_ids (B, T),
-        targets: list of (row, position, token id, group slot, continuation index).
+        targets: list of (row, position, token id, group index, continuation index).
     """
-    rows, segs, poss, targets = [], [], [], []
-    for b, g in enumerate(groups):
-        ctx = g.ctx
-        over = g.length - max_length
-        if over > 0:
-            ctx = ctx[min(over, len(ctx) - 1) :]
-        ids, seg, pos = list(ctx), [0] * len(ctx), list(range(len(ctx)))
-        L = len(ctx)
-        for ci, cont in enumerate(g.conts):
-            start = len(ids)
-            for t, tok in enumerate(cont):
-                # token t of cont is predicted at the last context position (t == 0) or where cont[t-1] sits
-                targets.append((b, L - 1 if t == 0 else start + t - 1, tok, b, ci))
-            ids += cont[:-1]
-            seg += [ci + 1] * (len(cont) - 1)
-            pos += list(range(L, L + len(cont) - 1))
-        rows.append(ids)
+    if rows is None:
+        rows = [[i] for i in range(len(groups))]
+    ids_rows, grps, segs, poss, targets = [], [], [], [], []
+    for r, members in enumerate(rows):
+        ids: list[int] = []
+        grp: list[int] = []
+        seg: list[int] = []
+        pos: list[int] = []
+        for b in members:
+            g = groups[b]
+            ctx = g.ctx
+            over = g.length - max_length
+            if over > 0:
+                ctx = ctx[min(over, len(ctx) - 1) :]
+            base, L = len(ids), len(ctx)
+            ids += ctx
+            seg += [0] * L
+            pos += list(range(L))
+            for ci, cont in enumerate(g.conts):
+                start = len(ids)
+                for t, tok in enumerate(cont):
+                    # token t of cont is predicted at the last context position (t == 0) or where cont[t-1] sits
+                    targets.append((r, base + L - 1 if t == 0 else start + t - 1, tok, b, ci))
+                ids += cont[:-1]
+                seg += [ci + 1] * (len(cont) - 1)
+                pos += list(range(L, L + len(cont) - 1))
+            grp += [b] * (len(ids) - base)
+        ids_rows.append(ids)
+        grps.append(grp)
         segs.append(seg)
         poss.append(pos)
-    T = max(len(r) for r in rows)
-    B = len(rows)
+    T = max(len(r) for r in ids_rows)
+    B = len(ids_rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    grp_t = torch.full((B, T), -1, dtype=torch.long)
     seg_t = torch.full((B, T), -1, dtype=torch.long)
     pos_t = torch.zeros((B, T), dtype=torch.long)
-    for b in range(B):
-        n = len(rows[b])
-        input_ids[b, :n] = torch.tensor(rows[b])
-        seg_t[b, :n] = torch.tensor(segs[b])
-        pos_t[b, :n] = torch.tensor(poss[b])
+    for r in range(B):
+        n = len(ids_rows[r])
+        input_ids[r, :n] = torch.tensor(ids_rows[r])
+        grp_t[r, :n] = torch.tensor(grps[r])
+        seg_t[r, :n] = torch.tensor(segs[r])
+        pos_t[r, :n] = torch.tensor(poss[r])
     idx = torch.arange(T)
     causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
     sq, sk = seg_t[:, :, None], seg_t[:, None, :]  # (B, T, 1), (B, 1, T)
-    allowed = causal[None] & ((sk == 0) | (sk == sq))  # (B, T, T)
+    same_group = grp_t[:, :, None] == grp_t[:, None, :]
+    allowed = causal[None] & same_group & ((sk == 0) | (sk == sq))  # (B, T, T)
     mask = torch.zeros((B, 1, T, T), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return input_ids, mask, pos_t, targets
+
+
+def plan_rows(lengths: Sequence[int], batch_size: int) -> list[list[list[int]]]:
+    """Batches of rows of group indices: longest group first, shorter ones fill the rows' slack.
+
+    Each batch has at most ``batch_size`` rows, all as long as the longest group left; every row is
+    filled first-fit with the longest remaining groups that still fit, so padding is nearly gone.
+
+    Args:
+        lengths: Token length of each group.
+        batch_size: Rows per forward pass.
+    Returns:
+        For each batch, for each row, the indices of its groups.
+    """
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], -i))  # ascending; ties: lower index last
+    keys = [lengths[i] for i in order]
+    batches: list[list[list[int]]] = []
+    while order:
+        cap = keys[-1]
+        rows: list[list[int]] = []
+        for _ in range(batch_size):
+            if not order:
+                break
+            row, free = [], cap
+            while order:
+                j = bisect.bisect_right(keys, free) - 1  # the longest group that fits
+                if j < 0:
+                    break
+                row.append(order.pop(j))
+                free -= keys.pop(j)
+            rows.append(row)
+        batches.append(rows)
+    return batches
 
 
 def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -226,10 +283,12 @@ def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score_packed(model: nn.Module, groups: list[Group], pad_id: int, max_length: int) -> list[list[float]]:
+def _score_packed(
+    model: nn.Module, groups: list[Group], pad_id: int, max_length: int, rows: list[list[int]] | None = None
+) -> list[list[float]]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype)
+    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype, rows)
     hidden = model.get_decoder()(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
@@ -274,7 +333,8 @@ def score_groups(
     Args:
         model: A causal LM in eval mode.
         groups: Groups from :func:`build_groups`.
-        batch_size: Rows per forward pass.
+        batch_size: Rows per forward pass; a row holds the longest group left, and shorter groups
+            share rows (each attends only within itself), so little of a batch is padding.
         pad_id: Token id used for padding (never attended to).
         max_length: Rows longer than this lose context tokens from the left.
         progress: A tqdm bar advanced by ``weights`` (items per group) after each batch.
@@ -286,11 +346,18 @@ def score_groups(
         For each group, the log-likelihood of each of its continuations.
     """
     out: list[list[float] | None] = [None] * len(groups)
-    order = sorted(range(len(groups)), key=lambda i: -groups[i].length)
-    for s in range(0, len(order), batch_size):
-        batch = order[s : s + batch_size]
+    if packed:
+        plan = plan_rows([min(g.length, max_length) for g in groups], batch_size)
+    else:
+        order = sorted(range(len(groups)), key=lambda i: -groups[i].length)
+        plan = [[[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    for rows in plan:
+        batch = [i for row in rows for i in row]
         if packed:
-            scores = _score_packed(model, [groups[i] for i in batch], pad_id, max_length)
+            local = {i: k for k, i in enumerate(batch)}
+            scores = _score_packed(
+                model, [groups[i] for i in batch], pad_id, max_length, [[local[i] for i in row] for row in rows]
+            )
         else:
             scores = [score_reference(model, groups[i]) for i in batch]
         for i, sc in zip(batch, scores, strict=True):
@@ -662,6 +729,7 @@ __all__ = [
     "loglik_requests",
     "main",
     "score_groups",
+    "plan_rows",
     "score_reference",
     "score_task",
 ]

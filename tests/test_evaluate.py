@@ -85,6 +85,50 @@ def test_packed_scores_equal_brute_force_per_choice(model, tokenizer, chat, shot
     assert packing_ok(model, groups[0], tokenizer.pad_token_id)
 
 
+def test_groups_sharing_a_row_score_as_alone(model, tokenizer):
+    """Several questions side by side in one row attend only within themselves."""
+    from dskd.evaluate import _score_packed
+
+    task = ToyTask()
+    groups = build_groups(tokenizer, [loglik_requests(task, x, [], tokenizer, False) for x in task.eval_items()])
+    ref = [score_reference(model, g) for g in groups]
+    n = len(groups)
+    rows = [list(range(0, n, 2)), list(range(1, n, 2))]  # two rows of interleaved questions
+    shared = _score_packed(model, groups, tokenizer.pad_token_id, 1 << 30, rows)
+    assert _max_diff(shared, ref) < 1e-4
+
+
+def test_packing_check_runs_once_per_model(model, tokenizer, monkeypatch):
+    import dskd.evaluate as E
+
+    calls = []
+    monkeypatch.setattr(E, "_PACKING_CHECKED", E.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(E, "_packing_check", lambda *a: calls.append(1) or True)
+    g = build_groups(tokenizer, [loglik_requests(ToyTask(), ToyTask().eval_items()[0], [], tokenizer, False)])[0]
+    assert E.packing_ok(model, g, 0) and E.packing_ok(model, g, 0)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_rows_places_every_group_once_within_the_row_length(seed):
+    from dskd.evaluate import plan_rows
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, size=int(rng.integers(1, 80))).tolist()
+    plan = plan_rows(lengths, batch_size=3)
+    placed = [i for rows in plan for row in rows for i in row]
+    assert sorted(placed) == list(range(len(lengths)))
+    for rows in plan:
+        assert 1 <= len(rows) <= 3
+        cap = max(lengths[i] for row in rows for i in row)  # rows are as long as the batch's longest group
+        assert all(sum(lengths[i] for i in row) <= cap for row in rows)
+    # the longest group left opens each batch, so batches come longest first
+    heads = [max(lengths[i] for row in rows for i in row) for rows in plan]
+    assert heads == sorted(heads, reverse=True)
+    # never more forward passes than one group per row
+    assert len(plan) <= -(-len(lengths) // 3)
+
+
 def test_batch_size_and_padding_do_not_change_scores(model, tokenizer):
     task = ToyTask()
     groups = build_groups(tokenizer, [loglik_requests(task, x, [], tokenizer, False) for x in task.eval_items()])
