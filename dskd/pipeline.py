@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, RunConfig, to_dict
+from dskd.config import ConfigError, LossConfig, RunConfig, TrainConfig, to_dict
 from dskd.io import stable_hash, write_text_atomic
 
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
@@ -103,14 +103,49 @@ class Pipeline:
         return h
 
 
+ARM_SECTIONS = ("loss", "distill")
+
+
+def parse_arm(arm: str) -> tuple[str, dict[str, dict[str, Any]], str]:
+    """An arm name, optionally with overrides: ``dskd@margin=0.5@distill.epochs=6``.
+
+    A bare key is a loss field; ``distill.KEY`` a training field. Values are YAML scalars.
+
+    Returns:
+        (base arm, {section: {field: value}}, description).
+    """
+    import yaml
+
+    base, *parts = arm.split("@")
+    if base not in ARMS:
+        raise ConfigError(f"--arms: unknown arm {base!r}; valid: {', '.join(ARMS)} (optionally @key=value)")
+    overrides: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        key, eq, raw = part.partition("=")
+        section, _, field = key.rpartition(".")
+        section = section or "loss"
+        if not eq or section not in ARM_SECTIONS:
+            raise ConfigError(f"--arms: {arm!r}: expected @key=value with key a loss field or distill.FIELD")
+        valid = {f.name for f in dataclasses.fields(LossConfig if section == "loss" else TrainConfig)}
+        if field not in valid:
+            raise ConfigError(f"--arms: {arm!r}: {section} has no field {field!r}; valid: {', '.join(sorted(valid))}")
+        overrides.setdefault(section, {})[field] = yaml.safe_load(raw)
+    desc = ARMS[base][0] + "".join(f", {p}" for p in parts)
+    return base, overrides, desc
+
+
 def _arm_config(cfg: RunConfig, arm: str, seed: int | None = None) -> RunConfig:
-    if arm not in ARMS:
-        raise ConfigError(f"--arms: unknown arm {arm!r}; valid: {', '.join(ARMS)}")
+    base, extra, _ = parse_arm(arm)
     c = copy.deepcopy(cfg)
-    overrides = dict(ARMS[arm][1])
+    overrides = dict(ARMS[base][1])
     if overrides.get("hidden_weight", 0.0) is None:
         overrides["hidden_weight"] = cfg.loss.lam if cfg.loss.lam > 0 else 1.0
-    c.loss = dataclasses.replace(c.loss, **overrides)
+    overrides.update(extra.get("loss", {}))
+    try:
+        c.loss = dataclasses.replace(c.loss, **overrides)
+        c.distill = dataclasses.replace(c.distill, **extra.get("distill", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--arms: {arm!r}: {e}") from e
     if seed is not None:
         c.distill = dataclasses.replace(c.distill, seed=seed)
         c.data = dataclasses.replace(c.data, seed=c.data.seed)  # same data for every seed: paired arms
@@ -367,12 +402,18 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     return result
 
 
-def experiment(cfg: RunConfig, *, seeds: int = 3, arms: list[str] | None = None, force: bool = False) -> Path:
-    """Arms x seeds sharing the lexicon, sense store and teacher cache; writes ``experiment.md``."""
+def experiment(
+    cfg: RunConfig,
+    *,
+    seeds: int = 3,
+    arms: list[str] | None = None,
+    force: bool = False,
+    report_name: str = "experiment",
+) -> Path:
+    """Arms x seeds sharing the lexicon, sense store and teacher cache; writes ``<report_name>.md``."""
     arms = list(arms or DEFAULT_ARMS)
     for a in arms:
-        if a not in ARMS:
-            raise ConfigError(f"--arms: unknown arm {a!r}; valid: {', '.join(ARMS)}")
+        _arm_config(cfg, a)  # validates the name and its overrides before any work
     if "kd" not in arms:
         arms.insert(0, "kd")
     if seeds < 1:
@@ -401,10 +442,10 @@ def experiment(cfg: RunConfig, *, seeds: int = 3, arms: list[str] | None = None,
             )
     from dskd.report import experiment_table
 
-    table = experiment_table(files, refs, baseline="kd", descriptions={a: ARMS[a][0] for a in arms})
-    (out / "experiment.md").write_text(table + "\n")
+    table = experiment_table(files, refs, baseline="kd", descriptions={a: parse_arm(a)[2] for a in arms})
+    write_text_atomic(out / f"{report_name}.md", table + "\n")
     _write_json(
-        out / "experiment.json",
+        out / f"{report_name}.json",
         {
             "arms": arms,
             "seeds": seeds,
@@ -417,8 +458,8 @@ def experiment(cfg: RunConfig, *, seeds: int = 3, arms: list[str] | None = None,
         out / "figures" / "losses.png",
     )
     print("\n" + table)
-    print(f"\nwrote {out / 'experiment.md'}")
-    return out / "experiment.md"
+    print(f"\nwrote {out / f'{report_name}.md'}")
+    return out / f"{report_name}.md"
 
 
 def main_run(argv: list[str]) -> int:
@@ -456,11 +497,22 @@ def main_experiment(argv: list[str]) -> int:
         "Example: dskd experiment --config configs/smollm2-135m_to_15l.yaml --seeds 3",
     )
     p.add_argument("--seeds", type=int, default=3, help="Seeds per arm (default 3).")
-    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"Comma-separated arms. {arms_help}")
+    p.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin=0.5@lam=2 or "
+        "kd@distill.epochs=6 (a bare key is a loss field); KD is always included as the baseline.",
+    )
+    p.add_argument(
+        "--report-name",
+        default="experiment",
+        help="Stem of the table and JSON written in the run folder (default experiment); use another for a sweep.",
+    )
     p.add_argument("--quick", action="store_true", help="Small budgets, for a smoke test.")
     p.add_argument("--force", action="store_true", help="Rebuild every stage even when up to date.")
     cfg, extra = parse_config(p, argv)
     if extra.quick:
         cfg = quick(cfg)
-    experiment(cfg, seeds=extra.seeds, arms=[a.strip() for a in extra.arms.split(",") if a.strip()], force=extra.force)
+    arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
+    experiment(cfg, seeds=extra.seeds, arms=arms, force=extra.force, report_name=extra.report_name)
     return 0

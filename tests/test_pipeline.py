@@ -109,11 +109,32 @@ def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
     cfg = yaml.safe_load((out / "students/hidden_mse/seed1/config.yaml").read_text())
     assert cfg["loss"]["hidden"] == "mse" and cfg["loss"]["lam"] == 0.0 and cfg["distill"]["seed"] == 1
 
+    # a sweep arm with overrides: its own folder and table; the shared stages and the KD baseline skip
+    before = (out / "experiment.md").read_text()
+    capsys.readouterr()
+    argv = ["experiment", "--config", str(recipe), "--seeds", "1", "--report-name", "sweep"]
+    assert main([*argv, "--arms", "kd,dskd@margin=0.5@distill.epochs=2"]) == 0
+    log = capsys.readouterr().out
+    ran = {line.split()[2] for line in log.splitlines() if line.startswith("[run ]")}
+    assert ran == {"train:dskd@margin=0.5@distill.epochs=2/seed0", "eval:dskd@margin=0.5@distill.epochs=2/seed0"}
+    cfg = yaml.safe_load((out / "students/dskd@margin=0.5@distill.epochs=2/seed0/config.yaml").read_text())
+    assert cfg["loss"]["margin"] == 0.5 and cfg["distill"]["epochs"] == 2 and cfg["loss"]["lam"] > 0
+    assert "| dskd@margin=0.5@distill.epochs=2 | 1 |" in (out / "sweep.md").read_text()
+    assert (out / "experiment.md").read_text() == before
+
 
 def test_unknown_arm_is_refused(tiny_teacher_dir, tmp_path, capsys):
     recipe = _recipe(tmp_path, tiny_teacher_dir)
     assert main(["experiment", "--config", str(recipe), "--arms", "kd,dksd"]) == 2
     assert "unknown arm 'dksd'" in capsys.readouterr().err
+    for bad, msg in (
+        ("dskd@margni=0.5", "loss has no field 'margni'"),
+        ("dskd@margin", "expected @key=value"),
+        ("kd@data.max_items=3", "expected @key=value"),
+        ("dskd@kappa=0", "kappa"),
+    ):
+        assert main(["experiment", "--config", str(recipe), "--arms", f"kd,{bad}"]) == 2
+        assert msg in capsys.readouterr().err, bad
 
 
 @pytest.mark.slow
