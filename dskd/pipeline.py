@@ -409,13 +409,14 @@ def experiment(
     arms: list[str] | None = None,
     force: bool = False,
     report_name: str = "experiment",
+    baseline: str = "kd",
 ) -> Path:
     """Arms x seeds sharing the lexicon, sense store and teacher cache; writes ``<report_name>.md``."""
     arms = list(arms or DEFAULT_ARMS)
+    if baseline not in arms:
+        arms.insert(0, baseline)
     for a in arms:
-        _arm_config(cfg, a)  # validates the name and its overrides before any work
-    if "kd" not in arms:
-        arms.insert(0, "kd")
+        _arm_config(cfg, a)  # validates the names and their overrides before any work
     if seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1 (got {seeds})")
     out = cfg.out_dir
@@ -442,7 +443,7 @@ def experiment(
             )
     from dskd.report import experiment_table
 
-    table = experiment_table(files, refs, baseline="kd", descriptions={a: parse_arm(a)[2] for a in arms})
+    table = experiment_table(files, refs, baseline=baseline, descriptions={a: parse_arm(a)[2] for a in arms})
     write_text_atomic(out / f"{report_name}.md", table + "\n")
     _write_json(
         out / f"{report_name}.json",
@@ -508,11 +509,14 @@ def main_experiment(argv: list[str]) -> int:
         default="experiment",
         help="Stem of the table and JSON written in the run folder (default experiment); use another for a sweep.",
     )
+    p.add_argument("--baseline", default="kd", help="Arm the others are compared with (default kd; always run).")
     p.add_argument("--quick", action="store_true", help="Small budgets, for a smoke test.")
     p.add_argument("--force", action="store_true", help="Rebuild every stage even when up to date.")
     cfg, extra = parse_config(p, argv)
     if extra.quick:
         cfg = quick(cfg)
     arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
-    experiment(cfg, seeds=extra.seeds, arms=arms, force=extra.force, report_name=extra.report_name)
+    experiment(
+        cfg, seeds=extra.seeds, arms=arms, force=extra.force, report_name=extra.report_name, baseline=extra.baseline
+    )
     return 0

@@ -132,8 +132,10 @@ def test_unknown_arm_is_refused(tiny_teacher_dir, tmp_path, capsys):
         ("dskd@margin", "expected @key=value"),
         ("kd@data.max_items=3", "expected @key=value"),
         ("dskd@kappa=0", "kappa"),
+        ("dskd --baseline kd@lam=x", "lam"),
     ):
-        assert main(["experiment", "--config", str(recipe), "--arms", f"kd,{bad}"]) == 2
+        arm, *rest = bad.split()
+        assert main(["experiment", "--config", str(recipe), "--arms", f"kd,{arm}", *rest]) == 2
         assert msg in capsys.readouterr().err, bad
 
 
