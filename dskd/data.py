@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from dskd.config import DskdError, RunConfig
+from dskd.io import replace_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
-from dskd.io import write_text_atomic
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
 CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 1}
@@ -468,9 +468,7 @@ def write_cache(
         "complete": True,
     }
     _write_json(tmp / "meta.json", meta)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -42,9 +42,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import DskdError, LexiconConfig
+from dskd.io import atomic_dir
 from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
@@ -745,26 +744,9 @@ def write_folder_atomic(out: Path, files: dict[str, str]) -> None:
     """
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_lexicon_folder(out))):
         raise LexiconError(f"--out {out}: exists and is not a dskd lexicon folder; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old: Path | None = None
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(out) as tmp:
         for name in sorted(files, key=lambda n: n == "meta.json"):
             (tmp / name).write_text(files[name])
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        if old is not None and old.exists() and not out.exists():
-            old.rename(out)  # put the previous folder back
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and out.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def build_lexicon(

@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dskd.config import ConfigError, LossConfig, RunConfig, TrainConfig, to_dict
-from dskd.io import stable_hash, write_text_atomic
+from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
 
@@ -277,15 +276,9 @@ def export_untrained(cfg: RunConfig, pipe: Pipeline) -> Path:
 
     def do() -> None:
         pair = build_pair(cfg.model)
-        tmp = path.with_name(".student.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        pair.student.save_pretrained(tmp)
-        pair.tokenizer.save_pretrained(tmp)
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            pair.student.save_pretrained(tmp)
+            pair.tokenizer.save_pretrained(tmp)
 
     pipe.stage("train:untrained", {"model": to_dict(cfg.model)}, path, do)
     return path

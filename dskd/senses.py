@@ -62,7 +62,6 @@ import json
 import math
 import os
 import random
-import shutil
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -74,8 +73,8 @@ import numpy as np
 import torch
 
 from dskd.config import DskdError, SenseConfig
+from dskd.io import replace_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
-from dskd.io import write_text_atomic
 
 FORMAT = {"name": "dskd-senses", "version": 1}
 STORE_FILE = "senses.safetensors"
@@ -1039,14 +1038,7 @@ def build_senses(
         f.unlink()
     write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": False}, indent=2))
     write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": True}, indent=2))
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        work.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(out)
+    replace_dir(work, out)
     if progress:
         c = meta["coverage"]
         print(
