@@ -449,7 +449,7 @@ def experiment(
     )
     plot_losses(
         {f"{a}/seed{s}": out / "students" / a / f"seed{s}" for a in arms for s in files[a]},
-        out / "figures" / "losses.png",
+        out / "figures" / f"{report_name}_losses.png",
     )
     print("\n" + table)
     print(f"\nwrote {out / f'{report_name}.md'}")

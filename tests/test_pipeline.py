@@ -121,6 +121,7 @@ def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
     assert cfg["loss"]["margin"] == 0.5 and cfg["distill"]["epochs"] == 2 and cfg["loss"]["lam"] > 0
     assert "| dskd@margin=0.5@distill.epochs=2 | 1 |" in (out / "sweep.md").read_text()
     assert (out / "experiment.md").read_text() == before
+    assert (out / "figures" / "experiment_losses.png").is_file() and (out / "figures" / "sweep_losses.png").is_file()
 
 
 def test_unknown_arm_is_refused(tiny_teacher_dir, tmp_path, capsys):
