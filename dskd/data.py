@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -41,7 +39,7 @@ from typing import Any
 import torch
 
 from dskd.config import DskdError, RunConfig
-from dskd.io import replace_dir, write_text_atomic
+from dskd.io import atomic_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
@@ -404,71 +402,68 @@ def write_cache(
             is_cache = False
         if not is_cache:  # never delete a folder that is not ours
             raise CacheError(f"--distill.cache_dir: {out} exists and is not a teacher cache; pick an empty folder")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    h_dtype = {"float16": torch.float16, "float32": torch.float32}[settings["hidden_dtype"]]
-    dev = next(teacher.parameters()).device
-    pad_id = int(data.seqs[0][0])  # any id: padded positions are never read back
-    shard_of, start_of = [0] * len(data), [0] * len(data)
-    buf: dict[str, list[torch.Tensor]] = {}
-    shards: list[str] = []
-    used = pos = 0
-    t0 = time.time()
-
-    def flush() -> None:
-        nonlocal used, pos
-        if buf:
-            name = f"shard-{len(shards):05d}.safetensors"
-            save_file({k: torch.cat(v).contiguous() for k, v in buf.items()}, str(tmp / name))
-            shards.append(name)
-            buf.clear()
+    with atomic_dir(out) as tmp:
+        h_dtype = {"float16": torch.float16, "float32": torch.float32}[settings["hidden_dtype"]]
+        dev = next(teacher.parameters()).device
+        pad_id = int(data.seqs[0][0])  # any id: padded positions are never read back
+        shard_of, start_of = [0] * len(data), [0] * len(data)
+        buf: dict[str, list[torch.Tensor]] = {}
+        shards: list[str] = []
         used = pos = 0
+        t0 = time.time()
 
-    teacher.eval()
-    order = list(range(len(data)))
-    bar = tqdm(range(0, len(order), batch_size), desc="teacher cache", disable=not progress, unit="batch")
-    for b in bar:
-        idx = order[b : b + batch_size]
-        batch = collate([data.seqs[i] for i in idx], pad_id)
-        logits, hidden = teacher_forward(teacher, {k: v.to(dev) for k, v in batch.items()})
-        logits = logits[..., :vocab_size].float().cpu()
-        hidden = hidden.cpu()
-        for j, i in enumerate(idx):
-            n = len(data.seqs[i])
-            rec = {"hidden": hidden[j, :n].to(h_dtype)}
-            if settings["dense"]:
-                rec["logits"] = logits[j, :n]
-            else:
-                sp = sparse_teacher(logits[j, :n], settings["topk"], settings["T"])
-                rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
-            for k_, v in rec.items():
-                buf.setdefault(k_, []).append(v)
-            shard_of[i], start_of[i] = len(shards), pos
-            pos += n
-            used += sum(v.numel() * v.element_size() for v in rec.values())
-            if used >= _SHARD_BYTES:
-                flush()
-    flush()
-    tensors = data.tensors()
-    tensors["cache_shard"] = torch.tensor(shard_of, dtype=torch.long)
-    tensors["cache_start"] = torch.tensor(start_of, dtype=torch.long)
-    save_file(tensors, str(tmp / "dataset.safetensors"))
-    _write_json(tmp / "recipe.json", {"format": DATA_FORMAT, **data.recipe})
-    meta = {
-        "format": CACHE_FORMAT,
-        "dskd_version": _dskd_version(),
-        "key": key,
-        "teacher_fingerprint": teacher_fp,
-        "recipe_hash": data.hash,
-        "settings": settings,
-        "shards": shards,
-        "counts": {"sequences": len(data), "positions": sum(len(s) for s in data.seqs)},
-        "seconds": round(time.time() - t0, 2),
-        "complete": True,
-    }
-    _write_json(tmp / "meta.json", meta)
-    replace_dir(tmp, out)
+        def flush() -> None:
+            nonlocal used, pos
+            if buf:
+                name = f"shard-{len(shards):05d}.safetensors"
+                save_file({k: torch.cat(v).contiguous() for k, v in buf.items()}, str(tmp / name))
+                shards.append(name)
+                buf.clear()
+            used = pos = 0
+
+        teacher.eval()
+        order = list(range(len(data)))
+        bar = tqdm(range(0, len(order), batch_size), desc="teacher cache", disable=not progress, unit="batch")
+        for b in bar:
+            idx = order[b : b + batch_size]
+            batch = collate([data.seqs[i] for i in idx], pad_id)
+            logits, hidden = teacher_forward(teacher, {k: v.to(dev) for k, v in batch.items()})
+            logits = logits[..., :vocab_size].float().cpu()
+            hidden = hidden.cpu()
+            for j, i in enumerate(idx):
+                n = len(data.seqs[i])
+                rec = {"hidden": hidden[j, :n].to(h_dtype)}
+                if settings["dense"]:
+                    rec["logits"] = logits[j, :n]
+                else:
+                    sp = sparse_teacher(logits[j, :n], settings["topk"], settings["T"])
+                    rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
+                for k_, v in rec.items():
+                    buf.setdefault(k_, []).append(v)
+                shard_of[i], start_of[i] = len(shards), pos
+                pos += n
+                used += sum(v.numel() * v.element_size() for v in rec.values())
+                if used >= _SHARD_BYTES:
+                    flush()
+        flush()
+        tensors = data.tensors()
+        tensors["cache_shard"] = torch.tensor(shard_of, dtype=torch.long)
+        tensors["cache_start"] = torch.tensor(start_of, dtype=torch.long)
+        save_file(tensors, str(tmp / "dataset.safetensors"))
+        _write_json(tmp / "recipe.json", {"format": DATA_FORMAT, **data.recipe})
+        meta = {
+            "format": CACHE_FORMAT,
+            "dskd_version": _dskd_version(),
+            "key": key,
+            "teacher_fingerprint": teacher_fp,
+            "recipe_hash": data.hash,
+            "settings": settings,
+            "shards": shards,
+            "counts": {"sequences": len(data), "positions": sum(len(s) for s in data.seqs)},
+            "seconds": round(time.time() - t0, 2),
+            "complete": True,
+        }
+        _write_json(tmp / "meta.json", meta)
     return out
 
 

@@ -40,18 +40,16 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dskd.config import DskdError, LexiconConfig
-from dskd.io import atomic_dir
+from dskd.io import atomic_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
@@ -287,10 +285,7 @@ def wordnet_scan(show_progress: bool = True) -> dict[str, Any]:
         "ant": sorted(ant),
         "pos": {w: "".join(sorted(ps)) for w, ps in sorted(pos.items())},
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, cache)  # atomic: a concurrent reader sees the old file or the whole new one
+    write_text_atomic(cache, json.dumps(data))  # a concurrent reader sees the old file or the whole new one
     return data
 
 
