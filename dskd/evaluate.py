@@ -481,7 +481,9 @@ def score_task(
     groups = build_groups(tokenizer, requests)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if packed is None:
-        packed = packing_ok(model, groups[0], pad_id)
+        # the shortest group with several continuations: the check is cheap and still tests the mask
+        probe = min(groups, key=lambda g: (len(g.conts) < 2, g.length))
+        packed = packing_ok(model, probe, pad_id)
         if not packed:
             warnings.warn("this model ignores packed attention masks: scoring each choice separately", stacklevel=2)
     n_groups = np.bincount([g.item for g in groups], minlength=len(items))
