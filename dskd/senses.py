@@ -354,7 +354,7 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _scores(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """|c|^2 - 2 x.c, batched: x (B, n, d), c (B, m, d) -> (B, n, m); its argmin is the nearest centre."""
-    c2 = (c * c).sum(-1)[:, None, :]  # (B, 1, m)
+    c2 = torch.linalg.vecdot(c, c)[:, None, :]  # (B, 1, m)
     if x.shape[0] == 1:
         return torch.addmm(c2[0], x[0], c[0].T, alpha=-2)[None]
     return torch.baddbmm(c2, x, c.transpose(1, 2), alpha=-2)
@@ -375,18 +375,24 @@ def _kmeanspp(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, k: int, gen
     """
     b, n, _ = x.shape
     idx = torch.arange(b)
+    padded = not bool(mask.all())
     sizes = mask.sum(1)
     first = (torch.rand(b, generator=gen, dtype=torch.float64) * sizes).long().clamp(max=n - 1)
     cents = [x[idx, first]]
-    pot = _sq_dist(x, x2, cents[0][:, None]).squeeze(2) * mask  # (B, n)
+    pot = _sq_dist(x, x2, cents[0][:, None]).squeeze(2)  # (B, n)
+    if padded:
+        pot *= mask
     n_cand = 2 + int(math.log(k))
     for _ in range(1, k):
         w = pot.double()
         empty = w.sum(1) <= 0
-        w[empty] = mask[empty].double()  # all points coincide with a centre: pick uniformly
+        if bool(empty.any()):  # all points coincide with a centre: pick uniformly
+            w[empty] = mask[empty].double()
         cand = torch.multinomial(w, n_cand, replacement=True, generator=gen)  # (B, L)
         cx = x[idx[:, None], cand]  # (B, L, d)
-        new_pot = torch.minimum(pot[:, None, :], _sq_dist(x, x2, cx).transpose(1, 2)) * mask[:, None, :]
+        new_pot = torch.minimum(pot[:, None, :], _sq_dist(x, x2, cx).transpose(1, 2))
+        if padded:
+            new_pot *= mask[:, None, :]
         best = new_pot.sum(2).argmin(1)  # (B,)
         pot = new_pot[idx, best]
         cents.append(cx[idx, best])
@@ -410,7 +416,7 @@ def kmeans_padded(
     and dropped from the batch once half of it has stopped, so late iterations cost only what is left.
 
     Args:
-        x: (B, n, d) float32 samples, zero rows where ``mask`` is False.
+        x: (B, n, d) float32 samples; rows where ``mask`` is False are ignored (any finite values).
         mask: (B, n) bool, real samples.
         k: Centroids per group.
         iters: Maximum Lloyd iterations.
@@ -421,52 +427,28 @@ def kmeans_padded(
         (centroids (B, k, d), counts (B, k) int64, inertia (B,) float64).
     """
     b, _, d = x.shape
-    x2 = torch.linalg.vecdot(x, x)  # (B, n) squared norms
+    x2 = torch.linalg.vector_norm(x, dim=-1).square_()  # (B, n) squared norms, without a (B, n, d) temporary
     maskf = mask.to(x.dtype)
+    padded = not bool(mask.all())
     n_real = maskf.sum(1).clamp_min(1)
-    mean = x.sum(1) / n_real[:, None]
+    if padded:  # padding rows may hold anything finite: mask them out of the statistics
+        x2_sum, x_sum = (x2 * maskf).sum(1), _bmm(maskf[:, None, :], x)[:, 0]
+    else:
+        x2_sum, x_sum = x2.sum(1), x.sum(1)
+    mean = x_sum / n_real[:, None]
     # Mean per-feature variance = (E||x||^2 - ||E x||^2) / d, as scikit-learn scales its tol.
-    tol_g = tol * ((x2.sum(1) / n_real - (mean * mean).sum(1)) / d).clamp_min(0)
-    slots = torch.arange(k)[None, :, None]  # (1, k, 1)
+    tol_g = tol * ((x2_sum / n_real - (mean * mean).sum(1)) / d).clamp_min(0)
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for _ in range(n_init):
         c = _kmeanspp(x, x2, mask, k, gen)
-        idx = torch.arange(b)  # groups still in the working batch
-        xa, ma, ta = x, mask, tol_g
-        live = torch.ones(b, dtype=torch.bool)  # of the working batch: not stopped yet
-        prev = sums = cnt = None
-        for _ in range(iters):
-            ca = c[idx]
-            a = _scores(xa, ca).argmin(2)  # (B', n): argmin_j |x - c_j|^2 = argmin_j |c_j|^2 - 2 x.c_j
-            if prev is None:  # cluster sums from scratch: one one-hot matmul
-                onehot = ((a[:, None, :] == slots) & ma[:, None, :]).to(x.dtype)  # (B', k, n)
-                cnt, sums = onehot.sum(2), _bmm(onehot, xa)  # (B', k), (B', k, d)
-                same = torch.zeros_like(live)
-            else:  # then only the samples that changed cluster move their contribution
-                moved = (a != prev) & ma
-                same = ~moved.any(1)
-                bi, ni = moved.nonzero(as_tuple=True)
-                if bi.numel():
-                    xs, dst, src = xa[bi, ni], bi * k + a[bi, ni], bi * k + prev[bi, ni]
-                    sums.view(-1, d).index_add_(0, dst, xs).index_add_(0, src, xs, alpha=-1)
-                    one = torch.ones_like(dst, dtype=x.dtype)
-                    cnt.view(-1).index_add_(0, dst, one).index_add_(0, src, one, alpha=-1)
-            new = torch.where(cnt[:, :, None] > 0, sums / cnt.clamp_min(1)[:, :, None], ca)
-            # A group whose labels did not change keeps its centres (they are already the means).
-            stop = live & (same | ((new - ca) ** 2).sum((1, 2)).le(ta))
-            upd = live & ~same
-            c[idx[upd]] = new[upd]
-            live = live & ~stop
-            if not bool(live.any()):
-                break
-            prev = a
-            if int(live.sum()) * 4 <= 3 * live.numel():
-                idx, xa, ma, ta, prev = idx[live], xa[live], ma[live], ta[live], prev[live]
-                sums, cnt = sums[live], cnt[live]
-                live = live[live]
-        dist, a = _sq_dist(x, x2, c).min(2)
-        inertia = (dist * maskf).double().sum(1)
-        counts = (torch.nn.functional.one_hot(a, k) * mask[:, :, None]).sum(1)
+        if b == 1 and not padded:
+            c, counts, inertia = (t[None] for t in _lloyd_one(x[0], x2[0], c[0], iters, float(tol_g[0])))
+        else:
+            c = _lloyd_batch(x, x2, mask, padded, c, tol_g, iters)
+            dist, a = _sq_dist(x, x2, c).min(2)
+            inertia = (dist * maskf).double().sum(1)
+            flat = (a + torch.arange(b)[:, None] * k).view(-1)
+            counts = torch.bincount(flat, weights=maskf.view(-1), minlength=b * k).view(b, k).long()
         if best is None:
             best = (c, counts, inertia)
         else:
@@ -478,6 +460,116 @@ def kmeans_padded(
             )
     assert best is not None and best[0].shape[0] == b
     return best
+
+
+def _lloyd_batch(
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    mask: torch.Tensor,
+    padded: bool,
+    c: torch.Tensor,
+    tol_g: torch.Tensor,
+    iters: int,
+) -> torch.Tensor:
+    """Lloyd's iterations of :func:`kmeans_padded` on a batch; updates and returns ``c`` (B, k, d)."""
+    b, _, d = x.shape
+    k = c.shape[1]
+    slots = torch.arange(k)[None, :, None]  # (1, k, 1)
+    # The working batch: groups not yet dropped, with their own copy of the centres (``cw``),
+    # written back into ``c`` when groups leave it.
+    idx = torch.arange(b)
+    xa, ma, ta, cw = x, mask, tol_g, c
+    live = torch.ones(b, dtype=torch.bool)  # of the working batch: not stopped yet
+    prev = sums = cnt = None
+    for _ in range(iters):
+        a = _scores(xa, cw).argmin(2)  # (B', n): argmin_j |x - c_j|^2 = argmin_j |c_j|^2 - 2 x.c_j
+        if prev is None:  # cluster sums from scratch: one one-hot matmul
+            onehot = a[:, None, :] == slots
+            if padded:
+                onehot &= ma[:, None, :]
+            onehot = onehot.to(x.dtype)  # (B', k, n)
+            cnt, sums = onehot.sum(2), _bmm(onehot, xa)  # (B', k), (B', k, d)
+            same = torch.zeros_like(live)
+        else:  # then only the samples that changed cluster move their contribution
+            moved = a != prev
+            if padded:
+                moved &= ma
+            same = ~moved.any(1)
+            bi, ni = moved.nonzero(as_tuple=True)
+            if bi.numel():
+                xs, dst, src = xa[bi, ni], bi * k + a[bi, ni], bi * k + prev[bi, ni]
+                sums.view(-1, d).index_add_(0, dst, xs).index_add_(0, src, xs, alpha=-1)
+                one = torch.ones_like(dst, dtype=x.dtype)
+                cnt.view(-1).index_add_(0, dst, one).index_add_(0, src, one, alpha=-1)
+        new = sums / cnt.clamp_min(1)[:, :, None]
+        empty = cnt == 0
+        if bool(empty.any()):  # an empty cluster keeps its centre
+            new = torch.where(empty[:, :, None], cw, new)
+        diff = new - cw
+        shift = torch.linalg.vecdot(diff, diff).sum(1)  # (B',) squared centre shift
+        # A group whose labels did not change keeps its centres (they are already the means).
+        stop = live & (same | shift.le(ta))
+        upd = live & ~same
+        cw = new if bool(upd.all()) else torch.where(upd[:, None, None], new, cw)
+        live = live & ~stop
+        if not bool(live.any()):
+            break
+        prev = a
+        if int(live.sum()) * 4 <= 3 * live.numel():
+            out, keep = (~live).nonzero().squeeze(1), live.nonzero().squeeze(1)
+            c[idx[out]] = cw[out]
+            idx, xa, ma, ta, cw, prev, sums, cnt = (
+                t.index_select(0, keep) for t in (idx, xa, ma, ta, cw, prev, sums, cnt)
+            )
+            live = live[keep]
+    if cw is not c:
+        c[idx] = cw
+    return c
+
+
+def _lloyd_one(
+    x: torch.Tensor, x2: torch.Tensor, c: torch.Tensor, iters: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same iterations and stopping rule as :func:`_lloyd_batch` for one unpadded group.
+
+    Large groups run one at a time, and there each tensor operation's fixed cost is as large as the
+    matmul, so this path uses fewer of them; when the labels stop changing, the last distances
+    already belong to the final centres and the closing assignment pass is skipped.
+
+    Args:
+        x: (n, d) samples; x2: (n,) their squared norms; c: (k, d) initial centres.
+        tol: Absolute tolerance on the squared centre shift.
+    Returns:
+        (centres (k, d), counts (k,) int64, inertia () float64).
+    """
+    k, d = c.shape
+    prev = sums = cnt = smin = None
+    final = False  # whether ``smin`` / ``a`` belong to the final centres
+    for _ in range(iters):
+        smin, a = torch.addmm(torch.linalg.vecdot(c, c), x, c.T, alpha=-2).min(1)
+        if prev is None:
+            sums = torch.zeros(k, d, dtype=x.dtype).index_add_(0, a, x)
+        else:
+            ni = (a != prev).nonzero().squeeze(1)
+            if ni.numel() == 0:  # labels unchanged: the centres are already their means
+                final = True
+                break
+            xs = x[ni]
+            sums.index_add_(0, a[ni], xs).index_add_(0, prev[ni], xs, alpha=-1)
+        cnt = torch.bincount(a, minlength=k)
+        new = sums / cnt.clamp_min(1).to(x.dtype)[:, None]
+        if bool((cnt == 0).any()):  # an empty cluster keeps its centre
+            new = torch.where((cnt == 0)[:, None], c, new)
+        diff = new - c
+        c, prev = new, a
+        if float(torch.linalg.vecdot(diff, diff).sum()) <= tol:
+            break
+    if final:
+        dist = (smin + x2).clamp_min_(0)
+    else:
+        dist, a = _sq_dist(x[None], x2[None], c[None]).min(2)
+        dist, cnt = dist[0], torch.bincount(a[0], minlength=k)
+    return c, cnt, dist.double().sum()
 
 
 def cluster_groups(
@@ -521,11 +613,13 @@ def cluster_groups(
         senses[g], counts[g] = samples[s : s + n], ones[:n]  # views: the samples are their own senses
     big = (sizes > k).nonzero().flatten()
     big = big[torch.argsort(sizes[big], descending=True, stable=True)]
+    size_of = sizes.tolist()
+    start_of = starts.tolist()
     buckets: list[list[int]] = []
     cur: list[int] = []
     for g in big.tolist():
-        n = int(sizes[g])
-        if cur and (n < 0.6 * int(sizes[cur[0]]) or (len(cur) + 1) * int(sizes[cur[0]]) * d > budget):
+        n = size_of[g]
+        if cur and (n < 0.6 * size_of[cur[0]] or (len(cur) + 1) * size_of[cur[0]] * d > budget):
             buckets.append(cur)
             cur = []
         cur.append(g)
@@ -538,23 +632,23 @@ def cluster_groups(
 
         bar = tqdm(total=len(big), unit="tok", desc="cluster", dynamic_ncols=True)
     for bucket in buckets:
-        n_max = int(sizes[bucket[0]])
+        n_max = size_of[bucket[0]]
         idx = torch.tensor(bucket)
         lens = sizes[idx]
         mask = torch.arange(n_max)[None, :] < lens[:, None]  # (B, n_max)
         if len(bucket) == 1:  # no padding: a view of the samples
-            x = samples[int(starts[bucket[0]]) :][:n_max][None]
+            x = samples[start_of[bucket[0]] :][:n_max][None]
         else:
             rows = (starts[idx][:, None] + torch.arange(n_max)[None, :]).clamp_(max=samples.shape[0] - 1)
+            # padding rows repeat other samples; kmeans_padded ignores them (zeroing them costs a pass)
             x = samples.index_select(0, rows.flatten()).view(len(bucket), n_max, d)  # (B, n_max, d)
-            x[~mask] = 0
         c, cnt, inert = kmeans_padded(x, mask, k, iters, gen, n_init)
         order = torch.argsort(-cnt, dim=1, stable=True)  # largest first; empty clusters last
         c = torch.gather(c, 1, order[:, :, None].expand_as(c))
         cnt = torch.gather(cnt, 1, order)
         inertia[idx] = inert
-        for i, (g, nk) in enumerate(zip(bucket, (cnt > 0).sum(1).tolist(), strict=True)):
-            senses[g], counts[g] = c[i, :nk], cnt[i, :nk]
+        for g, ci, cnti, nk in zip(bucket, c.unbind(0), cnt.unbind(0), (cnt > 0).sum(1).tolist(), strict=True):
+            senses[g], counts[g] = ci[:nk], cnti[:nk]
         if bar is not None:
             bar.update(len(bucket))
     if bar is not None:
