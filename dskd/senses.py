@@ -439,12 +439,15 @@ def kmeans_padded(
     # Mean per-feature variance = (E||x||^2 - ||E x||^2) / d, as scikit-learn scales its tol.
     tol_g = tol * ((x2_sum / n_real - (mean * mean).sum(1)) / d).clamp_min(0)
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    gram = torch.bmm(x, x.transpose(1, 2)).double() if x.shape[1] <= GRAM_MAX_SAMPLES else None
     for _ in range(n_init):
-        c = _kmeanspp(x, x2, mask, k, gen)
-        if b == 1 and not padded:
+        if gram is not None:
+            c, counts, inertia = _kmeans_gram(x, gram, mask, k, iters, gen, tol_g)
+        elif b == 1 and not padded:
+            c = _kmeanspp(x, x2, mask, k, gen)
             c, counts, inertia = (t[None] for t in _lloyd_one(x[0], x2[0], c[0], iters, float(tol_g[0])))
         else:
-            c = _lloyd_batch(x, x2, mask, padded, c, tol_g, iters)
+            c = _lloyd_batch(x, x2, mask, padded, _kmeanspp(x, x2, mask, k, gen), tol_g, iters)
             dist, a = _sq_dist(x, x2, c).min(2)
             inertia = (dist * maskf).double().sum(1)
             flat = (a + torch.arange(b)[:, None] * k).view(-1)
@@ -460,6 +463,85 @@ def kmeans_padded(
             )
     assert best is not None and best[0].shape[0] == b
     return best
+
+
+# Groups of at most this many samples run k-means through their Gram matrix (see _kmeans_gram).
+GRAM_MAX_SAMPLES = 64
+
+
+def _kmeans_gram(
+    x: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    iters: int,
+    gen: torch.Generator,
+    tol_g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeding and Lloyd's iterations of :func:`kmeans_padded` for groups of few samples.
+
+    A centre is a mean of samples, so it is kept as weights over its group's samples (``w``, 1/count
+    on its members): its dot products with the samples are ``gram @ w`` and its squared norm
+    ``w . gram @ w``. Every distance of the seeding and of the iterations then comes from the
+    (n, n) Gram matrix, in float64, instead of a pass over the d-dimensional samples, which only
+    form the final centres. Same greedy k-means++ seeding, assignments and stopping rule as the
+    direct path (up to rounding).
+
+    Args:
+        x: (B, n, d) samples; gram: (B, n, n) float64 ``x @ x^T``; mask: (B, n) real samples.
+        tol_g: (B,) absolute tolerance on the squared centre shift.
+    Returns:
+        (centroids (B, k, d), counts (B, k) int64, inertia (B,) float64).
+    """
+    b, n, _ = x.shape
+    idx = torch.arange(b)
+    maskd = mask.double()
+    g = gram.diagonal(dim1=1, dim2=2)  # (B, n) squared norms
+    dist = (g[:, :, None] + g[:, None, :] - 2 * gram).clamp_min_(0)  # (B, n, n) between samples
+    # greedy k-means++, as _kmeanspp, on the precomputed distances
+    first = (torch.rand(b, generator=gen, dtype=torch.float64) * mask.sum(1)).long().clamp(max=n - 1)
+    seeds = [first]
+    pot = dist[idx, first] * maskd  # (B, n)
+    n_cand = 2 + int(math.log(k))
+    for _ in range(1, k):
+        w = pot.clone()
+        empty = w.sum(1) <= 0
+        if bool(empty.any()):  # all points coincide with a centre: pick uniformly
+            w[empty] = maskd[empty]
+        cand = torch.multinomial(w, n_cand, replacement=True, generator=gen)  # (B, L)
+        new_pot = torch.minimum(pot[:, None, :], dist[idx[:, None], cand]) * maskd[:, None, :]  # (B, L, n)
+        best = new_pot.sum(2).argmin(1)
+        pot = new_pot[idx, best]
+        seeds.append(cand[idx, best])
+    w = torch.nn.functional.one_hot(torch.stack(seeds, 1), n).double()  # (B, k, n) centre weights
+    slots = torch.arange(k)[None, :, None]
+    live = torch.ones(b, dtype=torch.bool)
+    prev = None
+
+    def scores(w: torch.Tensor) -> torch.Tensor:  # |c_j|^2 - 2 x_i . c_j, (B, n, k)
+        gw = torch.bmm(gram, w.transpose(1, 2))  # (B, n, k) = x_i . c_j
+        return torch.linalg.vecdot(w.transpose(1, 2), gw, dim=1)[:, None, :] - 2 * gw
+
+    for _ in range(iters):
+        a = scores(w).argmin(2)  # (B, n)
+        onehot = (a[:, None, :] == slots) & mask[:, None, :]  # (B, k, n)
+        cnt = onehot.sum(2)  # (B, k)
+        new = onehot.double() / cnt.clamp_min(1)[:, :, None]
+        new = torch.where((cnt == 0)[:, :, None], w, new)  # an empty cluster keeps its centre
+        same = torch.zeros_like(live) if prev is None else ((a == prev) | ~mask).all(1)
+        dw = new - w
+        shift = torch.linalg.vecdot(dw, torch.bmm(dw, gram)).sum(1)  # (B,) = sum_j |c_j' - c_j|^2
+        stop = live & (same | shift.le(tol_g.double()))
+        w = torch.where((live & ~same)[:, None, None], new, w)
+        live = live & ~stop
+        if not bool(live.any()):
+            break
+        prev = a
+    smin, a = scores(w).min(2)
+    inertia = ((smin + g).clamp_min_(0) * maskd).sum(1)
+    flat = (a + idx[:, None] * k).view(-1)
+    counts = torch.bincount(flat, weights=maskd.view(-1), minlength=b * k).view(b, k).long()
+    return torch.bmm(w.to(x.dtype), x), counts, inertia
 
 
 def _lloyd_batch(
@@ -631,6 +713,7 @@ def cluster_groups(
         from tqdm import tqdm
 
         bar = tqdm(total=len(big), unit="tok", desc="cluster", dynamic_ncols=True)
+    buf = None
     for bucket in buckets:
         n_max = size_of[bucket[0]]
         idx = torch.tensor(bucket)
@@ -640,11 +723,16 @@ def cluster_groups(
             x = samples[start_of[bucket[0]] :][:n_max][None]
         else:
             rows = (starts[idx][:, None] + torch.arange(n_max)[None, :]).clamp_(max=samples.shape[0] - 1)
-            # padding rows repeat other samples; kmeans_padded ignores them (zeroing them costs a pass)
-            x = samples.index_select(0, rows.flatten()).view(len(bucket), n_max, d)  # (B, n_max, d)
+            # padding rows repeat other samples; kmeans_padded ignores them (zeroing them costs a pass).
+            # One buffer serves every bucket: a fresh 8 MB tensor per bucket costs its page faults.
+            if buf is None:
+                buf = samples.new_empty(budget)
+            x = buf[: len(bucket) * n_max * d].view(len(bucket) * n_max, d)
+            torch.index_select(samples, 0, rows.flatten(), out=x)
+            x = x.view(len(bucket), n_max, d)  # (B, n_max, d)
         c, cnt, inert = kmeans_padded(x, mask, k, iters, gen, n_init)
         order = torch.argsort(-cnt, dim=1, stable=True)  # largest first; empty clusters last
-        c = torch.gather(c, 1, order[:, :, None].expand_as(c))
+        c = c[torch.arange(len(bucket))[:, None], order]
         cnt = torch.gather(cnt, 1, order)
         inertia[idx] = inert
         for g, ci, cnti, nk in zip(bucket, c.unbind(0), cnt.unbind(0), (cnt > 0).sum(1).tolist(), strict=True):

@@ -119,6 +119,44 @@ def test_kmeans_matches_sklearn_and_is_deterministic():
     assert torch.equal(inertia, again[2])
 
 
+def _blobs(b: int, n: int, d: int = 12, k: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(b, k, d, generator=g) * 1.5  # overlapping clusters: Lloyd needs several iterations
+    pick = torch.randint(0, k, (b, n), generator=g)
+    return centres[torch.arange(b)[:, None], pick] + torch.randn(b, n, d, generator=g)
+
+
+def test_kmeans_gram_path_equals_direct_path(monkeypatch):
+    # Groups of <= GRAM_MAX_SAMPLES samples run through their Gram matrix; it must give the clustering
+    # of the direct path (same seeding draws, same assignments, same stopping rule).
+    x = _blobs(6, 40)
+    mask = torch.ones(6, 40, dtype=torch.bool)
+    mask[3:, 31:] = False  # three padded groups
+    x[~mask] = 7.0  # padding content must not matter
+    assert S.GRAM_MAX_SAMPLES >= 40
+    c_g, n_g, i_g = S.kmeans_padded(x, mask, 4, 50, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(S, "GRAM_MAX_SAMPLES", 0)
+    c_d, n_d, i_d = S.kmeans_padded(x, mask, 4, 50, torch.Generator().manual_seed(1))
+    assert torch.equal(n_g, n_d)
+    assert torch.equal(n_g.sum(1), mask.sum(1))
+    torch.testing.assert_close(c_g, c_d, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(i_g, i_d, rtol=1e-5, atol=1e-3)
+
+
+def test_kmeans_single_group_path_equals_batched_loop():
+    x = _blobs(1, 300, seed=3)[0]
+    x2 = (x * x).sum(1)
+    init = x[torch.randperm(300, generator=torch.Generator().manual_seed(0))[:4]]
+    c1, n1, i1 = S._lloyd_one(x, x2, init.clone(), 50, 1e-6)
+    cb = S._lloyd_batch(
+        x[None], x2[None], torch.ones(1, 300, dtype=torch.bool), False, init[None].clone(), torch.tensor([1e-6]), 50
+    )[0]
+    torch.testing.assert_close(c1, cb, rtol=1e-4, atol=1e-4)
+    d = ((x[:, None] - c1[None]) ** 2).sum(-1)
+    assert torch.equal(n1, torch.bincount(d.argmin(1), minlength=4))
+    assert float(i1) == pytest.approx(float(d.min(1).values.sum()), rel=1e-4)
+
+
 def test_kmeans_duplicate_points():
     x = torch.ones(30, 8)
     senses, counts, _ = S.cluster_groups(x, torch.tensor([30]), k=5, iters=10, seed=0)
