@@ -4,13 +4,15 @@ Both tools score the same items (the ARC test sets of the packaged benchmark dat
 temporary JSONL files that lm-eval reads through task YAMLs this script writes) with the same cloze
 prompt (``Question: ...\\nAnswer:`` continued by `` <choice>``), the same model (the packaged
 SmolLM2-135M-Instruct unless ``--model``) in float32 on the same threads. Throughput is items per
-second of each tool's evaluation calls with the model already loaded. The items are scored in
-chunks (``--chunk``) that alternate between the tools, so load from other processes on a shared
-machine slows both alike and the ratio stays meaningful.
+second of each tool's evaluation calls with the model already loaded, after one untimed call of each
+on the first chunk (the process's first forward pays one-time costs; both warm-up times are printed).
+The items are scored in chunks (``--chunk``) that alternate between the tools, so load from other
+processes on a shared machine slows both alike and the ratio stays meaningful.
 
 Needs the ``bench`` extra: ``pip install -e ".[bench]"`` (lm-eval 0.4.13). Runs offline::
 
-    python benchmarks/eval_vs_lmeval.py --limit 60   # ~5 min on 2 idle CPU cores (lm-eval takes most)
+    python benchmarks/eval_vs_lmeval.py --limit 60   # ~1 min on 2 idle CPU cores (lm-eval takes most)
+    python benchmarks/eval_vs_lmeval.py --limit 0    # the full ARC test sets: ~28 min
 
 Prints, per task: items/s of both, the ratio, acc and acc_norm of both and the number of items whose
 prediction differs. Target: ratio >= 3 with accuracies within 0.5 points.
