@@ -410,10 +410,13 @@ def kmeans_padded(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on a batch of padded groups; each group has more than k real samples.
 
-    Each group stops on its own, with scikit-learn's rule: when no assignment changes, or when the
-    squared centre shift of an iteration is at most ``tol`` x the mean per-feature variance of the
-    group. Stopped groups are frozen (so a group's result does not depend on the others in the batch)
-    and dropped from the batch once half of it has stopped, so late iterations cost only what is left.
+    Seeding is scikit-learn's greedy k-means++. Each group stops on its own, with scikit-learn's rule:
+    when no assignment changes, or when the squared centre shift of an iteration is at most ``tol`` x
+    the mean per-feature variance of the group. Stopped groups are frozen, so a group's result does
+    not depend on the others in the batch. Three paths compute this, chosen by shape: groups of at
+    most ``GRAM_MAX_SAMPLES`` samples through their Gram matrix (:func:`_kmeans_gram`), one unpadded
+    group with few tensor operations per iteration (:func:`_lloyd_one`), otherwise a padded batch
+    that drops its stopped groups once a quarter has stopped (:func:`_lloyd_batch`).
 
     Args:
         x: (B, n, d) float32 samples; rows where ``mask`` is False are ignored (any finite values).
