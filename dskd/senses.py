@@ -365,23 +365,25 @@ def _sq_dist(x: torch.Tensor, x2: torch.Tensor, c: torch.Tensor) -> torch.Tensor
     return _scores(x, c).add_(x2[:, :, None]).clamp_min_(0)
 
 
-def _kmeanspp(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def _greedy_seeds(
+    dist_rows: Callable[[torch.Tensor], torch.Tensor], mask: torch.Tensor, k: int, gen: torch.Generator
+) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step), batched.
 
     Args:
-        x: (B, n, d) padded samples; x2: (B, n) their squared norms; mask: (B, n) real samples.
+        dist_rows: Maps sample indices (B, L) to their squared distances to every sample, (B, L, n).
+        mask: (B, n) real samples.
     Returns:
-        (B, k, d) initial centroids.
+        (B, k) indices of the seed samples.
     """
-    b, n, _ = x.shape
+    b, n = mask.shape
     idx = torch.arange(b)
     padded = not bool(mask.all())
-    sizes = mask.sum(1)
-    first = (torch.rand(b, generator=gen, dtype=torch.float64) * sizes).long().clamp(max=n - 1)
-    cents = [x[idx, first]]
-    pot = _sq_dist(x, x2, cents[0][:, None]).squeeze(2)  # (B, n)
+    first = (torch.rand(b, generator=gen, dtype=torch.float64) * mask.sum(1)).long().clamp(max=n - 1)
+    seeds = [first]
+    pot = dist_rows(first[:, None])[:, 0]  # (B, n)
     if padded:
-        pot *= mask
+        pot = pot * mask
     n_cand = 2 + int(math.log(k))
     for _ in range(1, k):
         w = pot.double()
@@ -389,14 +391,26 @@ def _kmeanspp(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, k: int, gen
         if bool(empty.any()):  # all points coincide with a centre: pick uniformly
             w[empty] = mask[empty].double()
         cand = torch.multinomial(w, n_cand, replacement=True, generator=gen)  # (B, L)
-        cx = x[idx[:, None], cand]  # (B, L, d)
-        new_pot = torch.minimum(pot[:, None, :], _sq_dist(x, x2, cx).transpose(1, 2))
+        new_pot = torch.minimum(pot[:, None, :], dist_rows(cand))  # (B, L, n)
         if padded:
-            new_pot *= mask[:, None, :]
+            new_pot = new_pot * mask[:, None, :]
         best = new_pot.sum(2).argmin(1)  # (B,)
         pot = new_pot[idx, best]
-        cents.append(cx[idx, best])
-    return torch.stack(cents, 1)
+        seeds.append(cand[idx, best])
+    return torch.stack(seeds, 1)
+
+
+def _kmeanspp(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (:func:`_greedy_seeds`) with distances computed from the samples.
+
+    Args:
+        x: (B, n, d) padded samples; x2: (B, n) their squared norms; mask: (B, n) real samples.
+    Returns:
+        (B, k, d) initial centroids.
+    """
+    idx = torch.arange(x.shape[0])[:, None]
+    seeds = _greedy_seeds(lambda cand: _sq_dist(x, x2, x[idx, cand]).transpose(1, 2), mask, k, gen)
+    return x[idx, seeds]
 
 
 def kmeans_padded(
@@ -501,22 +515,8 @@ def _kmeans_gram(
     maskd = mask.double()
     g = gram.diagonal(dim1=1, dim2=2)  # (B, n) squared norms
     dist = (g[:, :, None] + g[:, None, :] - 2 * gram).clamp_min_(0)  # (B, n, n) between samples
-    # greedy k-means++, as _kmeanspp, on the precomputed distances
-    first = (torch.rand(b, generator=gen, dtype=torch.float64) * mask.sum(1)).long().clamp(max=n - 1)
-    seeds = [first]
-    pot = dist[idx, first] * maskd  # (B, n)
-    n_cand = 2 + int(math.log(k))
-    for _ in range(1, k):
-        w = pot.clone()
-        empty = w.sum(1) <= 0
-        if bool(empty.any()):  # all points coincide with a centre: pick uniformly
-            w[empty] = maskd[empty]
-        cand = torch.multinomial(w, n_cand, replacement=True, generator=gen)  # (B, L)
-        new_pot = torch.minimum(pot[:, None, :], dist[idx[:, None], cand]) * maskd[:, None, :]  # (B, L, n)
-        best = new_pot.sum(2).argmin(1)
-        pot = new_pot[idx, best]
-        seeds.append(cand[idx, best])
-    w = torch.nn.functional.one_hot(torch.stack(seeds, 1), n).double()  # (B, k, n) centre weights
+    seeds = _greedy_seeds(lambda cand: dist[idx[:, None], cand], mask, k, gen)  # on the precomputed distances
+    w = torch.nn.functional.one_hot(seeds, n).double()  # (B, k, n) centre weights
     slots = torch.arange(k)[None, :, None]
     live = torch.ones(b, dtype=torch.bool)
     prev = None
