@@ -495,7 +495,7 @@ def main_experiment(argv: list[str]) -> int:
         "--arms",
         default=",".join(DEFAULT_ARMS),
         help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin=0.5@lam=2 or "
-        "kd@distill.epochs=6 (a bare key is a loss field); KD is always included as the baseline.",
+        "kd@distill.epochs=6 (a bare key is a loss field); the --baseline arm is always included.",
     )
     p.add_argument(
         "--report-name",
