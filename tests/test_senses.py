@@ -135,7 +135,7 @@ def test_kmeans_gram_path_equals_direct_path(monkeypatch):
     x[~mask] = 7.0  # padding content must not matter
     assert S.GRAM_MAX_SAMPLES >= 40
     c_g, n_g, i_g = S.kmeans_padded(x, mask, 4, 50, torch.Generator().manual_seed(1))
-    monkeypatch.setattr(S, "GRAM_MAX_SAMPLES", 0)
+    monkeypatch.setattr(S.kmeans, "GRAM_MAX_SAMPLES", 0)
     c_d, n_d, i_d = S.kmeans_padded(x, mask, 4, 50, torch.Generator().manual_seed(1))
     assert torch.equal(n_g, n_d)
     assert torch.equal(n_g.sum(1), mask.sum(1))
@@ -198,7 +198,7 @@ def test_build_stores_composed_spans(tmp_path, monkeypatch, toy_store, tiny_teac
     have = [t for t in range(base.vocab_size) if base.n_senses(t) > 0]
     missing = next(t for t in range(base.vocab_size) if base.n_senses(t) == 0)
     tails = [(have[0], have[1]), (have[2], have[3], have[4]), (have[0], missing)]
-    monkeypatch.setattr(S, "_lexicon", lambda d, tok: _FakeLexicon(tails, [have[0], missing]))
+    monkeypatch.setattr(S.build, "_lexicon", lambda d, tok: _FakeLexicon(tails, [have[0], missing]))
     out = S.build_senses(
         str(tiny_teacher_dir), _cfg(toy_corpus, key="actual"), tmp_path, tmp_path / "s", progress=False
     )
@@ -292,12 +292,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, tiny_teacher_dir, to
         if batch == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(S, "_on_batch_end", kill)
+    monkeypatch.setattr(S.build, "_on_batch_end", kill)
     with pytest.raises(KeyboardInterrupt):
         S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "resumed", progress=False)
     partial = tmp_path / ".resumed.partial"
     assert json.loads((partial / "progress.json").read_text())["next_batch"] == 6
-    monkeypatch.setattr(S, "_on_batch_end", lambda b: None)
+    monkeypatch.setattr(S.build, "_on_batch_end", lambda b: None)
     resumed = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "resumed", progress=True)
     assert not partial.exists()
     for f in (S.STORE_FILE, S.SAMPLES_FILE):

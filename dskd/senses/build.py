@@ -1,0 +1,948 @@
+"""Building a sense store: gather teacher states into per-token reservoirs, cluster, compose, write.
+
+Run by :func:`build_senses` and ``dskd senses build`` (method.md section 1):
+
+1. **Corpus** (:mod:`dskd.senses.corpus`): read as a stream, cut after ``max_tokens`` positions, in
+   the ``stream`` layout (one process) or the ``blocks`` layout (``block_chars`` > 0; required for,
+   and the default under, several processes).
+
+2. **Gathering.** The teacher runs without grad over windows of ``seq_len`` tokens, ``batch_size``
+   at a time, on the chosen device and dtype. At each position i the state h_i is the input of the
+   LM head, i.e. the last hidden state after the final norm (for HF Llama this equals
+   ``output_hidden_states[-1]``). h_i is filed under the token the teacher predicts next
+   (``key=predicted``, argmax of the LM head) or the actual next token (``key=actual``). Each token
+   keeps a uniform reservoir sample of at most ``max_samples`` states (:mod:`dskd.senses.reservoir`),
+   whose rows live in a file in the hidden sibling folder ``.<out>.partial/``. A progress
+   checkpoint (bookkeeping only, not the rows) is written every ``checkpoint_every`` batches; a
+   killed build rerun with the same arguments resumes from it and gives the same store, bit for bit.
+
+   Under ``torchrun`` / ``accelerate launch`` with N processes, process r gathers the blocks
+   g with g % N == r into its own reservoir and rows file (each reads only the text of the other
+   blocks, to find where blocks end, and tokenizes and runs only its own); then process 0 merges
+   the reservoirs and clusters while the others wait. With a per-token cap above every count, the
+   store equals the one-process store of the same layout exactly; with sampling, process 0 draws a
+   uniform sample of the union (a multivariate hypergeometric split of each token's cap over the
+   processes, then a uniform choice inside each), seeded.
+
+3. **Clustering** (:mod:`dskd.senses.kmeans`): every token with more than k samples is clustered
+   with k-means, batched across tokens of similar sample counts, on the gathering device, reading
+   the rows from the files bucket by bucket; a token with <= k samples keeps its samples as senses.
+
+4. **Composed senses.** For every multi-token tail (t_1..t_L) of the lexicon: K chains start from the
+   senses of t_1; at step l each chain appends the sense of t_l nearest (L2) to the chain's running
+   mean; the composed sense is the chain's mean. Its sample count is the smallest count along the
+   chain. Span entries get ids ``vocab_size, vocab_size + 1, ...`` in the order of
+   ``Lexicon.multi_token_tails()``; spans with a token that has no senses are skipped.
+
+5. **Store** (:mod:`dskd.senses.store`): the senses go to a file as they are clustered, and the
+   store's safetensors file is written from it in entry order: no stage holds all rows in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dskd.config import SenseConfig
+from dskd.io import replace_dir, write_text_atomic
+from dskd.io import stable_hash as _sha
+from dskd.senses.corpus import TokenStream, block_tokens, iter_blocks, windows
+from dskd.senses.kmeans import cluster_groups
+from dskd.senses.reservoir import MultiRowSource, Reservoir, RowFile
+from dskd.senses.store import (
+    FORMAT,
+    MAX_SPAN,
+    META_FILE,
+    SAMPLES_FILE,
+    STORE_FILE,
+    SenseError,
+    _safetensors_header,
+    compose_senses,
+    write_safetensors,
+)
+
+_DIST_CAP = 100_000  # MSE values kept for the distance statistics
+_DIST_PER_BATCH = 512
+# Options that do not change the store (left out of the identity used to skip a rebuild).
+_NON_IDENTITY = ("checkpoint_every",)
+# Options that do not change the gathered samples (a partial gather survives a change of these).
+_NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples")
+# Blocks of the ``blocks`` layout when several processes run and none was asked for (~16k tokens).
+DEFAULT_BLOCK_CHARS = 65_536
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device a stage runs on: ``auto`` is the accelerator when there is one, else the CPU.
+
+    Under several processes a CUDA device is the process's own (``LOCAL_RANK``).
+
+    Raises:
+        SenseError: a device that is not there (no silent fallback to the CPU).
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    spec = spec or "auto"
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise SenseError(f"--device {spec!r}: not a device (auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SenseError(f"--device {spec}: no CUDA device is available here (use --device cpu or auto)")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif dev.index >= torch.cuda.device_count():
+            raise SenseError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise SenseError(f"--device {spec}: only cpu and cuda devices are supported")
+    return dev
+
+
+def resolve_dtype(spec: str, device: torch.device) -> str:
+    """The teacher's weights dtype: ``auto`` is bfloat16 on an accelerator, float32 on the CPU."""
+    if spec in (None, "", "auto"):
+        return "bfloat16" if device.type != "cpu" else "float32"
+    if spec not in _DTYPES:
+        raise SenseError(f"--dtype {spec!r}: choose auto, {', '.join(_DTYPES)}")
+    return spec
+
+
+def _sample_dtype(spec: str, device: torch.device, store_dtype: str) -> str:
+    """Dtype of the gathered sample rows: ``auto`` is float32 on the CPU (the clustering sees the
+    teacher's float32 states), the store dtype on an accelerator (half the disk at scale)."""
+    if spec in (None, "", "auto"):
+        return store_dtype if device.type != "cpu" else "float32"
+    if spec not in _DTYPES:
+        raise SenseError(f"--sample-dtype {spec!r}: choose auto, {', '.join(_DTYPES)}")
+    return spec
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+@dataclasses.dataclass
+class _Dist:
+    """This process's place among the processes of a launch (torchrun / accelerate launch)."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # this build started the process group (and ends it)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self.owned = False
+
+
+def _dist_init(device: torch.device) -> _Dist:
+    """Join the launch's process group (started here from the torchrun environment if needed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return _Dist()
+    import torch.distributed as td
+
+    owned = False
+    if not td.is_initialized():
+        # Gloo carries the metadata (small objects); rows go through files. Process 0 clusters while
+        # the others wait at a barrier, so the timeout must cover the whole clustering.
+        td.init_process_group("gloo", timeout=timedelta(hours=48))
+        owned = True
+    return _Dist(td.get_rank(), td.get_world_size(), owned)
+
+
+# ------------------------------------------------------------------------------------- gathering
+
+
+def _on_batch_end(batch: int) -> None:
+    """Called after every gathering batch (tests patch it to simulate a kill)."""
+
+
+def _teacher_identity(teacher_spec: str, trust_remote_code: bool = False) -> tuple[Any, str]:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from dskd.models import fingerprint, load_tokenizer, resolve_spec
+
+    tok = load_tokenizer(teacher_spec, trust_remote_code)
+    config = AutoConfig.from_pretrained(resolve_spec(teacher_spec), trust_remote_code=trust_remote_code)
+    return tok, fingerprint(SimpleNamespace(config=config), tok)
+
+
+def _lexicon(lexicon_dir: Path | None, tokenizer):
+    if lexicon_dir is None:
+        return None
+    from dskd.lexicon import Lexicon
+
+    if not Path(lexicon_dir).exists():
+        raise SenseError(f"--lexicon {lexicon_dir}: no such folder (build it with `dskd lexicon build`)")
+    return Lexicon.load(lexicon_dir, tokenizer)
+
+
+def gather_batch(
+    model,
+    ids: torch.Tensor,
+    nxt: torch.Tensor | None,
+    res: Reservoir,
+    dist: torch.Tensor,
+    captured: dict,
+    pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One gathering step: teacher forward, states filed under their key, distance sample extended.
+
+    Args:
+        model: The teacher, with a forward pre-hook on its LM head storing the head's input in ``captured["h"]``.
+        ids: (B, T) input token ids, on the teacher's device.
+        nxt: (B, T) actual next tokens for ``key=actual``, or None for ``key=predicted``.
+        res: The reservoir to fill (on the same device).
+        dist: (m,) MSE values between states of different positions gathered so far.
+        pos: (B, T) stream positions of the states (default: 0..B*T-1).
+    Returns:
+        The extended ``dist``.
+    """
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits  # (B, T, V)
+    h = captured.pop("h").reshape(ids.numel(), -1).float()  # (B*T, d): the input of the LM head
+    key = logits.argmax(-1).reshape(-1) if nxt is None else nxt.reshape(-1)
+    key = key.clamp(max=res.seen.numel() - 1)
+    if dist.numel() < _DIST_CAP and h.shape[0] > 1:
+        m = min(_DIST_PER_BATCH, h.shape[0])
+        i = torch.randint(0, h.shape[0], (m,), generator=res.gen, device=h.device)
+        j = (i + torch.randint(1, h.shape[0], (m,), generator=res.gen, device=h.device)) % h.shape[0]  # j != i
+        dist = torch.cat([dist, ((h[i] - h[j]) ** 2).mean(-1).to(dist.device)])
+    res.add(key, h, None if pos is None else pos.reshape(-1))
+    return dist
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What this process gathers, fixed before gathering (so a resumed run cuts the same windows).
+
+    Attributes:
+        layout: ``stream`` or ``blocks``.
+        n_pos: Positions gathered by all processes together.
+        fingerprint: SHA-256 prefix of the gathered tokens (identical for every process count).
+        per_corpus: Tokens per corpus (all processes).
+        blocks: ``blocks`` layout: this process's blocks as (block index, first position, positions).
+    """
+
+    layout: str
+    n_pos: int
+    fingerprint: str
+    per_corpus: dict[str, int]
+    blocks: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+
+def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
+    """One pass over the corpus (tokenized, not run) that fixes the cut at ``max_tokens`` and the fingerprint."""
+    if block_chars <= 0:
+        ts = TokenStream(tok, cfg.corpus, cfg.max_tokens + 1)
+        h, n = hashlib.sha256(), 0
+        for ids in ts:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            n += len(ids)
+        return _Plan("stream", min(cfg.max_tokens, n - 1), h.hexdigest()[:16], dict(ts.per_corpus))
+    # blocks: in rounds of one block per process, every process tokenizes its own and all learn the
+    # sizes, so each can cut the global stream at max_tokens exactly as one process would.
+    h, total, per_corpus = hashlib.sha256(), 0, {}
+    mine: list[tuple[int, int, int]] = []
+    it = iter_blocks(cfg.corpus, block_chars)
+    while total < cfg.max_tokens:
+        own = None  # (block index, corpus, tokens) of this process's block in this round
+        for _ in range(dist.world):
+            nxt = next(it, None)
+            if nxt is None:
+                break
+            if nxt[0] % dist.world == dist.rank:
+                own = (nxt[0], nxt[1], block_tokens(tok, nxt[2]))
+        infos = dist.all_gather(None if own is None else (own[0], own[1], max(0, own[2].numel() - 1)))
+        infos = sorted((x for x in infos if x is not None), key=lambda x: x[0])
+        if not infos:
+            break
+        digest = None
+        for g, name, n in infos:
+            take = min(n, cfg.max_tokens - total)
+            if take <= 0:
+                continue
+            if own is not None and g == own[0]:
+                mine.append((g, total, take))
+                digest = hashlib.sha256(own[2][: take + 1].numpy().tobytes()).hexdigest()
+            per_corpus[name] = per_corpus.get(name, 0) + take
+            total += take
+        for d in dist.all_gather(digest):  # in process order = block order within the round
+            if d is not None:
+                h.update(d.encode())
+    return _Plan("blocks", total, h.hexdigest()[:16], per_corpus, mine)
+
+
+def _windows(tok, cfg: SenseConfig, plan: _Plan, block_chars: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """This process's windows: (first position, window (T + 1,) int64), in gathering order."""
+    if plan.layout == "stream":
+        yield from windows(iter(TokenStream(tok, cfg.corpus, plan.n_pos + 1)), cfg.seq_len)
+        return
+    todo = {g: (start, n) for g, start, n in plan.blocks}
+    last = max(todo, default=-1)
+    for g, _, docs in iter_blocks(cfg.corpus, block_chars):
+        if g > last:
+            return
+        if g in todo:
+            start, n = todo[g]
+            yield from windows(iter([block_tokens(tok, docs)[: n + 1]]), cfg.seq_len, start)
+
+
+def _batches(win: Iterator[tuple[int, torch.Tensor]], batch_size: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    batch: list[tuple[int, torch.Tensor]] = []
+    for w in win:
+        batch.append(w)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _progress_name(dist: _Dist) -> str:
+    return "progress.json" if dist.world == 1 else f"progress.rank{dist.rank}.json"
+
+
+def _gather(
+    model,
+    tok,
+    plan: _Plan,
+    cfg: SenseConfig,
+    block_chars: int,
+    vocab: int,
+    dim: int,
+    work: Path,
+    gather_key: str,
+    device: torch.device,
+    sample_dtype: torch.dtype,
+    dist: _Dist,
+    progress: bool,
+) -> tuple[Reservoir, torch.Tensor, dict]:
+    """Run the teacher over this process's windows and fill its reservoir, checkpointing into ``work``.
+
+    Returns:
+        (reservoir, distance sample (m,) float32 MSE values on the CPU, timing info).
+    """
+    from safetensors.torch import load_file, save_file
+
+    rows_file = work / f"rows.rank{dist.rank}.bin"
+    seed = cfg.seed if dist.world == 1 else cfg.seed + 1_000_003 * dist.rank
+    res = dist_t = None
+    start_batch, done, elapsed = 0, 0, 0.0
+    prog_file = work / _progress_name(dist)
+    if prog_file.is_file() and rows_file.is_file():
+        prog = json.loads(prog_file.read_text())
+        d = load_file(str(work / prog["file"])) if (work / str(prog.get("file"))).is_file() else {}
+        if prog.get("gather_key") == gather_key and "n_rows" in d:  # (an earlier layout had no n_rows)
+            res = Reservoir.from_state(d, cfg.max_samples, RowFile(rows_file, dim, sample_dtype), device)
+            dist_t = d["dist"].to(device)
+            start_batch, done, elapsed = prog["next_batch"], prog["tokens"], prog["seconds"]
+            if progress:
+                print(f"resuming from {work}: {done:,} positions of this process already gathered")
+    if res is None:
+        rows_file.unlink(missing_ok=True)
+        res = Reservoir.empty(vocab, dim, cfg.max_samples, seed, RowFile(rows_file, dim, sample_dtype), device)
+        dist_t = torch.zeros(0, device=device)
+    res.copy_on_write = cfg.checkpoint_every > 0
+    captured: dict[str, torch.Tensor] = {}
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.__setitem__("h", args[0]))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        share = plan.n_pos if dist.world == 1 else sum(n for _, _, n in plan.blocks)
+        bar = tqdm(total=share, initial=done, unit="tok", unit_scale=True, desc="gather", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    b = start_batch - 1
+    try:
+        for b, batch in enumerate(_batches(_windows(tok, cfg, plan, block_chars), cfg.batch_size)):
+            if b < start_batch:
+                continue
+            groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+            for s, w in batch:
+                groups.setdefault(w.numel() - 1, []).append((s, w))  # a short last window runs on its own
+            for t_len, group in sorted(groups.items(), reverse=True):
+                win = torch.stack([w for _, w in group]).to(device, non_blocking=True)  # (B, T + 1)
+                ids = win[:, :-1]
+                nxt = win[:, 1:] if cfg.key == "actual" else None
+                pos = torch.tensor([s for s, _ in group], device=device)[:, None] + torch.arange(t_len, device=device)
+                dist_t = gather_batch(model, ids, nxt, res, dist_t, captured, pos)
+                done += ids.numel()
+                if bar is not None:
+                    bar.update(ids.numel())
+            if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0:
+                res.commit()  # rows replaced before this checkpoint may be reused after it
+                name = f"progress.rank{dist.rank}-{b + 1:07d}.safetensors"
+                save_file({**res.state_dict(), "dist": dist_t.cpu()}, str(work / f".{name}.tmp"))
+                os.replace(work / f".{name}.tmp", work / name)
+                secs = elapsed + time.perf_counter() - t0
+                prog = {"gather_key": gather_key, "file": name, "next_batch": b + 1, "tokens": done, "seconds": secs}
+                write_text_atomic(prog_file, json.dumps(prog, indent=2))
+                for old in work.glob(f"progress.rank{dist.rank}-*.safetensors"):
+                    if old.name != name:
+                        old.unlink()
+            _on_batch_end(b)
+    finally:
+        hook.remove()
+        if bar is not None:
+            bar.close()
+    res.commit()
+    seconds = elapsed + time.perf_counter() - t0
+    timing = {"gather_seconds": round(seconds, 2), "tokens_per_second": round(done / max(seconds, 1e-9), 1)}
+    return res, dist_t.float().cpu(), timing
+
+
+# --------------------------------------------------------------------------------------- merging
+
+
+def _merge(
+    states: list[dict[str, torch.Tensor]], cap: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge the reservoirs of several processes into one uniform sample of at most ``cap`` per token.
+
+    Token t's cap is split over the processes by a multivariate hypergeometric draw on the states
+    each process saw (sequential hypergeometric draws), then each process's share is drawn
+    uniformly from what its reservoir kept (a uniform sample of a uniform sample is uniform). With
+    every count under the cap, everything is kept. Samples are ordered by token, then stream position.
+
+    Args:
+        states: Per process: ``seen`` (V,), ``keys``/``rows``/``pos`` (R_p,) (see :class:`Reservoir`).
+    Returns:
+        (tokens (R,) int64 sorted, process of each sample (R,), its row in that process's file (R,),
+        seen (V,) summed over processes).
+    """
+    rng = np.random.default_rng(seed)
+    seen = np.stack([s["seen"].numpy() for s in states])  # (P, V)
+    total = seen.sum(0)
+    left_n, left_c = total.copy(), np.minimum(total, cap)
+    toks, files, rows, poss = [], [], [], []
+    for p, s in enumerate(states):
+        n_p = seen[p]
+        live = left_n > 0
+        k_p = np.zeros_like(n_p)
+        # sequential hypergeometric: of the c samples still to draw from the n states left, how many are p's
+        k_p[live] = rng.hypergeometric(n_p[live], left_n[live] - n_p[live], left_c[live])
+        left_n -= n_p
+        left_c -= k_p
+        tok = (s["keys"] // cap).numpy()
+        u = rng.random(tok.size)
+        o = np.lexsort((u, tok))  # by token, then a random order
+        tok_o = tok[o]
+        first = np.searchsorted(tok_o, tok_o, side="left")
+        pick = o[(np.arange(tok_o.size) - first) < k_p[tok_o]]
+        toks.append(tok[pick])
+        files.append(np.full(pick.size, p))
+        rows.append(s["rows"].numpy()[pick])
+        poss.append(s["pos"].numpy()[pick])
+    tok, f, r, ps = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (toks, files, rows, poss))
+    o = np.lexsort((ps, tok))
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a[o], dtype=np.int64))  # noqa: E731
+    return t(tok), t(f), t(r), torch.from_numpy(total.astype(np.int64))
+
+
+# -------------------------------------------------------------------------------------- the store
+
+
+class _SenseSink:
+    """Clustered senses appended to a float32 row file as they come; where each entry's senses went."""
+
+    def __init__(self, path: Path, dim: int, n_entries: int) -> None:
+        self.file = RowFile(path, dim, torch.float32)
+        self.n = 0
+        self.start = [0] * n_entries
+        self.count = [0] * n_entries
+        self.counts: list[torch.Tensor | None] = [None] * n_entries
+
+    def put(self, entries: list[int], senses: list[torch.Tensor], counts: list[torch.Tensor]) -> None:
+        sizes = [s.shape[0] for s in senses]
+        if not entries or not sum(sizes):
+            for e, c in zip(entries, counts, strict=True):
+                self.counts[e] = c
+            return
+        block = torch.cat([s.float().cpu() for s in senses])
+        self.file.write(torch.arange(self.n, self.n + block.shape[0]), block)
+        for e, sz, c in zip(entries, sizes, counts, strict=True):
+            self.start[e], self.count[e], self.counts[e] = self.n, sz, c.cpu()
+            self.n += sz
+
+    def senses(self, e: int) -> torch.Tensor:
+        return self.file.take(torch.arange(self.start[e], self.start[e] + self.count[e]))
+
+    def get_counts(self, e: int) -> torch.Tensor:
+        c = self.counts[e]
+        return c if c is not None else torch.zeros(0, dtype=torch.int64)
+
+
+def _chunks(source, order: torch.Tensor, dtype: torch.dtype, rows: int = 65_536) -> Iterator[torch.Tensor]:
+    """Rows ``order`` of a row source, in order, ``rows`` at a time, cast to ``dtype``."""
+    for a in range(0, order.numel(), rows):
+        yield source.take_raw(order[a : a + rows]).to(dtype)
+
+
+class _TensorRows:
+    """A tensor as a row source (the samples a store kept in the format of version 0.1 of this module)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t, self.shape, self.dtype = t, tuple(t.shape), t.dtype
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.t[rows].float()
+
+    def take_raw(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.t[rows]
+
+
+def _samples_source(path: Path) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples a store kept: (row source, tokens (R,), seen (V,), dist (m,)), rows read from the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        if "pool" in names:  # earlier layout: the reservoir's state with its whole pool
+            pool, keys, rows = f.get_tensor("pool"), f.get_tensor("keys"), f.get_tensor("rows")
+            return None, keys, rows, pool  # resolved by the caller, which knows the cap
+        tokens, seen, dist = f.get_tensor("tokens"), f.get_tensor("seen"), f.get_tensor("dist")
+    start, header = _safetensors_header(path)
+    info = header["samples"]
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info["dtype"]]
+    rf = RowFile(path, int(info["shape"][1]), dtype, offset=start + info["data_offsets"][0], writable=False)
+    return (
+        MultiRowSource([rf], torch.zeros(tokens.numel(), dtype=torch.int64), torch.arange(tokens.numel())),
+        tokens,
+        seen,
+        dist,
+    )
+
+
+def load_samples(path: str | Path, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples a store kept (``--keep-samples``), or those of a gathering checkpoint, grouped by token.
+
+    Args:
+        path: A store folder, or a ``progress-*.safetensors`` file of an earlier ``.<out>.partial`` folder.
+        cap: The per-token cap (``--max-samples``) of a checkpoint file; a store folder records it.
+    Returns:
+        (tokens (R,) int64 sorted, samples (R, d) float32), read into memory.
+    """
+    path = Path(path)
+    f = path if path.is_file() else path / SAMPLES_FILE
+    if not f.is_file():
+        raise SenseError(f"{f} is missing: build the store with --keep-samples")
+    src, a, b, c = _samples_source(f)
+    if src is None:  # earlier layout: keys, rows, pool
+        if cap is None:
+            cap = int(json.loads((f.parent / META_FILE).read_text())["config"]["max_samples"])
+        return a // cap, c[b].float()
+    return a, src.take(torch.arange(a.numel()))
+
+
+def _legacy_source(f: Path, cap: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    d = load_file(str(f))
+    samples = d["pool"][d["rows"]]
+    return _TensorRows(samples), d["keys"] // cap, d["seen"], d["dist"]
+
+
+def _write_store(
+    work: Path,
+    source,
+    tokens: torch.Tensor,
+    seen: torch.Tensor,
+    dist: torch.Tensor,
+    cfg: SenseConfig,
+    vocab: int,
+    dim: int,
+    lex,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    """Cluster, compose and write ``senses.safetensors`` (and ``samples.safetensors``) into ``work``.
+
+    Returns:
+        The counts / coverage / timing parts of the meta.
+    """
+    t_cluster = time.perf_counter()
+    uniq, sizes = torch.unique_consecutive(tokens, return_counts=True)
+    sink = _SenseSink(work / ".senses.tmp.bin", dim, vocab)
+    groups = uniq.tolist()
+    _, _, inertia = cluster_groups(
+        source,
+        sizes,
+        cfg.k,
+        cfg.kmeans_iters,
+        cfg.seed,
+        cfg.kmeans_init,
+        progress=progress,
+        device=device,
+        sink=lambda gs, s, c: sink.put([groups[g] for g in gs], s, c),
+    )
+    cluster_seconds = time.perf_counter() - t_cluster
+
+    spans: list[tuple[int, ...]] = []
+    span_s: list[torch.Tensor] = []
+    span_c: list[torch.Tensor] = []
+    tails = lex.multi_token_tails() if lex is not None else []
+    for tail in tails:
+        if len(tail) > MAX_SPAN or any(not 0 <= t < vocab or sink.count[t] == 0 for t in tail):
+            continue
+        c, n = compose_senses([sink.senses(t) for t in tail], [sink.get_counts(t) for t in tail])
+        span_s.append(c)
+        span_c.append(n)
+        spans.append(tuple(tail))
+    # composed senses go to the end of the sense file, as entries vocab, vocab + 1, ...
+    sink.start += [0] * len(spans)
+    sink.count += [0] * len(spans)
+    sink.counts += [None] * len(spans)
+    for i in range(0, len(spans), 4096):
+        sink.put(list(range(vocab + i, vocab + min(i + 4096, len(spans)))), span_s[i : i + 4096], span_c[i : i + 4096])
+
+    n_entries = vocab + len(spans)
+    sizes_e = torch.tensor(sink.count, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_e, 0)])
+    starts_e = torch.tensor(sink.start, dtype=torch.int64)
+    order = torch.repeat_interleave(starts_e - offsets[:-1], sizes_e) + torch.arange(int(offsets[-1]))
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.store_dtype]
+    span_t = torch.full((len(spans), MAX_SPAN), -1, dtype=torch.int64)
+    for i, s in enumerate(spans):
+        span_t[i, : len(s)] = torch.tensor(s)
+    all_counts = torch.cat([sink.get_counts(e) for e in range(n_entries)]) if n_entries else torch.zeros(0)
+    for f in (META_FILE, STORE_FILE, SAMPLES_FILE):
+        (work / f).unlink(missing_ok=True)
+    write_safetensors(
+        work / STORE_FILE,
+        {
+            "counts": all_counts.to(torch.int64),
+            "offsets": offsets,
+            "spans": span_t,
+            "senses": (store_dtype, (int(offsets[-1]), dim), _chunks(sink.file, order, store_dtype)),
+        },
+    )
+    sink.file.close()
+    (work / ".senses.tmp.bin").unlink()
+    if cfg.keep_samples:
+        s_dtype = getattr(source, "dtype", torch.float32)
+        write_safetensors(
+            work / SAMPLES_FILE,
+            {
+                "dist": dist.float(),
+                "seen": seen.to(torch.int64),
+                "tokens": tokens,
+                "samples": (s_dtype, (tokens.numel(), dim), _chunks(source, torch.arange(tokens.numel()), s_dtype)),
+            },
+        )
+    with_senses = int((sizes_e[:vocab] > 0).sum())
+    heads = lex.heads() if lex is not None else []
+    heads_cov = sum(1 for h in heads if 0 <= h < vocab and sizes_e[h] > 0)
+    return {
+        "counts": {
+            "samples": int(tokens.numel()),
+            "tokens_seen": int((seen > 0).sum()),
+            "tokens_clustered": int((sizes > cfg.k).sum()),
+            "senses": int(offsets[vocab]),
+            "spans": len(spans),
+            "span_senses": int(offsets[-1] - offsets[vocab]),
+            "entries": n_entries,
+            "total_inertia": float(inertia.sum()),
+        },
+        "coverage": {
+            "vocab_tokens_with_senses": with_senses,
+            "vocab_share": round(with_senses / vocab, 4),
+            "lexicon_heads": len(heads),
+            "lexicon_heads_with_senses": heads_cov,
+            "lexicon_heads_share": round(heads_cov / len(heads), 4) if heads else None,
+            "multi_token_tails": len(tails),
+            "multi_token_tails_composed": len(spans),
+        },
+        "cluster_seconds": round(cluster_seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------- build
+
+
+def build_senses(
+    teacher_spec: str,
+    cfg: SenseConfig,
+    lexicon_dir: Path | None,
+    out: Path,
+    force: bool = False,
+    teacher_dtype: str = "auto",
+    progress: bool = True,
+    device: str = "auto",
+    sample_dtype: str = "auto",
+    block_chars: int | None = None,
+) -> Path:
+    """Build a sense store (see the module docstring), or return at once if ``out`` already matches.
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls this with the same arguments;
+    process 0 writes the store, the others return once it is written.
+
+    Args:
+        teacher_spec: Teacher model spec (alias, local folder or hub id).
+        cfg: Sense options.
+        lexicon_dir: Lexicon folder whose multi-token tails get composed senses (None: no spans).
+        out: Output folder.
+        force: Rebuild even when ``out`` matches (a partial gather is still resumed).
+        teacher_dtype: Weights dtype of the teacher: auto (bfloat16 on an accelerator, float32 on the
+            CPU), float32, bfloat16 or float16 (states are gathered in float32).
+        progress: Print progress bars and a summary.
+        device: Where the teacher, the reservoir and k-means run: auto (the accelerator when there is
+            one), cpu, cuda or cuda:N.
+        sample_dtype: Dtype of the gathered sample rows on disk: auto (float32 on the CPU, the store
+            dtype on an accelerator), float32, bfloat16 or float16.
+        block_chars: Characters per block of the ``blocks`` corpus layout; 0 for the one-process
+            ``stream`` layout; None: 0 for one process, ``DEFAULT_BLOCK_CHARS`` for several.
+    Returns:
+        ``out``.
+    """
+    out = Path(out)
+    t_start = time.perf_counter()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
+        raise SenseError(f"--out {out}: exists and is not a sense store; refusing to replace it")
+    dev = resolve_device(device)
+    t_dtype = resolve_dtype(teacher_dtype, dev)
+    s_dtype = _sample_dtype(sample_dtype, dev, cfg.store_dtype)
+    dist = _dist_init(dev)
+    try:
+        if block_chars is None:
+            block_chars = DEFAULT_BLOCK_CHARS if dist.world > 1 else 0
+        if block_chars < 0:
+            raise SenseError(f"--block-chars {block_chars}: must be >= 0")
+        if dist.world > 1 and block_chars == 0:
+            raise SenseError(
+                f"--block-chars 0: the one-process stream layout cannot be shared by {dist.world} processes; "
+                f"give --block-chars > 0 (default {DEFAULT_BLOCK_CHARS} under several processes)"
+            )
+        return _build(
+            teacher_spec, cfg, lexicon_dir, out, force, t_dtype, progress, dev, s_dtype, block_chars, dist, t_start
+        )
+    finally:
+        dist.close()
+
+
+def _build(
+    teacher_spec: str,
+    cfg: SenseConfig,
+    lexicon_dir: Path | None,
+    out: Path,
+    force: bool,
+    teacher_dtype: str,
+    progress: bool,
+    dev: torch.device,
+    sample_dtype: str,
+    block_chars: int,
+    dist: _Dist,
+    t_start: float,
+) -> Path:
+    show = progress and dist.rank == 0
+    tok, teacher_fp = _teacher_identity(teacher_spec)
+    lex = _lexicon(lexicon_dir, tok)
+    lex_fp = lex.fingerprint if lex is not None else None
+    plan = _plan(tok, cfg, block_chars, dist)
+    if plan.n_pos < 1:
+        raise SenseError(f"--corpus {' '.join(cfg.corpus)}: fewer than 2 tokens of text")
+    options = dataclasses.asdict(cfg)
+    identity: dict[str, Any] = {
+        "teacher": teacher_fp,
+        "teacher_dtype": teacher_dtype,
+        "lexicon": lex_fp,
+        "corpus": plan.fingerprint,
+        "config": {k: v for k, v in options.items() if k not in _NON_IDENTITY},
+    }
+    # What changes the store beyond the config; left out at the defaults of a one-process CPU build,
+    # so stores built before these options existed are still recognised as up to date.
+    if plan.layout != "stream":
+        identity["block_chars"] = block_chars
+    if dist.world > 1 and not _no_sampling_possible(cfg):
+        identity["world"] = dist.world
+    if dev.type != "cpu":
+        identity["device"] = dev.type
+    if sample_dtype != "float32":
+        identity["sample_dtype"] = sample_dtype
+    build_id = _sha(identity)
+    if not force and (out / META_FILE).is_file():
+        try:
+            old = json.loads((out / META_FILE).read_text())
+            if old.get("complete") and old.get("build_id") == build_id:
+                if show:
+                    print(f"dskd senses: {out} is up to date (skipped)")
+                return out
+        except json.JSONDecodeError:
+            pass
+    gather_key = _sha(
+        {
+            **identity,
+            **({"world": dist.world} if dist.world > 1 else {}),  # each process's own reservoir
+            "lexicon": None,
+            "config": {k: v for k, v in options.items() if k not in _NON_GATHER},
+        }
+    )
+    if show:
+        print(
+            f"dskd senses: gathering on {dev} ({teacher_dtype} teacher, {sample_dtype} samples on disk), "
+            f"{dist.world} process(es), {plan.layout} layout, {plan.n_pos:,} positions; k-means on {dev}"
+        )
+
+    from dskd.models import fingerprint, load_model
+
+    model = load_model(teacher_spec, teacher_dtype).to(dev)
+    vocab = max(len(tok), model.get_output_embeddings().weight.shape[0])
+    dim = model.get_output_embeddings().weight.shape[1]
+    if fingerprint(model, tok) != teacher_fp:
+        teacher_fp = fingerprint(model, tok)  # loading changed the config: record what stages will compute
+    work = out.parent / f".{out.name}.partial"
+    if dist.rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    reused = _reuse_samples(out, gather_key, cfg.max_samples) if dist.world == 1 else None
+    if reused is not None:
+        source, tokens, seen, dist_t, timing = reused
+        del model
+        if show:
+            print(f"dskd senses: reusing the samples kept in {out / SAMPLES_FILE} (same teacher, corpus, options)")
+    else:
+        res, dist_t, timing = _gather(
+            model, tok, plan, cfg, block_chars, vocab, dim, work, gather_key, dev, _DTYPES[sample_dtype], dist, show
+        )
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if dist.world == 1:
+            tokens = (res.keys // cfg.max_samples).cpu()
+            rows = res.rows.cpu()
+            source = MultiRowSource([res.store], torch.zeros_like(rows), rows)
+            seen = res.seen.cpu()
+        else:
+            from safetensors.torch import save_file
+
+            save_file({**res.state_dict(), "dist": dist_t}, str(work / f"final.rank{dist.rank}.safetensors"))
+            res.store.close()
+            allt = dist.all_gather(timing)
+            dist.barrier()  # every process's rows and bookkeeping are on disk
+            if dist.rank != 0:
+                dist.barrier()  # wait while process 0 merges, clusters and writes
+                return out
+            from safetensors.torch import load_file
+
+            states = [load_file(str(work / f"final.rank{r}.safetensors")) for r in range(dist.world)]
+            tokens, file_of, row_of, seen = _merge(states, cfg.max_samples, cfg.seed)
+            files = [RowFile(work / f"rows.rank{r}.bin", dim, _DTYPES[sample_dtype]) for r in range(dist.world)]
+            source = MultiRowSource(files, file_of, row_of)
+            dist_t = torch.cat([s["dist"] for s in states])[:_DIST_CAP]
+            timing = {
+                "gather_seconds": max(t["gather_seconds"] for t in allt),
+                "tokens_per_second": round(sum(t["tokens_per_second"] for t in allt), 1),
+                "processes": dist.world,
+            }
+    parts = _write_store(work, source, tokens, seen, dist_t, cfg, vocab, dim, lex, dev, show)
+    from dskd import __version__
+
+    q = (
+        torch.quantile(dist_t.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+        if dist_t.numel()
+        else [0.0] * 3
+    )
+    meta = {
+        "format": FORMAT,
+        "dskd_version": __version__,
+        "build_id": build_id,
+        "gather_key": gather_key,
+        "config": options,
+        "teacher": {"spec": teacher_spec, "fingerprint": teacher_fp, "dtype": teacher_dtype},
+        "lexicon": {"path": str(lexicon_dir) if lexicon_dir else None, "fingerprint": lex_fp},
+        "corpus": {"specs": cfg.corpus, "fingerprint": plan.fingerprint, "tokens_per_corpus": plan.per_corpus},
+        "vocab_size": vocab,
+        "dim": dim,
+        "counts": {"positions": plan.n_pos, **parts["counts"]},
+        "coverage": parts["coverage"],
+        "distance": {"median_mse": q[1], "p10_mse": q[0], "p90_mse": q[2], "pairs": int(dist_t.numel())},
+        "timing": {**timing, "cluster_seconds": parts["cluster_seconds"]},
+        "runtime": {
+            "device": str(dev),
+            "sample_dtype": sample_dtype,
+            "processes": dist.world,
+            "layout": plan.layout,
+            "block_chars": block_chars,
+        },
+    }
+    meta["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    for f in [*work.glob("progress*"), *work.glob(".progress*"), *work.glob("rows.rank*"), *work.glob("final.rank*")]:
+        f.unlink()
+    write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": False}, indent=2))
+    write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": True}, indent=2))
+    replace_dir(work, out)
+    dist.barrier()  # the others may go on: the store is in place
+    if show:
+        c, with_senses = meta["coverage"], meta["coverage"]["vocab_tokens_with_senses"]
+        heads, heads_cov = c["lexicon_heads"], c["lexicon_heads_with_senses"]
+        print(
+            f"dskd senses: wrote {out}: {meta['counts']['senses']:,} senses for {with_senses:,}/{vocab:,} tokens "
+            f"({100 * c['vocab_share']:.1f}% of the vocabulary), {meta['counts']['spans']:,} composed spans"
+            + (f", lexicon heads covered {heads_cov:,}/{heads:,}" if heads else "")
+            + f"; median MSE {q[1]:.3f}; {meta['timing']['total_seconds']:.0f}s"
+        )
+    return out
+
+
+def _no_sampling_possible(cfg: SenseConfig) -> bool:
+    """Whether no token can exceed the cap (then the store does not depend on the process count)."""
+    return cfg.max_samples >= cfg.max_tokens
+
+
+def _reuse_samples(out: Path, gather_key: str, cap: int):
+    """The samples kept by ``keep_samples`` in an existing store, when they were gathered identically.
+
+    Returns:
+        (row source, tokens (R,), seen (V,), dist (m,), timing) or None.
+    """
+    try:
+        old = json.loads((out / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    f = out / SAMPLES_FILE
+    if old.get("gather_key") != gather_key or not f.is_file():
+        return None
+    src, tokens, seen, dist = _samples_source(f)
+    if src is None:
+        src, tokens, seen, dist = _legacy_source(f, cap)
+    timing = {k: old["timing"][k] for k in ("gather_seconds", "tokens_per_second") if k in old.get("timing", {})}
+    return src, tokens, seen, dist, {**timing, "gather_reused": True}
