@@ -1,0 +1,284 @@
+"""Sense dictionary at scale: rows on disk, streamed corpora, devices, several processes (tiny models only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TOY_TEXT
+
+from dskd import senses as S
+from dskd.config import SenseConfig
+from dskd.senses.build import _merge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def doc_corpus(tmp_path_factory) -> Path:
+    """A .jsonl corpus of many short documents (so the blocks layout has many blocks)."""
+    d = tmp_path_factory.mktemp("docs")
+    lines = [s.strip() + "." for s in TOY_TEXT.split(". ") if s.strip()]
+    docs = [" ".join(lines[i : i + 3]) for i in range(0, 240, 3)]
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    return d / "docs.jsonl"
+
+
+def _cfg(corpus: Path, **kw) -> SenseConfig:
+    base = dict(corpus=[str(corpus)], k=3, max_samples=40, max_tokens=1500, seq_len=32, batch_size=4, seed=0)
+    base.update(kw)
+    return SenseConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ rows on disk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_file_round_trip(tmp_path, dtype):
+    rf = S.RowFile(tmp_path / "rows.bin", 8, dtype)
+    x = torch.randn(50, 8)
+    rows = torch.randperm(50)
+    rf.write(rows, x)
+    rf.write(torch.tensor([120]), x[:1])  # grows the file
+    assert rf.n_rows >= 121 and (tmp_path / "rows.bin").stat().st_size >= 121 * 8 * x[:0].to(dtype).element_size()
+    got = rf.take(rows)
+    assert got.dtype == torch.float32 and torch.equal(got, x.to(dtype).float())
+    assert torch.equal(rf.take_raw(torch.tensor([120])), x[:1].to(dtype))
+
+
+def test_file_reservoir_equals_memory_reservoir(tmp_path):
+    # Copy-on-write (checkpointing) moves replaced samples to fresh rows; the samples stay the same.
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (4000,), generator=g)
+    states = torch.randn(4000, 4, generator=g)
+    mem = S.Reservoir.empty(6, 4, cap=9, seed=2)
+    disk = S.Reservoir.empty(6, 4, cap=9, seed=2, store=S.RowFile(tmp_path / "r.bin", 4, torch.float32))
+    disk.copy_on_write = True
+    for a in range(0, 4000, 300):
+        mem.add(ids[a : a + 300], states[a : a + 300])
+        disk.add(ids[a : a + 300], states[a : a + 300], pos=torch.arange(a, min(a + 300, 4000)))
+        if a % 900 == 0:
+            disk.commit()
+    for (t1, s1), (t2, s2) in [(mem.samples(), disk.samples())]:
+        assert torch.equal(t1, t2) and torch.equal(s1, s2)
+    assert disk.n_rows <= 6 * 9 + 9 * 6 * 3  # bounded by the live rows plus one interval's replacements
+    # the stream positions of the kept samples are recorded
+    assert torch.equal(states[disk.pos], disk.samples()[1])
+
+
+def test_checkpoint_holds_no_rows(tmp_path, monkeypatch, tiny_teacher_dir, doc_corpus):
+    from safetensors.torch import load_file
+
+    def kill(batch: int) -> None:
+        if batch == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(S.build, "_on_batch_end", kill)
+    with pytest.raises(KeyboardInterrupt):
+        S.build_senses(
+            str(tiny_teacher_dir), _cfg(doc_corpus, checkpoint_every=2), None, tmp_path / "s", progress=False
+        )
+    work = tmp_path / ".s.partial"
+    ckpt = next(work.glob("progress.rank0-*.safetensors"))
+    d = load_file(str(ckpt))
+    assert set(d) == {"seen", "keys", "rows", "pos", "free", "n_rows", "gen", "dist"}
+    assert all(t.dim() == 1 for t in d.values())  # bookkeeping only: no (rows, d) matrix
+    rows_file = work / "rows.rank0.bin"
+    assert rows_file.stat().st_size >= int(d["n_rows"][0]) * 32 * 4
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def test_streamed_windows_equal_the_sliced_stream(tokenizer, doc_corpus):
+    stream, per = S.token_stream(tokenizer, [str(doc_corpus)], 700)
+    wins = list(S.windows(iter(S.TokenStream(tokenizer, [str(doc_corpus)], 700)), 64))
+    assert [s for s, _ in wins] == list(range(0, 699, 64))
+    for s, w in wins:
+        assert torch.equal(w, stream[s : s + 65])
+    assert sum(w.numel() - 1 for _, w in wins) == 699 and per[str(doc_corpus)] == 700
+
+
+def test_blocks_are_round_robin_and_close_at_block_chars(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"a{i} " * 20}) for i in range(10)))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"b{i} " * 20}) for i in range(6)))
+    blocks = list(S.iter_blocks([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], 150))
+    assert [g for g, _, _ in blocks] == list(range(len(blocks)))
+    names = [Path(n).stem for _, n, _ in blocks]
+    assert names == ["a", "b", "a", "b", "a", "a"]  # 3 documents of 60 characters per block; b runs out first
+    assert all(sum(len(d) for d in docs[:-1]) < 150 for _, _, docs in blocks)
+    assert sum(len(docs) for _, _, docs in blocks) == 16
+
+
+def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_dict({"id": [1, 2], "text": ["the red car", "the blue bus"]}).save_to_disk(tmp_path / "ds")
+    stream, per = S.token_stream(tokenizer, [str(tmp_path / "ds")], 1000)
+    want = tokenizer("the red car")["input_ids"] + [tokenizer.eos_token_id]
+    want += tokenizer("the blue bus")["input_ids"] + [tokenizer.eos_token_id]
+    assert stream.tolist() == want
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "bad")
+    with pytest.raises(S.SenseError, match="--corpus .*text column"):
+        S.token_stream(tokenizer, [str(tmp_path / "bad")], 10)
+    with pytest.raises(S.SenseError, match="--corpus hf:"):
+        S.token_stream(tokenizer, ["hf:no-such-owner/no-such-dataset"], 10)
+
+
+# ------------------------------------------------------------------------------------------------ device
+
+
+def test_device_and_dtype_resolution(monkeypatch):
+    assert S.resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert S.resolve_dtype("auto", torch.device("cuda", 0)) == "bfloat16"
+    assert S.resolve_dtype("float16", torch.device("cpu")) == "float16"
+    with pytest.raises(S.SenseError, match="--dtype"):
+        S.resolve_dtype("int8", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert S.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(S.SenseError, match="--device cuda: no CUDA device"):
+        S.resolve_device("cuda")
+    with pytest.raises(S.SenseError, match="--device"):
+        S.resolve_device("tpu")
+
+
+def test_cli_device_error_names_the_flag(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
+    from dskd.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "s"), "--device", "cuda"]
+    assert main(argv) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_kmeans_on_a_row_source_equals_the_tensor(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([200, 90, 70, 3, 1, 40])
+    x = torch.randn(int(sizes.sum()), 16, generator=g)
+    rf = S.RowFile(tmp_path / "x.bin", 16, torch.float32)
+    perm = torch.randperm(x.shape[0], generator=g)
+    rf.write(perm, x)  # row i of the groups lives at row perm[i] of the file
+    src = S.MultiRowSource([rf], torch.zeros_like(perm), perm)
+    a = S.cluster_groups(x, sizes, 4, 30, seed=1)
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def sink(gs, ss, cs):
+        got.update({gi: (s, c) for gi, s, c in zip(gs, ss, cs, strict=True)})
+
+    b = S.cluster_groups(src, sizes, 4, 30, seed=1, sink=sink)
+    assert b[0] == [] and torch.equal(a[2], b[2])
+    for i in range(len(sizes)):
+        assert torch.equal(a[0][i], got[i][0]) and torch.equal(a[1][i], got[i][1])
+
+
+# ------------------------------------------------------------------------------------------------ merging
+
+
+def _state(seen: list[int], kept: dict[int, list[int]], cap: int) -> dict[str, torch.Tensor]:
+    keys, pos = [], []
+    for t, ps in kept.items():
+        keys += [t * cap + s for s in range(len(ps))]
+        pos += ps
+    o = np.argsort(keys)
+    k = torch.tensor(keys)[o]
+    return {"seen": torch.tensor(seen), "keys": k, "rows": torch.arange(len(keys))[o], "pos": torch.tensor(pos)[o]}
+
+
+def test_merge_keeps_everything_under_the_cap_in_stream_order():
+    a = _state([2, 1, 0], {0: [5, 9], 1: [0]}, cap=10)
+    b = _state([1, 0, 3], {0: [7], 2: [1, 2, 3]}, cap=10)
+    tok, f, r, seen = _merge([a, b], cap=10, seed=0)
+    assert tok.tolist() == [0, 0, 0, 1, 2, 2, 2] and seen.tolist() == [3, 1, 3]
+    assert f.tolist() == [0, 1, 0, 0, 1, 1, 1] and r.tolist()[:3] == [0, 0, 1]  # positions 5, 7, 9
+
+
+def test_merge_is_uniform_over_the_union():
+    """Process A saw 100 states of each token and kept 10, B saw 300 and kept 10: of a merged cap of 10,
+    A's share must be hypergeometric with mean 2.5 and each of A's kept samples equally likely."""
+    from scipy.stats import chisquare
+
+    n_tok, cap = 3000, 10
+    kept = {t: list(range(cap)) for t in range(n_tok)}
+    a = _state([100] * n_tok, kept, cap)
+    b = _state([300] * n_tok, {t: list(range(1000, 1000 + cap)) for t in range(n_tok)}, cap)
+    tok, f, r, _ = _merge([a, b], cap=cap, seed=0)
+    assert torch.bincount(tok, minlength=n_tok).eq(cap).all()
+    share = torch.bincount(tok[f == 0], minlength=n_tok).double()
+    assert abs(share.mean().item() - 2.5) < 0.1
+    assert abs(share.var().item() - 10 * 0.25 * 0.75 * (400 - 10) / 399) < 0.2  # hypergeometric variance
+    slot = torch.bincount(r[f == 0] % cap, minlength=cap).numpy()  # which of A's kept samples were chosen
+    assert chisquare(slot).pvalue > 1e-3
+    again = _merge([a, b], cap=cap, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip((tok, f, r), again[:3], strict=True))
+
+
+# ------------------------------------------------------------------------------------- several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(n: int, args: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1"]
+    cmd += [f"--master-port={_free_port()}", "-m", "dskd", "senses", "build", *args]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _args(teacher: Path, corpus: Path, out: Path, cap: int) -> list[str]:
+    return [
+        *("--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out), "--k", "3"),
+        *("--max-samples", str(cap), "--max-tokens", "1500", "--seq-len", "32", "--batch-size", "4"),
+        *("--block-chars", "300", "--checkpoint-every", "2", "--keep-samples"),
+    ]
+
+
+def _tensors(store: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(store / S.STORE_FILE))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir, doc_corpus):
+    """With the cap above every count, 2 gloo processes give the 1-process store exactly; with sampling
+    the store is well-formed and the same for the same seed."""
+    one = S.build_senses(
+        str(tiny_teacher_dir),
+        _cfg(doc_corpus, max_samples=5000, checkpoint_every=2, keep_samples=True),
+        None,
+        tmp_path / "one",
+        progress=False,
+        block_chars=300,
+    )
+    _torchrun(2, _args(tiny_teacher_dir, doc_corpus, tmp_path / "two", 5000), tmp_path)
+    a, b = _tensors(one), _tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / S.META_FILE).read_text()) for d in (one, tmp_path / "two"))
+    assert ma["counts"] == mb["counts"] and ma["corpus"] == mb["corpus"] and mb["runtime"]["processes"] == 2
+    assert torch.equal(S.load_samples(one)[1], S.load_samples(tmp_path / "two")[1])
+    assert not (tmp_path / ".two.partial").exists()
+
+    # sampling: a cap of 6 is below the counts of frequent tokens
+    for name in ("s1", "s2"):
+        _torchrun(2, _args(tiny_teacher_dir, doc_corpus, tmp_path / name, 6), tmp_path)
+    s1, s2 = _tensors(tmp_path / "s1"), _tensors(tmp_path / "s2")
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    st = S.SenseStore.open(tmp_path / "s1")
+    per_token = torch.tensor([int(st.counts(t).sum()) for t in range(st.vocab_size)])
+    seen = torch.bincount(S.load_samples(tmp_path / "s1")[0], minlength=st.vocab_size)
+    assert torch.equal(per_token, seen) and int(per_token.max()) == 6
+    assert int(per_token.sum()) == st.meta["counts"]["samples"] < 1500
+    assert torch.isfinite(s1["senses"].float()).all()
+    assert all(st.n_senses(t) <= 3 for t in range(st.vocab_size))
