@@ -2,7 +2,8 @@
 
 1. Gathering vs a bare teacher forward over the same batches (target: >= 90% of the throughput).
    Both run on identical batches of the default corpus, interleaved (bare, gather, bare, gather, ...)
-   so that load from other processes hits both alike; the first pair is a warm-up.
+   so that load from other processes hits both alike; the first pair is a warm-up. The reservoir is a
+   build's: its rows go to a file.
 2. Batched k-means (``dskd.senses.cluster_groups``) vs a per-token scikit-learn ``KMeans`` loop (what
    the reference code does) on the samples of a real store built with ``--keep-samples``
    (target: >= 10x faster at <= 2% higher total inertia).
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,7 +39,10 @@ def bench_gather(teacher: str, batches: int, batch_size: int, seq_len: int, key:
     stream, _ = S.token_stream(tok, ["default"], n + 1)
     head = model.get_output_embeddings()
     vocab, dim = head.weight.shape
-    res = S.Reservoir.empty(vocab, dim, 2000, 0)
+    # the reservoir of a build: rows in a file, replaced rows moved while checkpointing
+    tmp = tempfile.TemporaryDirectory()
+    res = S.Reservoir.empty(vocab, dim, 2000, 0, store=S.RowFile(Path(tmp.name) / "rows.bin", dim, torch.float32))
+    res.copy_on_write = True
     dist = torch.zeros(0)
     captured: dict = {}
     hook = head.register_forward_pre_hook(lambda _m, a: captured.__setitem__("h", a[0]))
@@ -56,6 +62,7 @@ def bench_gather(teacher: str, batches: int, batch_size: int, seq_len: int, key:
             t_bare += t1 - t0
             t_gather += t2 - t1
     hook.remove()
+    tmp.cleanup()
     tokens = batches * batch_size * seq_len
     ratio = t_bare / t_gather
     print(
