@@ -79,6 +79,8 @@ _NON_IDENTITY = ("checkpoint_every",)
 _NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples")
 # Blocks of the ``blocks`` layout when several processes run and none was asked for (~16k tokens).
 DEFAULT_BLOCK_CHARS = 65_536
+# A stream of at most this many tokens is kept (int32, 64 MB) between planning and gathering.
+_KEEP_TOKENS = 1 << 24
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -178,6 +180,8 @@ def _dist_init(device: torch.device) -> _Dist:
     import torch.distributed as td
 
     owned = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives of an NCCL group started by the caller use it
     if not td.is_initialized():
         # Gloo carries the metadata (small objects); rows go through files. Process 0 clusters while
         # the others wait at a barrier, so the timeout must cover the whole clustering.
@@ -267,6 +271,7 @@ class _Plan:
     fingerprint: str
     per_corpus: dict[str, int]
     blocks: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    tokens: list[np.ndarray] | None = None  # ``stream`` layout: the tokens, when few (not tokenized twice)
 
 
 def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
@@ -274,10 +279,18 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
     if block_chars <= 0:
         ts = TokenStream(tok, cfg.corpus, cfg.max_tokens + 1)
         h, n = hashlib.sha256(), 0
+        kept: list[np.ndarray] | None = []
         for ids in ts:
-            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            a = np.asarray(ids, dtype=np.int64)
+            h.update(a.tobytes())
             n += len(ids)
-        return _Plan("stream", min(cfg.max_tokens, n - 1), h.hexdigest()[:16], dict(ts.per_corpus))
+            if kept is not None:
+                kept.append(a.astype(np.int32))
+                if n > _KEEP_TOKENS:
+                    kept = None  # a large corpus is tokenized again while gathering
+        plan = _Plan("stream", min(cfg.max_tokens, n - 1), h.hexdigest()[:16], dict(ts.per_corpus))
+        plan.tokens = kept
+        return plan
     # blocks: in rounds of one block per process, every process tokenizes its own and all learn the
     # sizes, so each can cut the global stream at max_tokens exactly as one process would.
     h, total, per_corpus = hashlib.sha256(), 0, {}
@@ -314,7 +327,11 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
 def _windows(tok, cfg: SenseConfig, plan: _Plan, block_chars: int) -> Iterator[tuple[int, torch.Tensor]]:
     """This process's windows: (first position, window (T + 1,) int64), in gathering order."""
     if plan.layout == "stream":
-        yield from windows(iter(TokenStream(tok, cfg.corpus, plan.n_pos + 1)), cfg.seq_len)
+        if plan.tokens is not None:
+            pieces = (torch.from_numpy(a.astype(np.int64)) for a in plan.tokens)
+        else:
+            pieces = iter(TokenStream(tok, cfg.corpus, plan.n_pos + 1))
+        yield from windows(pieces, cfg.seq_len)
         return
     todo = {g: (start, n) for g, start, n in plan.blocks}
     last = max(todo, default=-1)
