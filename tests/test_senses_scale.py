@@ -282,3 +282,19 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir, doc_corpus)
     assert int(per_token.sum()) == st.meta["counts"]["samples"] < 1500
     assert torch.isfinite(s1["senses"].float()).all()
     assert all(st.n_senses(t) <= 3 for t in range(st.vocab_size))
+
+
+@pytest.mark.parametrize("block_chars", [0, 300])
+def test_corpus_streamed_twice_equals_tokens_kept(tmp_path, monkeypatch, tiny_teacher_dir, doc_corpus, block_chars):
+    # A small corpus is tokenized once and kept between planning and gathering; a large one is
+    # streamed (and tokenized) again. Both give the same store.
+    cfg = _cfg(doc_corpus, max_tokens=900)
+    kept = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "kept", progress=False, block_chars=block_chars)
+    monkeypatch.setattr(S.build, "_KEEP_TOKENS", 0)
+    again = S.build_senses(
+        str(tiny_teacher_dir), cfg, None, tmp_path / "again", progress=False, block_chars=block_chars
+    )
+    a, b = _tensors(kept), _tensors(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((again / S.META_FILE).read_text())
+    assert meta["counts"]["positions"] == 900 and meta["runtime"]["layout"] == ("blocks" if block_chars else "stream")

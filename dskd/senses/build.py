@@ -261,9 +261,11 @@ class _Plan:
     Attributes:
         layout: ``stream`` or ``blocks``.
         n_pos: Positions gathered by all processes together.
-        fingerprint: SHA-256 prefix of the gathered tokens (identical for every process count).
-        per_corpus: Tokens per corpus (all processes).
+        fingerprint: SHA-256 prefix of the gathered tokens (``blocks``: the same for every process count).
+        per_corpus: Per corpus, tokens (``stream``) or positions (``blocks``), all processes together.
         blocks: ``blocks`` layout: this process's blocks as (block index, first position, positions).
+        tokens: The tokens to gather, kept from planning when few (so they are not tokenized twice):
+            ``stream``: the stream in pieces; ``blocks``: this process's blocks, in order.
     """
 
     layout: str
@@ -271,7 +273,7 @@ class _Plan:
     fingerprint: str
     per_corpus: dict[str, int]
     blocks: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
-    tokens: list[np.ndarray] | None = None  # ``stream`` layout: the tokens, when few (not tokenized twice)
+    tokens: list[np.ndarray] | None = None
 
 
 def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
@@ -295,6 +297,7 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
     # sizes, so each can cut the global stream at max_tokens exactly as one process would.
     h, total, per_corpus = hashlib.sha256(), 0, {}
     mine: list[tuple[int, int, int]] = []
+    kept: list[np.ndarray] | None = []
     it = iter_blocks(cfg.corpus, block_chars)
     while total < cfg.max_tokens:
         own = None  # (block index, corpus, tokens) of this process's block in this round
@@ -316,12 +319,16 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
             if own is not None and g == own[0]:
                 mine.append((g, total, take))
                 digest = hashlib.sha256(own[2][: take + 1].numpy().tobytes()).hexdigest()
+                if kept is not None:
+                    kept.append(own[2][: take + 1].numpy().astype(np.int32))
+                    if sum(a.size for a in kept) > _KEEP_TOKENS:
+                        kept = None
             per_corpus[name] = per_corpus.get(name, 0) + take
             total += take
         for d in dist.all_gather(digest):  # in process order = block order within the round
             if d is not None:
                 h.update(d.encode())
-    return _Plan("blocks", total, h.hexdigest()[:16], per_corpus, mine)
+    return _Plan("blocks", total, h.hexdigest()[:16], per_corpus, mine, kept)
 
 
 def _windows(tok, cfg: SenseConfig, plan: _Plan, block_chars: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -332,6 +339,10 @@ def _windows(tok, cfg: SenseConfig, plan: _Plan, block_chars: int) -> Iterator[t
         else:
             pieces = iter(TokenStream(tok, cfg.corpus, plan.n_pos + 1))
         yield from windows(pieces, cfg.seq_len)
+        return
+    if plan.tokens is not None:
+        for (_, start, _), a in zip(plan.blocks, plan.tokens, strict=True):
+            yield from windows(iter([torch.from_numpy(a.astype(np.int64))]), cfg.seq_len, start)
         return
     todo = {g: (start, n) for g, start, n in plan.blocks}
     last = max(todo, default=-1)
