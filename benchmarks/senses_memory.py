@@ -4,8 +4,11 @@ The reservoir's rows live in a file, the checkpoints hold only bookkeeping, and 
 from the files, so the same build over 4x the tokens should need about the same peak resident memory
 (target: ratio <= 1.2x) while the sample rows on disk grow ~4x. Each size runs in its own process
 (peak RSS is per process), with a tiny random Llama teacher (hidden ``--hidden``) built in-process
-and a byte-level BPE tokenizer trained on the corpus, and a cap above every count so that every
-gathered state is a sample row.
+and a byte-level BPE tokenizer trained on the corpus. States are filed under the actual next token
+(natural-text frequencies: a random teacher's predictions pile onto a few tokens) with the default
+per-token cap of 2,000, which only the most frequent tokens reach, so the rows on disk grow nearly
+4x. (The cap is what bounds the largest token's k-means group; with no cap that group, and the
+memory k-means needs for it, would grow with the corpus.)
 
 Usage::
 
@@ -76,7 +79,8 @@ def child(a: argparse.Namespace) -> None:
     cfg = SenseConfig(
         corpus=[a.corpus],
         k=5,
-        max_samples=a.tokens + 1,  # above every count: every state is a sample row
+        max_samples=a.cap,
+        key="actual",
         max_tokens=a.tokens,
         seq_len=256,
         batch_size=4,
@@ -106,6 +110,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512, help="Hidden size of the tiny teacher (bytes per row).")
     p.add_argument("--vocab", type=int, default=4096, help="Vocabulary of the BPE tokenizer trained here.")
     p.add_argument("--corpus", default="bbc", help="Corpus spec (as --corpus of dskd senses build).")
+    p.add_argument("--cap", type=int, default=2000, help="Per-token reservoir cap (--max-samples).")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -119,7 +124,7 @@ def main() -> None:
         rows = []
         for scale in (1, a.scale):
             cmd = [sys.executable, __file__, "--child", "--teacher", str(teacher), "--corpus", a.corpus]
-            cmd += ["--tokens", str(a.tokens * scale), "--out", str(Path(tmp) / f"store{scale}")]
+            cmd += ["--tokens", str(a.tokens * scale), "--cap", str(a.cap), "--out", str(Path(tmp) / f"store{scale}")]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode:
                 sys.exit(res.stderr[-3000:])

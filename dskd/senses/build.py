@@ -540,8 +540,8 @@ class _SenseSink:
         return c if c is not None else torch.zeros(0, dtype=torch.int64)
 
 
-def _chunks(source, order: torch.Tensor, dtype: torch.dtype, nbytes: int = 1 << 25) -> Iterator[torch.Tensor]:
-    """Rows ``order`` of a row source, in order, about ``nbytes`` (32 MB) of float32 at a time, cast to ``dtype``."""
+def _chunks(source, order: torch.Tensor, dtype: torch.dtype, nbytes: int = 1 << 23) -> Iterator[torch.Tensor]:
+    """Rows ``order`` of a row source, in order, about ``nbytes`` (8 MB) of float32 at a time, cast to ``dtype``."""
     step = max(1, nbytes // (4 * max(1, source.shape[1])))
     for a in range(0, order.numel(), step):
         yield source.take_raw(order[a : a + step]).to(dtype)

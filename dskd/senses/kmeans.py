@@ -414,8 +414,9 @@ def cluster_groups(
             sink(small.tolist(), [senses[g] for g in small.tolist()], [counts[g] for g in small.tolist()])
             senses, counts = [], []
     else:
-        for a in range(0, small.numel(), 4096):  # small groups read in chunks, passed on in order
-            part = small[a : a + 4096]
+        step = max(1, budget // (k * d))  # small groups read about ``budget`` floats at a time, in order
+        for a in range(0, small.numel(), step):
+            part = small[a : a + step]
             lens = sizes[part]
             rows = torch.repeat_interleave(starts[part] - (torch.cumsum(lens, 0) - lens), lens) + torch.arange(
                 int(lens.sum())
