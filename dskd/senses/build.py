@@ -439,6 +439,7 @@ def _gather(
                     bar.update(ids.numel())
             if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0:
                 res.commit()  # rows replaced before this checkpoint may be reused after it
+                res.store.flush()  # the rows the checkpoint refers to are on disk before it is
                 name = f"progress.rank{dist.rank}-{b + 1:07d}.safetensors"
                 save_file({**res.state_dict(), "dist": dist_t.cpu()}, str(work / f".{name}.tmp"))
                 os.replace(work / f".{name}.tmp", work / name)

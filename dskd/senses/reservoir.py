@@ -52,6 +52,10 @@ class RowFile:
     def shape(self) -> tuple[int, int]:
         return (self.n_rows, self.dim)
 
+    def flush(self) -> None:
+        """Make the rows written so far durable (a checkpoint that refers to them is written next)."""
+        os.fsync(self._fd)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
