@@ -287,7 +287,8 @@ def project(res: dict, config: Path, gpus: int) -> dict:
     epochs = cfg.distill.epochs
     train_h = data["sequences"] * epochs * (per_seq + per_seq_kd) / gpus / 3600
     # eval: teacher + 3 students (16 of 32 layers: ~half the time each); 4 models spread over the GPUs
-    eval_item_s = 1 / res["eval"]["items_per_s"] * (data["eval_tokens"] / max(data["eval_items"], 1)) / PAPER.eval_ctx
+    per_item_tokens = data["eval_tokens"] / max(data["eval_items"], 1)
+    eval_item_s = per_item_tokens / res["eval"]["context_tokens"] / res["eval"]["items_per_s"]  # ~ linear in length
     eval_h = data["eval_items"] * eval_item_s * (1 + 3 * 0.55) / min(gpus, 4) / 3600
     out = {
         "gpus": gpus,
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"k-means: {r['rows']:,} rows x d {r['dim']}, k {r['k']}: {r['seconds']:.1f}s ({r['function']})", flush=True
         )
-    except (RuntimeError, ImportError, AssertionError) as e:  # reported, never replaced by a CPU run
+    except (RuntimeError, ImportError, AssertionError, TypeError) as e:  # reported, never replaced by a CPU run
         res["kmeans"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"k-means on {dev}: FAILED ({res['kmeans']['error'][:300]}); left out of the projection", flush=True)
 

@@ -412,6 +412,11 @@ def make_plan(
     bwd = 4.0 * trainable + 2.0 * V * d  # trained layers (weights + inputs) and the LM head's input gradient
     ckpt = dc.keep_checkpoints * trainable * (4 + 8) + student_total * wb
     steps_note = f"{counts.sequences} sequences, effective batch {eff} ({dc.batch_size} x {G} x {gpus})"
+    if online:
+        note.append(
+            f"with --distill.teacher_cache true a {_gb(positions * per_pos)} teacher cache on disk replaces the "
+            f"teacher in memory (built once for KD and DSKD)"
+        )
     for arm, lam in (("dskd", None), ("kd", "0")):
         extra = ["--loss.lam", lam] if lam else []
         if gpus == 1:

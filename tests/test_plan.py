@@ -118,9 +118,27 @@ def _header_commands(path: Path) -> list[str]:
         if not line.startswith("#"):
             break
         text = line.lstrip("#").strip().removeprefix("(on one GPU the same optimisation: ").rstrip(")")
-        if text.startswith(("python -m dskd", "accelerate launch")):
+        if text.startswith(("python -m dskd", "accelerate launch", "dskd ")):
             cmds.append(text)
     return cmds
+
+
+def test_demo_config_header_commands_parse(tmp_path, monkeypatch):
+    import dskd.pipeline
+    from dskd.__main__ import main as dskd_main
+
+    cmds = _header_commands(ROOT / "configs" / "smollm2-135m_to_15l.yaml")
+    assert len(cmds) == 3, cmds
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    seen = []
+    monkeypatch.setattr(dskd.pipeline, "run", lambda cfg, **kw: seen.append(cfg) or {})
+    monkeypatch.setattr(dskd.pipeline, "experiment", lambda cfg, **kw: seen.append(cfg) or tmp_path)
+    for cmd in cmds:
+        argv = shlex.split(cmd.split("#")[0])
+        assert argv[0] == "dskd"
+        assert dskd_main(argv[1:]) == 0, cmd
+    assert len(seen) == 3 and seen[1].name.endswith("-quick")
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
