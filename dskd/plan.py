@@ -211,12 +211,14 @@ def count_data(cfg: RunConfig, eval_sample: int = 100) -> DataCounts:
     """Training sequences and tokens of the recipe, and evaluation items and (estimated) tokens."""
     from dskd import data as D
     from dskd.evaluate import letter_prompt, select_items
+    from dskd.models import ALIASES, load_tokenizer
     from dskd.tasks import get_task
 
+    spec = cfg.model.teacher
     try:
-        from dskd.models import load_tokenizer
-
-        tok, exact = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code), True
+        if spec in ALIASES and not (ALIASES[spec]() / "config.json").is_file():
+            raise FileNotFoundError(spec)  # loading the alias would export the model: estimate instead
+        tok, exact = load_tokenizer(spec, cfg.model.trust_remote_code), True
     except Exception:  # noqa: BLE001 - any failure (offline hub id, missing folder) means: estimate
         tok, exact = _CharTokenizer(), False
     dc = cfg.data
