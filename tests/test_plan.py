@@ -237,3 +237,18 @@ def test_cli_plan_json_and_bad_flags(tiny_teacher_dir, text_file, tmp_path, caps
         main(["--config", str(c), "--gpus", "0"])
     with pytest.raises(ConfigError, match="--model.teacher: no configuration"):
         main(["--config", str(c), "--model.teacher", "no-org/no-model"])
+
+
+def test_plan_of_the_packaged_alias_exports_nothing(tmp_path, monkeypatch, text_file):
+    monkeypatch.setenv("DSKD_HOME", str(tmp_path / "home"))
+    cfg = from_dict(
+        {
+            "model": {"teacher": "smollm2-135m-instruct", "student_layers": 15},
+            "data": {"tasks": [], "text_files": [str(text_file)]},
+            "eval": {"tasks": ["arc_easy"], "limit": 3},
+        }
+    )
+    plan = make_plan(cfg, ["--config", "c.yaml"])
+    assert "shipped" in plan["teacher"]["source"] and not plan["data"]["exact"]
+    assert plan["teacher_params"] == 134_515_008  # SmolLM2-135M, tied embeddings
+    assert not (tmp_path / "home").exists()
