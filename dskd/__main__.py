@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("dskd.distill:main", "Train a student with KD or DSKD (resumable) and export it as an HF folder."),
     "eval": ("dskd.evaluate:main", "Evaluate a model on multiple-choice benchmarks (dskd eval --list for tasks)."),
     "report": ("dskd.report:main", "One table from result files, with paired bootstrap CIs against a baseline."),
+    "plan": ("dskd.plan:main", "Per stage: GPUs, parameters, memory, disk, tokens, steps, command (no weights read)."),
     "run": ("dskd.pipeline:main_run", "The main job: lexicon, senses, cache, KD + DSKD students, evaluation, report."),
     "experiment": ("dskd.pipeline:main_experiment", "Paired KD / DSKD / hidden-MSE arms over seeds, with CIs."),
 }

@@ -31,6 +31,19 @@ def config_parser(prog: str, description: str, cls: type = RunConfig):
     p = ArgumentParser(prog=f"dskd {prog}", description=description, exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/).")
     p.add_class_arguments(cls, nested_key=None, fail_untyped=False)
+    if cls is RunConfig:
+        p.add_argument(
+            "--device",
+            default=None,
+            help="Where every model of this command runs: auto (the accelerator when there is one), cpu, cuda "
+            "(sets model.device and eval.device).",
+        )
+        p.add_argument(
+            "--dtype",
+            default=None,
+            choices=("auto", "float32", "bfloat16", "float16"),
+            help="Weights dtype: auto (bfloat16 on a GPU, float32 on the CPU) (sets model.dtype and eval.dtype).",
+        )
     return p
 
 
@@ -45,7 +58,20 @@ def parse_config(p, argv: Sequence[str], cls: type = RunConfig) -> tuple[Any, An
 
     cfg = from_dict(_plain(data), cls)
     extra = {k: v for k, v in ns.as_dict().items() if k not in names and k != "config"}
+    if cls is RunConfig:
+        cfg = _apply_placement(cfg, extra.pop("device", None), extra.pop("dtype", None))
     return cfg, argparse.Namespace(**extra)
+
+
+def _apply_placement(cfg: RunConfig, device: str | None, dtype: str | None) -> RunConfig:
+    """``--device`` / ``--dtype`` set the model's and the evaluation's placement at once."""
+    import dataclasses
+
+    for key, value in (("device", device), ("dtype", dtype)):
+        if value is not None:
+            cfg.model = dataclasses.replace(cfg.model, **{key: value})
+            cfg.eval = dataclasses.replace(cfg.eval, **{key: value})
+    return cfg
 
 
 def _plain(x: Any) -> Any:

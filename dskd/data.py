@@ -428,16 +428,18 @@ def write_cache(
             idx = order[b : b + batch_size]
             batch = collate([data.seqs[i] for i in idx], pad_id)
             logits, hidden = teacher_forward(teacher, {k: v.to(dev) for k, v in batch.items()})
-            logits = logits[..., :vocab_size].float().cpu()
-            hidden = hidden.cpu()
+            logits = logits[..., :vocab_size]  # (B, T, V), on the teacher's device
             for j, i in enumerate(idx):
                 n = len(data.seqs[i])
-                rec = {"hidden": hidden[j, :n].to(h_dtype)}
+                # reduce on the device; only what is stored crosses to the host
+                rec = {"hidden": hidden[j, :n].to(h_dtype).cpu()}
                 if settings["dense"]:
-                    rec["logits"] = logits[j, :n]
+                    rec["logits"] = logits[j, :n].float().cpu()
                 else:
-                    sp = sparse_teacher(logits[j, :n], settings["topk"], settings["T"])
-                    rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
+                    sp = sparse_teacher(logits[j, :n].float(), settings["topk"], settings["T"])
+                    rec.update(
+                        topk_ids=sp.ids.to(torch.int32).cpu(), topk_logp=sp.logp.cpu(), rest_logp=sp.rest_logp.cpu()
+                    )
                 for k_, v in rec.items():
                     buf.setdefault(k_, []).append(v)
                 shard_of[i], start_of[i] = len(shards), pos
@@ -478,9 +480,12 @@ def build_teacher_cache(cfg: RunConfig, out: Path | str | None = None, force: bo
     Returns:
         The cache folder.
     """
+    from dskd.devices import log_placement, resolve_device
     from dskd.models import build_pair
 
-    pair = build_pair(cfg.model)
+    device = resolve_device(cfg.model.device, flag="--model.device")
+    pair = build_pair(cfg.model, device=device)
+    log_placement("cache build", device, next(pair.teacher.parameters()).dtype)
     return ensure_cache(cfg, pair, out, force=force, rebuild_foreign=True)
 
 

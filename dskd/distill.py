@@ -429,7 +429,7 @@ def distill(
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from dskd.models import build_pair, tokenizer_fingerprint
+    from dskd.models import build_pair, keep_float32_master, tokenizer_fingerprint
 
     t_start = time.time()
     out = Path(out or cfg.out_dir)
@@ -448,7 +448,7 @@ def distill(
     if ckpt is not None and (out / "config.yaml").is_file():
         _check_resume_config(out, cfg)
 
-    acc = Accelerator()
+    acc = _accelerator(Accelerator, cfg.model.device)
     W, rank = acc.num_processes, acc.process_index
     if W == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -464,7 +464,7 @@ def distill(
     acc.wait_for_everyone()
 
     # --- setup: models, data, teacher outputs, sense candidates
-    pair = build_pair(cfg.model)
+    pair = build_pair(cfg.model, device=acc.device)
     tok, V = pair.tokenizer, pair.vocab_size
     teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)
     recipe = D.data_recipe(cfg, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
@@ -495,6 +495,10 @@ def distill(
         sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": table.info}
 
     # --- optimiser, schedule
+    weights_dtype = next(student.parameters()).dtype
+    n_master = keep_float32_master(student)
+    amp = torch.bfloat16 if dc.precision == "bf16" else (None if weights_dtype == torch.float32 else weights_dtype)
+    _log_distill_placement(acc, weights_dtype, n_master, amp, cache is not None)
     student.train()
     if dc.grad_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -519,11 +523,8 @@ def distill(
         if acc.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", start)
 
-    autocast = (
-        torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16)
-        if dc.precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    # float32 master weights next to lower-precision frozen ones need autocast to mix in one forward
+    autocast = torch.autocast(device_type=acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = tqdm(total=total, initial=start, desc="distill", disable=not (progress and acc.is_main_process))
     batches: list[list[int]] = []
@@ -623,6 +624,7 @@ def distill(
         if dc.grad_checkpointing:
             final.gradient_checkpointing_disable()
         final.config.use_cache = True
+        final.to(weights_dtype)  # the master weights go back to the model's dtype for export
         final.eval()
         tmp = out / ".student.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -657,6 +659,41 @@ def distill(
         D._write_json(out / "meta.json", meta)
     acc.wait_for_everyone()
     return out
+
+
+def _accelerator(factory, device_spec: str):
+    """The Accelerator of a run on the device ``--model.device`` asks for (never a silent fallback).
+
+    ``auto`` lets accelerate pick (each process its GPU, else the CPU); ``cpu`` forces the CPU; an
+    accelerator that is not there is an error naming the flag.
+    """
+    from dskd.devices import resolve_device
+
+    want = resolve_device(device_spec, flag="--model.device")  # raises when the device is absent
+    acc = factory(cpu=True) if (device_spec or "auto") == "cpu" else factory()
+    if (device_spec or "auto") != "auto" and acc.device.type != want.type:
+        raise ConfigError(
+            f"--model.device: {device_spec!r} asked for, but accelerate runs this process on {acc.device}"
+        )
+    if want.index is not None and acc.num_processes == 1 and acc.device.index not in (None, want.index):
+        raise ConfigError(
+            f"--model.device: {device_spec!r}: accelerate picked {acc.device}; "
+            f"select the GPU with CUDA_VISIBLE_DEVICES={want.index} instead"
+        )
+    return acc
+
+
+def _log_distill_placement(acc, weights_dtype: torch.dtype, n_master: int, amp, cached: bool) -> None:
+    from dskd.devices import dtype_name, log_placement
+
+    log_placement(
+        "distill",
+        acc.device,
+        weights_dtype,
+        f"process {acc.process_index + 1}/{acc.num_processes}, trainable weights float32"
+        + (f" ({n_master / 1e6:.1f}M upcast)" if n_master else "")
+        + f", autocast {dtype_name(amp) if amp else 'off'}, teacher {'from the cache' if cached else 'online'}",
+    )
 
 
 def _to(sp, device):

@@ -634,9 +634,11 @@ def evaluate(
     if tokenizer is None:
         tokenizer = load_tokenizer(spec)
     if model is None:
-        model = load_model(spec, cfg.dtype)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
+        from dskd.devices import log_placement, resolve_device
+
+        device = resolve_device(cfg.device, flag="--device")  # an absent accelerator is an error, not the CPU
+        model = load_model(spec, cfg.dtype, device=device)
+        log_placement("eval", device, next(model.parameters()).dtype, f"model {model_spec}")
     model.eval()
     result: dict[str, Any] = {
         "format": RESULT_FORMAT,
@@ -647,6 +649,7 @@ def evaluate(
         "config": dataclasses.asdict(cfg),
         "dskd_version": __version__,
         "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "tasks": {},
         "complete": False,
@@ -686,8 +689,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="Questions per forward pass.")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples for standard errors.")
     p.add_argument("--seed", type=int, default=d.seed, help="Seed for exemplars and the bootstrap.")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype, help="Weights dtype.")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default=d.dtype,
+        help="Weights dtype (auto: bfloat16 on a GPU, float32 on the CPU).",
+    )
+    p.add_argument("--device", default=d.device, help="auto (the accelerator when there is one), cpu, cuda, cuda:1 ...")
     p.add_argument(
         "--data", action="append", default=[], metavar="TASK=DATASET", help="Read TASK from a HF dataset or folder."
     )

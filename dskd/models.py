@@ -22,7 +22,6 @@ from dskd.io import stable_hash as _sha
 
 ALIASES = {assets.DEFAULT_MODEL_ALIAS: assets.default_model_dir}
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config keys that do not change what a model computes.
 _VOLATILE_KEYS = {
     "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype",
@@ -77,13 +76,32 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Load a causal LM in eval mode."""
+def load_model(
+    spec: str,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a causal LM in eval mode.
+
+    Args:
+        spec: A model spec (alias, folder or hub id).
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on the CPU), a dtype name, or a torch.dtype.
+        trust_remote_code: Allow model code from the hub.
+        device: Where the weights go (None: the CPU). An accelerator is filled directly from the
+            checkpoint files, without a full copy of the weights in host memory first.
+    """
     from transformers import AutoModelForCausalLM
 
+    from dskd.devices import resolve_device, resolve_dtype
+
+    dev = resolve_device(device or "cpu", flag="--device")
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev, flag="--dtype")}
+    if dev.type != "cpu":
+        kwargs["device_map"] = {"": str(dev)}
     path = resolve_spec(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise _wrap_load_error(spec, e) from e
     model.eval()
@@ -114,13 +132,20 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model)[1])
 
 
-def truncate(teacher: nn.Module, n_layers: int) -> nn.Module:
-    """A new model holding copies of the teacher's embeddings, first ``n_layers`` decoder layers,
-    final norm and LM head.
+def truncate(teacher: nn.Module, n_layers: int, share: bool = False) -> nn.Module:
+    """A new model holding the teacher's embeddings, first ``n_layers`` decoder layers, final norm
+    and LM head.
+
+    The student is created on the meta device and its parameters are then assigned from the teacher
+    (``load_state_dict(assign=True)``): no random initialisation, no second full model in memory
+    while truncating, and the student lives on the teacher's device.
 
     Args:
         teacher: A causal LM.
         n_layers: N, the number of decoder layers to keep (1 <= N <= teacher layers).
+        share: Reuse the teacher's tensors instead of copying them. Only for weights that are never
+            trained (the caller copies the ones it trains, see :func:`build_pair`); saves a copy
+            of the kept layers when teacher and student are both in memory.
     """
     from transformers import AutoModelForCausalLM
 
@@ -134,24 +159,54 @@ def truncate(teacher: nn.Module, n_layers: int) -> nn.Module:
         if isinstance(getattr(config, key, None), list):
             setattr(config, key, getattr(config, key)[:n_layers])
     dtype = next(teacher.parameters()).dtype
-    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):
+        student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    state = {}
-    for k, v in teacher.state_dict().items():
-        m = pat.match(k)
-        if m and int(m.group(1)) >= n_layers:
-            continue
-        state[k] = v.detach().clone()
-    missing, unexpected = student.load_state_dict(state, strict=False)
+
+    def kept(name: str) -> bool:
+        m = pat.match(name)
+        return not (m and int(m.group(1)) >= n_layers)
+
+    state = {k: (v if share else v.detach().clone()) for k, v in teacher.state_dict().items() if kept(k)}
+    missing, unexpected = student.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:
         raise ModelError(f"truncation failed: missing={missing[:5]} unexpected={unexpected[:5]}")
     if tied:
         student.tie_weights()
+    # buffers outside the state dict (rotary frequencies) are still on meta: take the teacher's
+    t_bufs = dict(teacher.named_buffers())
+    for name, buf in list(student.named_buffers()):
+        if buf.is_meta:
+            if name not in t_bufs:
+                raise ModelError(f"truncation failed: buffer {name} has no counterpart in the teacher")
+            mod_name, _, attr = name.rpartition(".")
+            student.get_submodule(mod_name).register_buffer(attr, t_bufs[name].clone(), persistent=False)
+    still = [n for n, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]
+    if still and next(teacher.parameters()).device.type != "meta":
+        raise ModelError(f"truncation failed: tensors left unset: {still[:5]}")
     student.generation_config = copy.deepcopy(teacher.generation_config)
     student.eval()
     return student
+
+
+def keep_float32_master(model: nn.Module) -> int:
+    """Give the trainable parameters float32 storage (master weights) in a lower-precision model.
+
+    In bfloat16 a weight near 1.0 moves in steps of 2**-7; an AdamW update of lr x 1e-4 is far below
+    half a step and would round away. Frozen weights keep their dtype (memory); the forward then
+    needs autocast to mix the two, which :func:`dskd.distill.distill` turns on.
+
+    Returns:
+        The number of parameters converted.
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+            n += p.numel()
+    return n
 
 
 def freeze_except_top(model: nn.Module, trainable_layers: int) -> list[str]:
@@ -237,24 +292,38 @@ class Pair:
     info: dict[str, Any]
 
 
-def build_pair(cfg, teacher: nn.Module | None = None, tokenizer=None) -> Pair:
-    """Load the teacher and make or load the student described by a :class:`~dskd.config.ModelConfig`."""
+def build_pair(cfg, teacher: nn.Module | None = None, tokenizer=None, device: str | torch.device | None = None) -> Pair:
+    """Load the teacher and make or load the student described by a :class:`~dskd.config.ModelConfig`.
+
+    A truncated student shares the teacher's frozen tensors (one copy of the kept layers in memory)
+    and owns copies of its trainable ones, so training never moves the teacher.
+
+    Args:
+        cfg: The model config.
+        teacher: An already loaded teacher (else loaded from ``cfg.teacher``).
+        tokenizer: Its tokenizer (else loaded).
+        device: Where both models are loaded (default: the CPU, as ``from_pretrained`` does).
+    """
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    t = teacher if teacher is not None else load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code)
+    t = teacher if teacher is not None else load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code, device)
     for p in t.parameters():
         p.requires_grad_(False)
     n_teacher = num_layers(t)
     if cfg.student:
         s_tok = load_tokenizer(cfg.student, cfg.trust_remote_code)
         check_same_tokenizer(tok, s_tok, f"teacher {cfg.teacher!r}", f"student {cfg.student!r}")
-        s = load_model(cfg.student, cfg.dtype, cfg.trust_remote_code)
+        s = load_model(cfg.student, next(t.parameters()).dtype, cfg.trust_remote_code, next(t.parameters()).device)
         source = {"kind": "independent", "spec": cfg.student}
     else:
         n = cfg.student_layers if cfg.student_layers is not None else max(1, n_teacher // 2)
-        s = truncate(t, n)
+        s = truncate(t, n, share=True)
         source = {"kind": "truncated", "from": cfg.teacher, "layers": n}
     m = min(cfg.trainable_layers, num_layers(s))
     trainable = freeze_except_top(s, m)
+    if not cfg.student:
+        for p in s.parameters():
+            if p.requires_grad:  # own copies: training must never move the teacher's weights
+                p.data = p.data.clone()
     v = shared_vocab_size(t, s, tok)
     info = {
         "teacher": cfg.teacher,
