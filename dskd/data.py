@@ -42,6 +42,7 @@ k, T, dtype, or a cache written by an older version): :class:`CacheError` says w
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import time
@@ -267,15 +268,19 @@ def greedy_continuations(
         o = teacher(input_ids=x, attention_mask=att, position_ids=pos, use_cache=True)
         nxt = o.logits[:, -1].argmax(-1)  # (B,)
         toks = [nxt]
+        # transformers >= 5.2x calls the KV cache ``cache``; earlier 5.x releases ``past_key_values``
+        cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
         for _ in range(n - 1):
+            past = getattr(o, "cache", None)
+            past = o.past_key_values if past is None else past
             att = torch.cat([att, att.new_ones(len(idx), 1)], dim=1)
             pos = pos[:, -1:] + 1  # (B, 1)
             o = teacher(
                 input_ids=nxt[:, None],
                 attention_mask=att,
                 position_ids=pos,
-                past_key_values=o.past_key_values,
                 use_cache=True,
+                **{cache_arg: past},
             )
             nxt = o.logits[:, -1].argmax(-1)
             toks.append(nxt)
