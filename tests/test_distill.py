@@ -14,6 +14,7 @@ from conftest import TOY_TEXT
 from fakes import FakeLexicon, FakeStore
 from safetensors.torch import load_file
 
+from dskd import data as D
 from dskd.config import ConfigError, from_dict
 from dskd.data import CacheError, TeacherCache, build_teacher_cache
 from dskd.distill import distill, latest_checkpoint
@@ -224,6 +225,52 @@ def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path, capsys):
     # the default cache folder is shared by the runs next to this one
     assert Path(meta["teacher_cache"]["path"]).parent == tmp_path / "teacher_cache"
     assert all(r["kd"] > 0 and r["sense"] == 0 for r in metrics(run))
+
+
+def test_antonym_margin_is_calibrated_at_the_teacher_states(tiny_teacher_dir, text_file, senses, tmp_path, capsys):
+    """Default margin: the margin_quantile quantile of MSE(antonym sense, teacher state) of the first sequences,
+    so at the teacher's own states (measured here through sense_loss itself) that share of the hinge is on."""
+    from dskd.distill import build_sense_table, window_plans
+    from dskd.losses import sense_loss
+    from dskd.models import load_model
+
+    store, lex = senses
+    q = 0.3
+    cfg = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, loss__margin_quantile=q)
+    assert cfg.loss.margin_mode == "antonym_quantile"
+    run = distill(cfg, tmp_path / "run", store=store, lexicon=lex, progress=False)
+    meta = json.loads((run / "meta.json").read_text())
+    table_info = meta["senses"]["table"]
+    cal = table_info["margin_calibration"]
+    assert table_info["margin_calibrated"] and cal["quantile"] == q and cal["antonym_terms"] >= 50
+    m = table_info["margin"]
+    assert cal["teacher_antonym_mse"]["p25"] <= m <= cal["teacher_antonym_mse"]["p50"]
+    assert f"antonym margin {m:.4g}" in capsys.readouterr().out
+    # independently: the teacher's states of the same sequences and positions through sense_loss
+    data = TeacherCache.open(meta["teacher_cache"]["path"]).data
+    table = build_sense_table(store, lex, sorted({int(t) for s in data.seqs for t in s[1:].tolist()}), cfg.loss)
+    table.margin = m
+    teacher = load_model(str(tiny_teacher_dir))
+    active = total = 0
+    order = [i for mb in D.epoch_batches(len(data), 1, cfg.distill.seed, 0) for i in mb][: cal["sequences"]]
+    for i in order:
+        plans = window_plans(data, [i], table, cfg.loss, cfg.distill.seed, 0, 0)
+        batch = D.collate([data.seqs[i]], 0)
+        with torch.no_grad():
+            ht = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        st = sense_loss(ht, ht, batch["labels"], [plans[i]], table, cfg.loss.kappa).stats
+        active, total = active + st["hinge_active"].item(), total + st["neg_n"].item()
+    assert total == cal["antonym_terms"]
+    assert abs(active / total - q) <= 2 / total
+    # the share of active hinge terms over training: in metrics.jsonl and summarised in meta.json
+    summary = meta["sense_summary"]
+    assert summary["margin"] == m and summary["logged_steps"] == 3
+    shares = [r["hinge_active_share"] for r in metrics(run)]
+    assert summary["hinge_active_share"]["first"] == shares[0] and summary["hinge_active_share"]["last"] == shares[-1]
+    # the paper's absolute margin stays one flag away
+    absolute = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, loss__margin_mode="absolute")
+    run = distill(absolute, tmp_path / "abs", store=store, lexicon=lex, progress=False)
+    assert json.loads((run / "meta.json").read_text())["senses"]["table"]["margin"] == 2.0
 
 
 def test_lam_needs_sense_folders(tiny_teacher_dir, text_file, tmp_path):
