@@ -828,8 +828,10 @@ def cache_main(argv: list[str]) -> int:
 
     p = config_parser(
         "cache build",
-        "Run the teacher once over the training set of a recipe and store its top-k logits and last hidden\n"
-        "states, for any number of runs (KD, DSKD, seeds) of the same teacher and data.",
+        "Run the teacher once over the training set of a recipe (its 1-token answers come from the same\n"
+        "pass) and store its last hidden states, for any number of runs (KD, DSKD, seeds) of the same teacher\n"
+        "and data. A student sharing the teacher's frozen LM head (a truncated one) gets exact KD from them;\n"
+        "for a student with its own head the top-k logits are stored too (distill.cache_kd, cache_topk).",
     )
     p.add_argument("--force", action="store_true", help="Rebuild even when the folder holds a matching cache.")
     cfg, extra = parse_config(p, argv)
