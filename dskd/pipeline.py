@@ -502,7 +502,7 @@ def main_experiment(argv: list[str]) -> int:
     p.add_argument(
         "--arms",
         default=",".join(DEFAULT_ARMS),
-        help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin=0.5@lam=2 or "
+        help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin_quantile=0.1@lam=2 or "
         "kd@distill.epochs=6 (a bare key is a loss field); the --baseline arm is always included.",
     )
     p.add_argument(
