@@ -150,6 +150,8 @@ def interleaved_step_times(cfg, cache_dir: Path, steps: int, lexicon_dir, senses
     opt = torch.optim.AdamW(params, lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     pad = pair.tokenizer.pad_token_id
     null = contextlib.nullcontext()
+    # a cache without logits (the student shares the teacher's head) recomputes them through that head
+    head = pair.student.get_output_embeddings() if cache.kd == "head" else None
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for step in range(steps + 1):  # step 0 is a warm-up
         i = step % len(data)
@@ -162,7 +164,7 @@ def interleaved_step_times(cfg, cache_dir: Path, steps: int, lexicon_dir, senses
             plans = window_plans(data, [i], table, lc, 0, 0, pad) if lc.lam > 0 else {}
             n_terms = float(sum(p.n_terms for p in plans.values()))
             t_logits, t_h = teacher_outputs(
-                pair.teacher, cache if arm.endswith("_cached") else None, [i], batch, pair.vocab_size, null
+                pair.teacher, cache if arm.endswith("_cached") else None, [i], batch, pair.vocab_size, null, head
             )
             loss, _, _ = micro_batch_loss(
                 student, batch, t_logits, t_h, lc, pair.vocab_size, n_tok, n_terms, list(plans.values()), table, null

@@ -175,9 +175,19 @@ class LossConfig:
         skew: Skew of the skew KL divergences.
         lam: lambda, weight of the sense loss; 0 gives the KD baseline.
         kappa: Candidates of each set kept, nearest (L2) to the teacher state.
-        margin: Hinge margin on antonyms (MSE units, or a multiple of the store's median distance
-            when margin_mode is relative).
-        margin_mode: ``absolute`` or ``relative`` (margin times the store's median sense MSE).
+        margin: The antonym hinge margin m in MSE units with margin_mode ``absolute`` (the paper: 1.0);
+            a multiplier with ``state_median``; unused with ``antonym_quantile``.
+        margin_mode: How m is set. ``antonym_quantile`` (default): m is the ``margin_quantile``
+            quantile of MSE(antonym sense, teacher state) over the antonym terms the loss will use
+            (the kappa antonym senses nearest the teacher's state at the sampled related positions)
+            of the first ``margin_calibration_seqs`` training sequences, so at the teacher's own
+            states that share of antonym terms is inside the margin. ``absolute``: m = margin.
+            ``state_median``: m = margin x the store's ``distance.median_mse``, the median MSE
+            between the teacher's last states at two random positions of the sense corpus (not a
+            distance between senses; ``relative`` is the old name).
+        margin_quantile: The quantile of ``antonym_quantile`` (in (0, 1)).
+        margin_calibration_seqs: Training sequences (in the first epoch's order) whose antonym
+            terms calibrate ``antonym_quantile``; more are read while fewer than 100 terms are found.
         positive_margin: beta_p: synonyms within this MSE are not pulled further.
         max_synonyms: Cap on sampled synonyms per position.
         max_antonyms: Cap on sampled antonyms per position.
@@ -200,7 +210,9 @@ class LossConfig:
     lam: float = 1.0
     kappa: int = 5
     margin: float = 1.0
-    margin_mode: str = "absolute"
+    margin_mode: str = "antonym_quantile"
+    margin_quantile: float = 0.25
+    margin_calibration_seqs: int = 32
     positive_margin: float = 0.0
     max_synonyms: int = 25
     max_antonyms: int = 25
@@ -227,7 +239,16 @@ class LossConfig:
         _check(self.lam >= 0, "loss.lam", "must be >= 0", self.lam)
         _check(self.kappa >= 1, "loss.kappa", "must be >= 1", self.kappa)
         _check(self.margin >= 0, "loss.margin", "must be >= 0", self.margin)
-        _choice(self.margin_mode, ("absolute", "relative"), "loss.margin_mode")
+        if self.margin_mode == "relative":  # the old name of state_median
+            self.margin_mode = "state_median"
+        _choice(self.margin_mode, ("antonym_quantile", "absolute", "state_median"), "loss.margin_mode")
+        _check(0.0 < self.margin_quantile < 1.0, "loss.margin_quantile", "must be in (0, 1)", self.margin_quantile)
+        _check(
+            self.margin_calibration_seqs >= 1,
+            "loss.margin_calibration_seqs",
+            "must be >= 1",
+            self.margin_calibration_seqs,
+        )
         _check(self.positive_margin >= 0, "loss.positive_margin", "must be >= 0", self.positive_margin)
         _check(self.max_synonyms >= 0, "loss.max_synonyms", "must be >= 0", self.max_synonyms)
         _check(self.max_antonyms >= 0, "loss.max_antonyms", "must be >= 0", self.max_antonyms)
@@ -288,8 +309,14 @@ class TrainConfig:
         precision: fp32 or bf16 autocast.
         grad_checkpointing: Recompute activations in the backward pass to save memory.
         teacher_cache: Use (and build if missing) the teacher cache instead of running the teacher online.
-        cache_topk: Teacher logits kept per position in the cache (0: the full vocabulary). With fewer
-            than the vocabulary, KD compares the top-k tokens plus one bucket for the remaining mass.
+        cache_kd: What the cache keeps for KD. ``auto``: when the student shares the teacher's frozen
+            LM head (every truncated student; checked on the weights and on a probe forward), no logits:
+            the teacher's full-vocabulary logits are recomputed from the cached last hidden state
+            through that head, so cached KD is exact; otherwise logits as ``cache_topk`` says.
+            ``head``: require the shared head (error otherwise). ``logits``: always store logits.
+        cache_topk: Teacher logits kept per position when the cache stores logits (0: the full
+            vocabulary). With fewer than the vocabulary, KD compares the top-k tokens plus one bucket
+            for the remaining mass (the tail is kept, not renormalised; the run prints its mean).
         cache_hidden_dtype: Dtype of the cached teacher hidden states: float16 or float32.
         cache_dir: Teacher cache folder (default: ``<out>/../teacher_cache/<key>``, shared by the runs
             of one folder, e.g. KD and DSKD).
@@ -312,6 +339,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     teacher_cache: bool = True
+    cache_kd: str = "auto"
     cache_topk: int = 64
     cache_hidden_dtype: str = "float16"
     cache_dir: str | None = None
@@ -332,6 +360,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "distill.grad_accum", "must be >= 1", self.grad_accum)
         _check(self.max_grad_norm >= 0, "distill.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _choice(self.precision, ("fp32", "bf16"), "distill.precision")
+        _choice(self.cache_kd, ("auto", "head", "logits"), "distill.cache_kd")
         _check(self.cache_topk >= 0, "distill.cache_topk", "must be >= 0", self.cache_topk)
         _choice(self.cache_hidden_dtype, ("float16", "float32"), "distill.cache_hidden_dtype")
         _check(self.keep_checkpoints >= 1, "distill.keep_checkpoints", "must be >= 1", self.keep_checkpoints)

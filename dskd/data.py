@@ -11,23 +11,38 @@ A built training set is a folder::
     dataset.safetensors   input_ids (flat, int32) and offsets (n + 1,) of the sequences
     recipe.json           the data config, tokenizer and teacher fingerprints, and its hash
 
-The teacher cache stores, for every position of every sequence, the teacher's last hidden state
-(after the final norm; fp16 by default) and its next-token distribution: with ``distill.cache_topk = 0``
-the full logits (a cached run then equals the online run), otherwise the top-k log-probabilities at the
-KD temperature T and the log of the remaining mass (sparse KD, see :class:`dskd.losses.SparseTeacher`)::
+The teacher cache is one batched teacher pass over the training set (sequences sorted by length,
+right-padded like training batches). It stores, for every *target* position of every sequence (all
+but the last), the teacher's last hidden state (after the final norm; fp16 by default). What KD
+reads depends on the student (``distill.cache_kd``):
 
-    meta.json                 format, key (hash of teacher fingerprint + data recipe + cache settings),
-                              settings, counts, complete: true (written last)
+* the student shares the teacher's frozen LM head (every truncated student): no logits at all. The
+  teacher's full-vocabulary logits are that head applied to the cached state, recomputed at training
+  time, so cached KD is the method's KD over the whole vocabulary (exact up to the hidden dtype);
+* otherwise (a student with its own head) the logits: with ``distill.cache_topk = 0`` all of them,
+  else the top-k log-probabilities at the KD temperature T and the log of the remaining mass, kept
+  as one tail bucket (sparse KD, see :class:`dskd.losses.SparseTeacher`); the mean tail mass is
+  recorded in ``meta.json`` and printed by the run.
+
+1-token teacher continuations (the default) come from that same pass: the argmax at a prompt's last
+position is appended to it. Longer continuations are generated first, greedily, in left-padded
+batches with a KV cache::
+
+    meta.json                 format (version 2), key (hash of format, teacher fingerprint, data
+                              recipe, cache settings), settings, counts, tail mass, tokens/s,
+                              complete: true (written last)
     dataset.safetensors       the training set + cache_shard / cache_start per sequence
-    shard-00000.safetensors   hidden (P, d); logits (P, V) or topk_ids (P, k) + topk_logp (P, k) + rest_logp (P,)
+    shard-00000.safetensors   hidden (P, d); with logits: logits (P, V) or topk_ids (P, k) +
+                              topk_logp (P, k) + rest_logp (P,); P = target positions
 
-A cache is refused when its key differs from what a run needs (another teacher, data recipe, k, T or
-dtype): :class:`CacheError` says which.
+A cache is refused when its key differs from what a run needs (another teacher, head, data recipe,
+k, T, dtype, or a cache written by an older version): :class:`CacheError` says which.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import time
@@ -43,7 +58,7 @@ from dskd.io import atomic_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
-CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 1}
+CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 2}
 DATA_FORMAT = {"name": "dskd-dataset", "version": 1}
 _SHARD_BYTES = 256 * 2**20
 
@@ -209,41 +224,95 @@ def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def greedy_continuation(teacher: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """The teacher's greedy continuation of one prompt.
+def greedy_continuations(
+    teacher: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    n: int,
+    pad_id: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """The teacher's greedy continuations of many prompts, generated in left-padded batches.
+
+    Prompts are sorted by length so a batch carries little padding; position ids follow the
+    attention mask, and a KV cache makes each generated token one 1-token step.
 
     Args:
         teacher: A causal LM.
-        ids: Prompt token ids. (L,)
-        n: Tokens to generate.
+        prompts: Prompt token ids. [(L_i,)]
+        n: Tokens to generate per prompt (greedy, no early stop at EOS).
+        pad_id: Any token id (padding is masked).
+        batch_size: Prompts per batch.
+        progress: Show a progress bar.
 
     Returns:
-        The generated ids. (n,)
+        The generated ids per prompt, in the prompts' order. [(n,)]
     """
+    from tqdm import tqdm
+
+    out = [torch.zeros(0, dtype=torch.long) for _ in prompts]
+    if n == 0 or not prompts:
+        return out
     dev = next(teacher.parameters()).device
-    x = ids[None].to(dev)  # (1, L)
-    # a full forward per token: the default is 1 token, where a KV cache would save nothing
-    for _ in range(n):
-        nxt = teacher(input_ids=x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        x = torch.cat([x, nxt], dim=1)
-    return x[0, len(ids) :].cpu()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for b in tqdm(range(0, len(order), batch_size), desc="teacher continuations", disable=not progress):
+        idx = order[b : b + batch_size]
+        L = max(len(prompts[i]) for i in idx)
+        x = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        att = torch.zeros((len(idx), L), dtype=torch.long)
+        for j, i in enumerate(idx):
+            x[j, L - len(prompts[i]) :] = prompts[i]
+            att[j, L - len(prompts[i]) :] = 1
+        x, att = x.to(dev), att.to(dev)  # (B, L)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)  # (B, L): a left-padded row starts at position 0
+        o = teacher(input_ids=x, attention_mask=att, position_ids=pos, use_cache=True)
+        nxt = o.logits[:, -1].argmax(-1)  # (B,)
+        toks = [nxt]
+        # transformers >= 5.2x calls the KV cache ``cache``; earlier 5.x releases ``past_key_values``
+        cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+        for _ in range(n - 1):
+            past = getattr(o, "cache", None)
+            past = o.past_key_values if past is None else past
+            att = torch.cat([att, att.new_ones(len(idx), 1)], dim=1)
+            pos = pos[:, -1:] + 1  # (B, 1)
+            o = teacher(
+                input_ids=nxt[:, None],
+                attention_mask=att,
+                position_ids=pos,
+                use_cache=True,
+                **{cache_arg: past},
+            )
+            nxt = o.logits[:, -1].argmax(-1)
+            toks.append(nxt)
+        gen = torch.stack(toks, dim=1).cpu()  # (B, n)
+        for j, i in enumerate(idx):
+            out[i] = gen[j]
+    return out
 
 
-def build_token_data(cfg: RunConfig, tokenizer, teacher: torch.nn.Module, recipe: dict[str, Any]) -> TokenData:
-    """Tokenise the prompts, append the teacher's continuation, add the text windows."""
+def prompt_and_text_sequences(cfg: RunConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tokenised prompts (truncated from the left to leave room for the continuation) and text windows."""
     dc = cfg.data
-    seqs = []
     keep = dc.max_length - dc.continuation_tokens
+    prompts = []
     for prompt in task_prompts(cfg, tokenizer):
         # chat prompts carry their special tokens as text already
         ids = torch.tensor(tokenizer(prompt, add_special_tokens=not dc.chat)["input_ids"], dtype=torch.long)
-        ids = ids[-keep:]  # truncate from the left: the question and answer slot are at the end
-        cont = greedy_continuation(teacher, ids, dc.continuation_tokens)
-        seqs.append(torch.cat([ids, cont]))
-    seqs += text_windows(cfg, tokenizer)
-    if not seqs:
+        prompts.append(ids[-keep:])  # truncate from the left: the question and answer slot are at the end
+    windows = text_windows(cfg, tokenizer)
+    if not prompts and not windows:
         raise DataError("--data.tasks / --data.text_files: no training sequences")
-    return TokenData(seqs, recipe)
+    return prompts, windows
+
+
+def build_token_data(
+    cfg: RunConfig, tokenizer, teacher: torch.nn.Module, recipe: dict[str, Any], batch_size: int = 8
+) -> TokenData:
+    """Tokenise the prompts, append the teacher's greedy continuation (batched), add the text windows."""
+    prompts, windows = prompt_and_text_sequences(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    conts = greedy_continuations(teacher, prompts, cfg.data.continuation_tokens, pad_id, batch_size)
+    return TokenData([torch.cat([p, c]) for p, c in zip(prompts, conts, strict=True)] + windows, recipe)
 
 
 def prepare_data(cfg: RunConfig, folder: Path, tokenizer, teacher, recipe: dict[str, Any]) -> TokenData:
@@ -295,19 +364,44 @@ def teacher_forward(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 # ----------------------------------------------------------------------------- the teacher cache
 
 
-def cache_settings(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
-    """What a cache must match besides the data: k, hidden dtype and, for sparse KD, T."""
+def cache_head(cfg: RunConfig, pair) -> str | None:
+    """The probe of the shared LM head when KD can be recomputed through it (see ``distill.cache_kd``), else None.
+
+    Raises:
+        CacheError: ``distill.cache_kd`` is ``head`` and the student does not share the teacher's head.
+    """
+    from dskd.models import head_probe, shared_head_problem
+
+    if cfg.distill.cache_kd == "logits":
+        return None
+    problem = shared_head_problem(pair.teacher, pair.student, pair.vocab_size)
+    if problem is None:
+        return head_probe(pair.student)
+    if cfg.distill.cache_kd == "head":
+        raise CacheError(f"--distill.cache_kd head: {problem}; use auto or logits for this student")
+    return None
+
+
+def cache_settings(cfg: RunConfig, vocab_size: int, head: str | None = None) -> dict[str, Any]:
+    """What a cache must match besides the data: what it keeps for KD, the hidden dtype and, for sparse KD, T.
+
+    Args:
+        cfg: The run's config.
+        vocab_size: Logit columns KD compares.
+        head: :func:`cache_head` of the run: the shared head's probe (no logits stored) or None.
+    """
+    s: dict[str, Any] = {"vocab_size": vocab_size, "hidden_dtype": cfg.distill.cache_hidden_dtype}
+    if head is not None:
+        return {**s, "kd": "head", "head": head}
     k = cfg.distill.cache_topk
-    dense = k == 0 or k >= vocab_size
-    s: dict[str, Any] = {"topk": vocab_size if dense else k, "dense": dense, "vocab_size": vocab_size}
-    s["hidden_dtype"] = cfg.distill.cache_hidden_dtype
-    if not dense:
-        s["T"] = cfg.loss.T  # sparse log-probs are stored at the KD temperature
-    return s
+    if k == 0 or k >= vocab_size:
+        return {**s, "kd": "logits", "topk": vocab_size}
+    # sparse log-probs are stored at the KD temperature
+    return {**s, "kd": "topk", "topk": k, "T": cfg.loss.T}
 
 
 def cache_key(teacher_fp: str, recipe_hash: str, settings: dict[str, Any]) -> str:
-    return _sha({"teacher": teacher_fp, "data": recipe_hash, "settings": settings})
+    return _sha({"format": CACHE_FORMAT["version"], "teacher": teacher_fp, "data": recipe_hash, "settings": settings})
 
 
 def default_cache_dir(out: Path, key: str) -> Path:
@@ -328,7 +422,7 @@ class TeacherCache:
         recipe.pop("format", None)
         self.data = TokenData(_split(t["input_ids"], t["offsets"]), recipe)
         self.shard, self.start = t["cache_shard"].tolist(), t["cache_start"].tolist()
-        self.dense = bool(meta["settings"]["dense"])
+        self.kd = meta["settings"]["kd"]  # head | logits | topk
         self._files = [
             safe_open(str(self.path / name), framework="pt") for name in meta["shards"]
         ]  # kept open: reads are lazy slices of the mapped files
@@ -341,8 +435,14 @@ class TeacherCache:
         if not meta_path.is_file():
             raise CacheError(f"{flag}: {path} is not a teacher cache (no meta.json)")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format", {}).get("name") != CACHE_FORMAT["name"] or not meta.get("complete"):
+        fmt = meta.get("format", {})
+        if fmt.get("name") != CACHE_FORMAT["name"] or not meta.get("complete"):
             raise CacheError(f"{flag}: {path} is not a complete teacher cache; rebuild it with `dskd cache build`")
+        if fmt.get("version") != CACHE_FORMAT["version"]:
+            raise CacheError(
+                f"{flag}: {path} is a teacher cache of format version {fmt.get('version')} (this version reads "
+                f"{CACHE_FORMAT['version']}); rebuild it with `dskd cache build --force` or point {flag} elsewhere"
+            )
         if key is not None and meta.get("key") != key:
             raise CacheError(
                 f"{flag}: {path} was built for another teacher or data recipe (cache key {meta.get('key')}, "
@@ -351,22 +451,29 @@ class TeacherCache:
             )
         return cls(path, meta)
 
-    def get(self, idx: list[int], T: int) -> tuple[torch.Tensor | SparseTeacher, torch.Tensor]:
+    def get(self, idx: list[int], T: int) -> tuple[torch.Tensor | SparseTeacher | None, torch.Tensor]:
         """Teacher outputs of sequences ``idx``, right-padded to length ``T``.
 
+        Every position but a sequence's last has a row; the last one and the padding are zeros
+        (they have no target, so no loss reads them).
+
         Returns:
-            (logits (B, T, V) float32 or a SparseTeacher with (B, T, k) fields, hidden (B, T, d) float32)
+            (None when the logits are to be recomputed through the shared head (``kd == "head"``),
+            else logits (B, T, V) float32 or a SparseTeacher with (B, T, k) fields; hidden (B, T, d)
+            float32)
         """
         rows: dict[str, list[torch.Tensor]] = {}
-        names = ("logits",) if self.dense else ("topk_ids", "topk_logp", "rest_logp")
+        names = {"head": (), "logits": ("logits",), "topk": ("topk_ids", "topk_logp", "rest_logp")}[self.kd]
         for i in idx:
-            f, s, n = self._files[self.shard[i]], self.start[i], len(self.data.seqs[i])
+            f, s, n = self._files[self.shard[i]], self.start[i], max(len(self.data.seqs[i]) - 1, 0)
             for name in ("hidden", *names):
                 x = f.get_slice(name)[s : s + n]
                 pad = [0, 0] * (x.dim() - 1) + [0, T - n]
                 rows.setdefault(name, []).append(torch.nn.functional.pad(x, pad))
         hidden = torch.stack(rows["hidden"]).float()
-        if self.dense:
+        if self.kd == "head":
+            return None, hidden
+        if self.kd == "logits":
             return torch.stack(rows["logits"]).float(), hidden
         return (
             SparseTeacher(
@@ -379,6 +486,18 @@ class TeacherCache:
         )
 
 
+def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first) cut into batches of at most ``max_tokens`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def write_cache(
     out: Path,
     data: TokenData,
@@ -386,14 +505,28 @@ def write_cache(
     teacher_fp: str,
     settings: dict[str, Any],
     vocab_size: int,
-    batch_size: int = 4,
+    batch_tokens: int = 4096,
     progress: bool = True,
+    continue_prompts: list[bool] | None = None,
 ) -> Path:
-    """Run the teacher over ``data`` and write a cache folder at ``out`` (built aside, renamed over)."""
+    """Run the teacher once over ``data`` and write a cache folder at ``out`` (built aside, renamed over).
+
+    Args:
+        out: The cache folder.
+        data: The training set. Sequences flagged in ``continue_prompts`` are prompts still without
+            their 1-token continuation: it is the argmax at the prompt's last position of this same
+            forward, and is appended to ``data.seqs[i]`` in place.
+        teacher: The teacher.
+        teacher_fp: Its fingerprint.
+        settings: :func:`cache_settings` (``kd: head`` stores no logits).
+        vocab_size: Logit columns KD compares.
+        batch_tokens: Padded tokens per forward (sequences sorted by length, so little padding).
+        progress: Show a progress bar (in tokens, with tokens/s).
+        continue_prompts: Per sequence, whether it is a prompt to continue (default: none).
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    key = cache_key(teacher_fp, data.hash, settings)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         try:
@@ -402,15 +535,19 @@ def write_cache(
             is_cache = False
         if not is_cache:  # never delete a folder that is not ours
             raise CacheError(f"--distill.cache_dir: {out} exists and is not a teacher cache; pick an empty folder")
+    pending = continue_prompts or [False] * len(data)
+    # the states of a sequence's target positions need only its tokens but the last (causal attention)
+    inputs = [s if pending[i] else s[:-1] for i, s in enumerate(data.seqs)]
+    kd = settings["kd"]
     with atomic_dir(out) as tmp:
         h_dtype = {"float16": torch.float16, "float32": torch.float32}[settings["hidden_dtype"]]
         dev = next(teacher.parameters()).device
-        pad_id = int(data.seqs[0][0])  # any id: padded positions are never read back
+        head = teacher.get_output_embeddings()
         shard_of, start_of = [0] * len(data), [0] * len(data)
         buf: dict[str, list[torch.Tensor]] = {}
         shards: list[str] = []
+        tails: list[torch.Tensor] = []
         used = pos = 0
-        t0 = time.time()
 
         def flush() -> None:
             nonlocal used, pos
@@ -422,24 +559,38 @@ def write_cache(
             used = pos = 0
 
         teacher.eval()
-        order = list(range(len(data)))
-        bar = tqdm(range(0, len(order), batch_size), desc="teacher cache", disable=not progress, unit="batch")
-        for b in bar:
-            idx = order[b : b + batch_size]
-            batch = collate([data.seqs[i] for i in idx], pad_id)
-            logits, hidden = teacher_forward(teacher, {k: v.to(dev) for k, v in batch.items()})
-            logits = logits[..., :vocab_size]  # (B, T, V), on the teacher's device
-            for j, i in enumerate(idx):
-                n = len(data.seqs[i])
-                # reduce on the device; only what is stored crosses to the host
-                rec = {"hidden": hidden[j, :n].to(h_dtype).cpu()}
-                if settings["dense"]:
-                    rec["logits"] = logits[j, :n].float().cpu()
+        total = sum(len(x) for x in inputs)
+        bar = tqdm(total=total, desc="teacher cache", disable=not progress, unit="tok", unit_scale=True)
+        t0 = time.time()
+        for idx in _length_batches([len(x) for x in inputs], batch_tokens):
+            idx = [i for i in idx if len(inputs[i])]
+            if not idx:
+                continue
+            batch = collate([inputs[i] for i in idx], 0)
+            ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+            with torch.no_grad():
+                if kd == "head":
+                    # no logits over all positions: the head runs only where a continuation is taken
+                    hidden = teacher.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, d)
+                    logits = None
                 else:
-                    sp = sparse_teacher(logits[j, :n].float(), settings["topk"], settings["T"])
-                    rec.update(
-                        topk_ids=sp.ids.to(torch.int32).cpu(), topk_logp=sp.logp.cpu(), rest_logp=sp.rest_logp.cpu()
-                    )
+                    o = teacher(input_ids=ids, attention_mask=att, output_hidden_states=True)
+                    logits, hidden = o.logits[..., :vocab_size].float().cpu(), o.hidden_states[-1]  # (B, T, V)
+                for j, i in enumerate(idx):
+                    if pending[i]:
+                        last = len(inputs[i]) - 1
+                        z = head(hidden[j, last])[:vocab_size] if logits is None else logits[j, last]  # (V,)
+                        data.seqs[i] = torch.cat([data.seqs[i], z.argmax(-1).view(1).cpu().long()])
+            hidden = hidden.cpu()
+            for j, i in enumerate(idx):
+                n = len(inputs[i])
+                rec = {"hidden": hidden[j, :n].to(h_dtype)}
+                if kd == "logits":
+                    rec["logits"] = logits[j, :n]
+                elif kd == "topk":
+                    sp = sparse_teacher(logits[j, :n], settings["topk"], settings["T"])
+                    rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
+                    tails.append(sp.rest_logp.exp())
                 for k_, v in rec.items():
                     buf.setdefault(k_, []).append(v)
                 shard_of[i], start_of[i] = len(shards), pos
@@ -447,7 +598,10 @@ def write_cache(
                 used += sum(v.numel() * v.element_size() for v in rec.values())
                 if used >= _SHARD_BYTES:
                     flush()
+            bar.update(sum(len(inputs[i]) for i in idx))
         flush()
+        bar.close()
+        seconds = time.time() - t0
         tensors = data.tensors()
         tensors["cache_shard"] = torch.tensor(shard_of, dtype=torch.long)
         tensors["cache_start"] = torch.tensor(start_of, dtype=torch.long)
@@ -456,24 +610,57 @@ def write_cache(
         meta = {
             "format": CACHE_FORMAT,
             "dskd_version": _dskd_version(),
-            "key": key,
+            "key": cache_key(teacher_fp, data.hash, settings),
             "teacher_fingerprint": teacher_fp,
             "recipe_hash": data.hash,
             "settings": settings,
             "shards": shards,
-            "counts": {"sequences": len(data), "positions": sum(len(s) for s in data.seqs)},
-            "seconds": round(time.time() - t0, 2),
+            "counts": {"sequences": len(data), "positions": total},
+            "tail_mass": _tail_summary(tails, settings),
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(total / max(seconds, 1e-9), 1),
             "complete": True,
         }
         _write_json(tmp / "meta.json", meta)
+    print(
+        f"teacher cache: {total:,} positions of {len(data):,} sequences in {seconds:.1f} s "
+        f"({meta['tokens_per_s']:.0f} tokens/s); {describe_cache_kd(meta)}"
+    )
     return out
+
+
+def _tail_summary(tails: list[torch.Tensor], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher's probability mass outside the cached top-k at T (kept as one bucket), over all positions."""
+    if settings["kd"] != "topk" or not tails:
+        return None
+    t = torch.cat(tails).float()
+    q = torch.quantile(t[: 2**24], torch.tensor([0.1, 0.5, 0.9])).tolist()  # quantile has a size limit
+    return {"mean": round(float(t.mean()), 4), "p10": round(q[0], 4), "median": round(q[1], 4), "p90": round(q[2], 4)}
+
+
+def describe_cache_kd(meta: dict[str, Any]) -> str:
+    """One line saying what KD reads from a cache (printed by the cache stage and by each run)."""
+    st = meta["settings"]
+    if st["kd"] == "head":
+        return (
+            f"exact KD: full-vocabulary ({st['vocab_size']:,}) teacher logits recomputed from the cached "
+            "hidden states through the shared frozen LM head"
+        )
+    if st["kd"] == "logits":
+        return f"exact KD from the cached full logits ({st['vocab_size']:,} per position)"
+    tail = meta.get("tail_mass") or {}
+    return (
+        f"sparse KD: the teacher's top-{st['topk']} of {st['vocab_size']:,} tokens at T = {st['T']} plus one tail "
+        f"bucket (kept, not renormalised) holding on average {tail.get('mean', float('nan')):.3f} of the "
+        f"teacher's mass (median {tail.get('median', float('nan')):.3f}), compared as a single token"
+    )
 
 
 def build_teacher_cache(cfg: RunConfig, out: Path | str | None = None, force: bool = False) -> Path:
     """Build the teacher cache of a recipe (skipped when ``out`` already holds a matching one).
 
     Args:
-        cfg: The run's config (model, data, distill.cache_topk / cache_hidden_dtype, loss.T).
+        cfg: The run's config (model, data, distill.cache_kd / cache_topk / cache_hidden_dtype, loss.T).
         out: Cache folder (default: ``distill.cache_dir`` or ``<cfg.out_dir>/../teacher_cache/<key>``).
         force: Rebuild even when a matching cache exists (one with another key is always rebuilt).
 
@@ -513,7 +700,7 @@ def ensure_cache(
     from dskd.models import tokenizer_fingerprint
 
     recipe = data_recipe(cfg, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
-    settings = cache_settings(cfg, pair.vocab_size)
+    settings = cache_settings(cfg, pair.vocab_size, cache_head(cfg, pair))
     key = cache_key(pair.teacher_fingerprint, recipe["hash"], settings)
     if out is None:
         out = cfg.distill.cache_dir or default_cache_dir(run_dir or cfg.out_dir, key)
@@ -525,8 +712,21 @@ def ensure_cache(
             return out
         if json.loads(meta.read_text()).get("key") == key:
             return out
-    if data_dir is not None:
-        data = prepare_data(cfg, Path(data_dir), pair.tokenizer, pair.teacher, recipe)
-    else:
-        data = build_token_data(cfg, pair.tokenizer, pair.teacher, recipe)
-    return write_cache(out, data, pair.teacher, pair.teacher_fingerprint, settings, pair.vocab_size)
+    data, pending = None, None
+    if data_dir is not None and (Path(data_dir) / "recipe.json").is_file():
+        saved = TokenData.load(Path(data_dir))
+        data = saved if saved.hash == recipe["hash"] else None
+    if data is None:
+        if cfg.data.continuation_tokens == 1:
+            # the continuation comes from the cache's own forward: one teacher pass in all
+            prompts, windows = prompt_and_text_sequences(cfg, pair.tokenizer)
+            data = TokenData(prompts + windows, recipe)
+            pending = [True] * len(prompts) + [False] * len(windows)
+        else:
+            data = build_token_data(cfg, pair.tokenizer, pair.teacher, recipe)
+    path = write_cache(
+        out, data, pair.teacher, pair.teacher_fingerprint, settings, pair.vocab_size, continue_prompts=pending
+    )
+    if data_dir is not None and pending is not None:
+        data.save(Path(data_dir))
+    return path

@@ -51,6 +51,7 @@ from dskd.config import ConfigError, LossConfig, RunConfig, to_dict
 from dskd.losses import (
     IGNORE_INDEX,
     SenseTable,
+    antonym_teacher_mse,
     ce_loss,
     combine,
     hidden_loss,
@@ -74,7 +75,7 @@ def build_sense_table(
     """Candidate senses of ``tokens`` as padded index tables into one bank of sense vectors.
 
     ``store`` needs ``senses(entry) -> (n_e, d)``, ``entry_of(tail) -> int | None`` and, for
-    ``margin_mode: relative``, ``meta["distance"]["median_mse"]`` (a :class:`dskd.senses.SenseStore`);
+    ``margin_mode: state_median``, ``meta["distance"]["median_mse"]`` (a :class:`dskd.senses.SenseStore`);
     ``lexicon`` needs ``synonyms(id)`` / ``antonyms(id)`` returning token-id tuples (a
     :class:`dskd.lexicon.Lexicon`). Synonyms and antonyms without senses are dropped; the caps
     ``max_synonyms`` / ``max_antonyms`` sample among the rest once per run, seeded per token.
@@ -83,7 +84,9 @@ def build_sense_table(
         store: The sense store.
         lexicon: The lexical relations.
         tokens: Token ids that occur as training targets.
-        cfg: Loss settings (caps, ablation switches, reference_antonyms, margin).
+        cfg: Loss settings (caps, ablation switches, reference_antonyms, margin). With
+            ``margin_mode: antonym_quantile`` the margin is ``cfg.margin`` until
+            :func:`calibrate_margin` sets it from the training data (``distill`` does).
         seed: Seed of the synonym/antonym sampling.
         bank_dtype: Storage dtype of the bank (float16 halves its memory; rows are upcast when used).
     """
@@ -129,7 +132,7 @@ def build_sense_table(
     dim = bank[0].shape[-1] if bank else 1
     margin = cfg.margin
     median = None
-    if cfg.margin_mode == "relative":
+    if cfg.margin_mode == "state_median":
         median = float(store.meta["distance"]["median_mse"])
         margin = cfg.margin * median
     info = {
@@ -143,6 +146,7 @@ def build_sense_table(
         "margin": margin,
         "margin_mode": cfg.margin_mode,
         "store_median_mse": median,
+        "margin_calibrated": cfg.margin_mode != "antonym_quantile",
     }
     return SenseTable(
         bank=torch.cat(bank) if bank else torch.zeros(0, dim, dtype=bank_dtype),
@@ -154,6 +158,57 @@ def build_sense_table(
         margin=margin,
         info=info,
     )
+
+
+def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id: int, teacher_states) -> dict[str, Any]:
+    """Set ``table.margin`` to a quantile of the antonym terms' MSE at the teacher's states.
+
+    The sequences are the first of epoch 0's order, with the sense positions training will sample
+    there; their antonym terms (the kappa antonym senses nearest the teacher's state) give
+    MSE(n, h^t); the margin is its ``lc.margin_quantile`` quantile, so that share of antonym terms
+    lies inside the margin at the teacher's own states (the student starts farther from them).
+    ``lc.margin_calibration_seqs`` sequences are read, more while fewer than 100 terms are found.
+
+    Args:
+        data: The training set (``seqs``).
+        table: The run's sense table; its ``margin`` and ``info`` are updated.
+        lc: Loss settings (margin_quantile, margin_calibration_seqs, kappa, position sampling).
+        seed: The run's seed (``distill.seed``), for the data order and sense positions.
+        pad_id: Padding id.
+        teacher_states: ``f(idx, batch) -> (B, T, d)`` teacher last hidden states of a batch.
+
+    Returns:
+        What was measured (also stored in ``table.info["margin_calibration"]``).
+    """
+    order = [i for mb in D.epoch_batches(len(data), 1, seed, 0) for i in mb]
+    vals: list[torch.Tensor] = []
+    seqs = terms = 0
+    for i in order:
+        if seqs >= lc.margin_calibration_seqs and terms >= 100:
+            break
+        seqs += 1
+        plan = window_plans(data, [i], table, lc, seed, 0, pad_id)[i]
+        if plan.related.numel() == 0:
+            continue
+        batch = D.collate([data.seqs[i]], pad_id)
+        t_h = teacher_states([i], batch)
+        v = antonym_teacher_mse(t_h, batch["labels"].to(t_h.device), [plan], table, lc.kappa).cpu()
+        vals.append(v)
+        terms += v.numel()
+    allv = torch.cat(vals) if vals else torch.zeros(0)
+    info: dict[str, Any] = {"quantile": lc.margin_quantile, "sequences": seqs, "antonym_terms": int(allv.numel())}
+    if allv.numel():
+        qs = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9, lc.margin_quantile])
+        q = torch.quantile(allv.double(), qs.double()).tolist()
+        table.margin = float(q[-1])
+        info["teacher_antonym_mse"] = {
+            f"p{round(x * 100)}": round(y, 4) for x, y in zip(qs[:5].tolist(), q[:5], strict=True)
+        }
+    else:
+        table.margin = 0.0  # no antonym term in the data: the hinge has nothing to act on
+        info["note"] = "no antonym terms in the calibration sequences; margin 0"
+    table.info.update(margin=table.margin, margin_calibrated=True, margin_calibration=info)
+    return info
 
 
 def open_sense_sources(lexicon_dir: Path, senses_dir: Path, tokenizer, teacher_fingerprint: str):
@@ -344,17 +399,24 @@ def window_plans(data, seqs: list[int], table: SenseTable, lc: LossConfig, seed:
     return plans
 
 
-def teacher_outputs(teacher, cache, idx: list[int], batch: dict[str, torch.Tensor], V: int, autocast):
+def teacher_outputs(teacher, cache, idx: list[int], batch: dict[str, torch.Tensor], V: int, autocast, head=None):
     """The teacher's logits (B, T, V) or SparseTeacher, and last hidden states (B, T, d), on the batch's device.
 
-    From the cache when there is one, else from a no-grad forward of the teacher.
+    From the cache when there is one, else from a no-grad forward of the teacher. A cache that
+    stores no logits (``kd == "head"``) gives the full logits as ``head`` (the student's frozen LM
+    head, identical to the teacher's) applied to the cached states: exact KD over the vocabulary.
     """
     dev = batch["input_ids"].device
     with torch.no_grad(), autocast:
         if cache is not None:
             t_logits, t_h = cache.get(idx, batch["labels"].shape[1])
+            t_h = t_h.to(dev)  # (B, T, d)
+            if t_logits is None:
+                if head is None:
+                    raise ValueError("this teacher cache stores no logits: pass the shared LM head")
+                return head(t_h)[..., :V], t_h  # (B, T, V)
             t_logits = t_logits.to(dev) if torch.is_tensor(t_logits) else _to(t_logits, dev)
-            return t_logits, t_h.to(dev)
+            return t_logits, t_h
         t_logits, t_h = D.teacher_forward(teacher, batch)
         return t_logits[..., :V], t_h
 
@@ -472,9 +534,8 @@ def distill(
     with acc.main_process_first():
         if dc.teacher_cache:
             cache_path = D.ensure_cache(cfg, pair, cache_dir or dc.cache_dir, run_dir=out)
-            cache = D.TeacherCache.open(
-                cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], D.cache_settings(cfg, V))
-            )
+            settings = D.cache_settings(cfg, V, D.cache_head(cfg, pair))
+            cache = D.TeacherCache.open(cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], settings))
             data = cache.data
             if acc.is_main_process:
                 (out / "data").mkdir(exist_ok=True)
@@ -484,6 +545,10 @@ def distill(
     if cache is not None:
         teacher = None  # the teacher is not needed any more: free its memory
         pair.teacher = None
+        if acc.is_main_process:
+            print(f"teacher cache {cache.path}: {D.describe_cache_kd(cache.meta)}")
+    # a cache without logits recomputes them through the student's frozen head (checked identical)
+    head = student.get_output_embeddings() if cache is not None and cache.kd == "head" else None
 
     table = None
     sources: dict[str, Any] = {}
@@ -492,6 +557,8 @@ def distill(
             store, lexicon = open_sense_sources(lexicon_dir, senses_dir, tok, pair.teacher_fingerprint)
         targets = sorted({int(t) for s in data.seqs for t in s[1:].tolist()})
         table = build_sense_table(store, lexicon, targets, lc, dc.seed).to(acc.device)
+        if lc.margin_mode == "antonym_quantile":
+            _resolve_margin(table, lc, data, cache, teacher, ckpt, acc, dc.seed, tok)
         sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": table.info}
 
     # --- optimiser, schedule
@@ -555,7 +622,7 @@ def distill(
                     (model(input_ids=dummy).logits.float().sum() * 0.0).backward()
                     continue
                 batch = {k: v.to(acc.device) for k, v in D.collate([data.seqs[i] for i in mb], pad_id).items()}
-                t_logits, t_h = teacher_outputs(teacher, cache, mb, batch, V, autocast)
+                t_logits, t_h = teacher_outputs(teacher, cache, mb, batch, V, autocast, head)
                 loss, terms, sstats = micro_batch_loss(
                     model,
                     batch,
@@ -611,6 +678,9 @@ def distill(
                 f.write(json.dumps(clean) + "\n")
         if (dc.save_every and done % dc.save_every == 0) or done == total:
             state = {"epoch": epoch, "window": window, "tokens": tokens_seen, "seconds": elapsed, "total_steps": total}
+            if table is not None and lc.margin_mode == "antonym_quantile":
+                # a resumed run keeps the margin it started with
+                state["margin"] = {"value": table.margin, "calibration": table.info.get("margin_calibration")}
             save_checkpoint(out, done, model, opt, sched, acc, state, dc.keep_checkpoints)
         if stop_after is not None and done >= stop_after and done < total:
             bar.close()
@@ -644,10 +714,17 @@ def distill(
                 "sequences": len(data),
                 "tokens_per_epoch": data.num_targets(range(len(data))),
             },
-            "teacher_cache": {"path": str(cache.path), "key": cache.meta["key"], "settings": cache.meta["settings"]}
+            "teacher_cache": {
+                "path": str(cache.path),
+                "key": cache.meta["key"],
+                "settings": cache.meta["settings"],
+                "kd": D.describe_cache_kd(cache.meta),
+                "tail_mass": cache.meta.get("tail_mass"),
+            }
             if cache is not None
             else None,
             "senses": sources or None,
+            "sense_summary": _sense_summary(out / "metrics.jsonl", table.margin) if table is not None else None,
             "processes": W,
             "steps": total,
             "tokens": tokens_seen,
@@ -696,6 +773,53 @@ def _log_distill_placement(acc, weights_dtype: torch.dtype, n_master: int, amp, 
     )
 
 
+def _resolve_margin(table: SenseTable, lc: LossConfig, data, cache, teacher, ckpt, acc, seed: int, tok) -> None:
+    """The antonym_quantile margin: from the checkpoint a run resumes, else calibrated (rank 0's value)."""
+    saved = json.loads((ckpt / "state.json").read_text()).get("margin") if ckpt is not None else None
+    if saved is not None:
+        table.margin = float(saved["value"])
+        table.info.update(margin=table.margin, margin_calibrated=True, margin_calibration=saved["calibration"])
+        return
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def states(idx: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if cache is not None:
+            return cache.get(idx, batch["labels"].shape[1])[1].to(acc.device)
+        with torch.no_grad():
+            return D.teacher_forward(teacher, {k: v.to(acc.device) for k, v in batch.items()})[1]
+
+    info = calibrate_margin(data, table, lc, seed, pad_id, states)
+    if acc.num_processes > 1:  # every process must use the same margin (online teachers may differ in the last bit)
+        from accelerate.utils import broadcast
+
+        table.margin = float(broadcast(torch.tensor([table.margin], device=acc.device), from_process=0).item())
+        table.info["margin"] = table.margin
+    if acc.is_main_process:
+        print(
+            f"antonym margin {table.margin:.4g}: the {lc.margin_quantile:g} quantile of MSE(antonym sense, teacher "
+            f"state) over {info['antonym_terms']} antonym terms of {info['sequences']} training sequences"
+        )
+
+
+def _sense_summary(path: Path, margin: float) -> dict[str, Any]:
+    """The sense diagnostics of a run's logged steps: the margin, and the share of antonym terms inside it
+    (``hinge_active_share``) and the mean positive/negative MSE, at the first and last logged step and
+    averaged over all of them."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    out: dict[str, Any] = {"margin": margin, "logged_steps": len(rows)}
+    for key in ("hinge_active_share", "pos_mse", "neg_mse"):
+        vals = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if vals:
+            out[key] = {
+                "first": vals[0][1],
+                "last": vals[-1][1],
+                "mean": sum(v for _, v in vals) / len(vals),
+                "first_step": vals[0][0],
+                "last_step": vals[-1][0],
+            }
+    return out
+
+
 def _to(sp, device):
     from dskd.losses import SparseTeacher
 
@@ -741,8 +865,10 @@ def cache_main(argv: list[str]) -> int:
 
     p = config_parser(
         "cache build",
-        "Run the teacher once over the training set of a recipe and store its top-k logits and last hidden\n"
-        "states, for any number of runs (KD, DSKD, seeds) of the same teacher and data.",
+        "Run the teacher once over the training set of a recipe (its 1-token answers come from the same\n"
+        "pass) and store its last hidden states, for any number of runs (KD, DSKD, seeds) of the same teacher\n"
+        "and data. A student sharing the teacher's frozen LM head (a truncated one) gets exact KD from them;\n"
+        "for a student with its own head the top-k logits are stored too (distill.cache_kd, cache_topk).",
     )
     p.add_argument("--force", action="store_true", help="Rebuild even when the folder holds a matching cache.")
     cfg, extra = parse_config(p, argv)

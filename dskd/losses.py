@@ -238,7 +238,7 @@ class SenseTable:
         neg_idx: Bank rows of the negative set N: (sampled) antonyms' senses [+ own senses with
             ``reference_antonyms``]. (U, N)
         related: Whether the token has synonym or antonym senses in use (the set V of method.md 5). (U,)
-        margin: The antonym hinge margin m in MSE units (already scaled when margin_mode is relative).
+        margin: The antonym hinge margin m in MSE units (resolved from ``margin_mode``).
         info: Counts and provenance for the run's meta.json.
     """
 
@@ -439,6 +439,37 @@ def sense_loss(
         stats["neg_n"] = n_ok.sum().float()
         stats["hinge_active"] = ((n_mse < table.margin) & n_ok).sum().float()
     return SenseOutput(loss=loss, stats=stats)
+
+
+def antonym_teacher_mse(
+    teacher_h: torch.Tensor, labels: torch.Tensor, plans: list[SensePlan], table: SenseTable, kappa: int = 5
+) -> torch.Tensor:
+    """MSE(n, h^t_i) of the antonym terms the sense loss would use, measured at the teacher's own states.
+
+    At each planned related position i, the negatives are the kappa candidates of N nearest the
+    teacher's state h^t_i (the selection of :func:`sense_loss`); this returns their MSE to h^t_i,
+    the distribution an antonym margin can be calibrated on (``margin_mode: antonym_quantile``).
+
+    Args:
+        teacher_h: Teacher last hidden states. (B, T, d)
+        labels: Aligned targets. (B, T)
+        plans: One :class:`SensePlan` per sequence of the batch.
+        table: Candidate senses of the run.
+        kappa: Candidates kept per set.
+
+    Returns:
+        The MSEs of all kept antonym terms, float32. (m,)
+    """
+    dev = teacher_h.device
+    b = torch.cat([torch.full_like(p.related, i) for i, p in enumerate(plans)]).to(dev)
+    t = torch.cat([p.related for p in plans]).to(dev)
+    if b.numel() == 0:
+        return torch.zeros(0, device=dev)
+    ht = teacher_h[b, t].float()  # (n, d)
+    rows = table.row_of[labels[b, t]]  # (n,)
+    n_vec, n_ok = _nearest(table.neg_idx[rows], table.bank, ht, kappa)  # (n, k, d), (n, k)
+    mse = (n_vec - ht[:, None, :]).pow(2).sum(-1) / ht.shape[-1]  # (n, k)
+    return mse[n_ok]
 
 
 def summarize_sense_stats(stats: dict[str, float]) -> dict[str, float]:

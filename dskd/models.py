@@ -278,6 +278,54 @@ def shared_vocab_size(teacher: nn.Module, student: nn.Module, tokenizer) -> int:
     return v
 
 
+def shared_head_problem(teacher: nn.Module, student: nn.Module, vocab_size: int) -> str | None:
+    """Why the teacher's logits can *not* be recomputed through the student's head, or None when they can.
+
+    They can when the student's output head is frozen and holds the teacher's head weights (a
+    truncated student keeps the teacher's final norm and LM head), and the teacher's logits are
+    that head applied to the state its decoder returns (after the final norm): checked on a short
+    probe input, so soft-capped or scaled logits and pre-norm states are caught.
+
+    Args:
+        teacher: The teacher causal LM.
+        student: The student causal LM.
+        vocab_size: Logit columns KD compares.
+    """
+    t_head, s_head = teacher.get_output_embeddings(), student.get_output_embeddings()
+    if t_head is None or s_head is None:
+        return "a model has no output embeddings"
+    t_p, s_p = dict(t_head.named_parameters()), dict(s_head.named_parameters())
+    if set(t_p) != set(s_p):
+        return "the student's LM head has other parameters than the teacher's"
+    if any(p.requires_grad for p in s_p.values()):
+        return "the student's LM head is trainable"
+    for name, p in s_p.items():
+        q = t_p[name]
+        if p.shape != q.shape or not torch.equal(p.detach(), q.detach().to(p.device)):
+            return f"the student's LM head ({name}) differs from the teacher's"
+    dev = next(teacher.parameters()).device
+    ids = (torch.arange(16, device=dev) * 7919 % vocab_size)[None]  # (1, 16) arbitrary in-vocabulary ids
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits[..., :vocab_size].float()  # (1, 16, V)
+        h = getattr(teacher.base_model(input_ids=ids), "last_hidden_state", None)  # (1, 16, d)
+        if h is None:
+            return "the teacher's decoder does not return its last hidden state"
+        again = s_head(h.to(s_head.weight.device))[..., :vocab_size].float().to(logits.device)
+    tol = 1e-3 * float(logits.abs().max().clamp(min=1.0))
+    if not torch.allclose(logits, again, atol=tol, rtol=0):
+        return "the teacher's logits are not its LM head applied to its last hidden state"
+    return None
+
+
+def head_probe(model: nn.Module) -> str:
+    """A cheap hash of a model's output head weights (256 fixed rows), for cache keys."""
+    import hashlib
+
+    w = model.get_output_embeddings().weight.detach()
+    rows = w[:: max(1, w.shape[0] // 256)].float().cpu().contiguous()  # (<= 257, d)
+    return hashlib.sha256(str(list(w.shape)).encode() + rows.numpy().tobytes()).hexdigest()[:16]
+
+
 @dataclass
 class Pair:
     """A teacher, its student, the shared tokenizer and how they were made."""

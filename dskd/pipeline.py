@@ -185,11 +185,18 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     from dskd.data import build_teacher_cache
 
     cache_dir = out / "teacher_cache"
+    from dskd.data import CACHE_FORMAT
+
     cache_inputs = {
         "teacher": cfg.model.teacher,
         "data": to_dict(cfg.data),
         "topk": cfg.distill.cache_topk,
         "dtype": cfg.model.dtype,
+        # a new cache format, or another KD mode / hidden dtype / T, rebuilds the cache
+        "format": CACHE_FORMAT["version"],
+        "kd": cfg.distill.cache_kd,
+        "hidden_dtype": cfg.distill.cache_hidden_dtype,
+        "T": cfg.loss.T,
     }
     h_cache = h_lex
     if cfg.distill.teacher_cache:
@@ -203,7 +210,8 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 
 
 SENSE_FIELDS = (
-    "kappa", "margin", "margin_mode", "positive_margin", "max_synonyms", "max_antonyms", "min_positions",
+    "kappa", "margin", "margin_mode", "margin_quantile", "margin_calibration_seqs", "positive_margin",
+    "max_synonyms", "max_antonyms", "min_positions",
     "position_frac", "self_sense", "use_synonyms", "use_antonyms", "reference_antonyms",
 )  # fmt: skip
 
@@ -494,7 +502,7 @@ def main_experiment(argv: list[str]) -> int:
     p.add_argument(
         "--arms",
         default=",".join(DEFAULT_ARMS),
-        help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin=0.5@lam=2 or "
+        help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin_quantile=0.1@lam=2 or "
         "kd@distill.epochs=6 (a bare key is a loss field); the --baseline arm is always included.",
     )
     p.add_argument(

@@ -14,6 +14,7 @@ from conftest import TOY_TEXT
 from fakes import FakeLexicon, FakeStore
 from safetensors.torch import load_file
 
+from dskd import data as D
 from dskd.config import ConfigError, from_dict
 from dskd.data import CacheError, TeacherCache, build_teacher_cache
 from dskd.distill import distill, latest_checkpoint
@@ -149,22 +150,45 @@ def test_resume_after_kill_reaches_the_same_weights(tiny_teacher_dir, text_file,
     assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(run)]
 
 
-def test_cached_teacher_equals_online_teacher(tiny_teacher_dir, text_file, senses, tmp_path):
+@pytest.mark.parametrize(
+    ("cache_kd", "hidden_dtype", "rel", "atol"),
+    [
+        ("auto", "float32", 1e-5, 1e-5),  # no logits cached: recomputed through the shared head
+        ("auto", "float16", 3e-3, 2e-3),  # the same from fp16 states: equal within fp16's precision
+        ("logits", "float32", 1e-5, 1e-5),  # the full logits cached
+    ],
+)
+def test_cached_teacher_equals_online_teacher(
+    cache_kd, hidden_dtype, rel, atol, tiny_teacher_dir, text_file, senses, tmp_path, capsys
+):
+    from safetensors import safe_open
+
     store, lex = senses
     kw = {"store": store, "lexicon": lex, "progress": False}
-    common = {"distill__cache_topk": 0, "distill__cache_hidden_dtype": "float32", "loss__hidden": "cosine"}
-    common["loss__hidden_weight"] = 0.3
+    common = {"distill__cache_kd": cache_kd, "distill__cache_topk": 0, "distill__cache_hidden_dtype": hidden_dtype}
+    common.update(loss__hidden="cosine", loss__hidden_weight=0.3)
     online = distill(make_cfg(tiny_teacher_dir, text_file, **common), tmp_path / "online", **kw)
     cache_dir = tmp_path / "cache"
     cached_cfg = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, **common)
     cached = distill(cached_cfg, tmp_path / "cached", cache_dir=cache_dir, **kw)
     for ro, rc in zip(metrics(online), metrics(cached), strict=True):
         for k in ("loss", "ce", "kd", "sense", "hidden"):
-            assert ro[k] == pytest.approx(rc[k], rel=1e-5, abs=1e-7), k
+            assert ro[k] == pytest.approx(rc[k], rel=rel, abs=1e-7), k
     wo, wc = trainable(online), trainable(cached)
-    assert all(torch.allclose(wo[k], wc[k], atol=1e-5) for k in wo)
+    assert all(torch.allclose(wo[k], wc[k], atol=atol) for k in wo)
     meta = json.loads((cached / "meta.json").read_text())
-    assert meta["teacher_cache"]["settings"]["dense"]
+    cache_meta = json.loads((cache_dir / "meta.json").read_text())
+    with safe_open(str(cache_dir / cache_meta["shards"][0]), framework="pt") as f:
+        stored = set(f.keys())
+    if cache_kd == "auto":  # a truncated student shares the teacher's head: the cache holds no logits
+        assert meta["teacher_cache"]["settings"]["kd"] == "head" and stored == {"hidden"}
+        assert "exact KD" in capsys.readouterr().out
+    else:
+        assert meta["teacher_cache"]["settings"]["kd"] == "logits" and stored == {"hidden", "logits"}
+    if hidden_dtype == "float16":
+        # fp16 states are not bit-exact: the test above would pass for any rounding, so check it matters
+        assert any(ro["kd"] != rc["kd"] for ro, rc in zip(metrics(online), metrics(cached), strict=True))
+        return
     # a cache is reused, and refused for another recipe (here: another data recipe)
     stamp = (cache_dir / "meta.json").stat().st_mtime_ns
     assert build_teacher_cache(cached_cfg, cache_dir) == cache_dir
@@ -176,20 +200,77 @@ def test_cached_teacher_equals_online_teacher(tiny_teacher_dir, text_file, sense
         TeacherCache.open(cache_dir, key="0" * 16)
 
 
-def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path):
-    cfg = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, distill__cache_topk=8, loss__lam=0.0)
+def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path, capsys):
+    cfg = make_cfg(
+        tiny_teacher_dir,
+        text_file,
+        distill__teacher_cache=True,
+        distill__cache_kd="logits",
+        distill__cache_topk=8,
+        loss__lam=0.0,
+    )
     run = distill(cfg, tmp_path / "sparse", progress=False)
     meta = json.loads((run / "meta.json").read_text())
     assert meta["teacher_cache"]["settings"] == {
+        "kd": "topk",
         "topk": 8,
-        "dense": False,
         "vocab_size": meta["model"]["vocab_size"],
         "hidden_dtype": "float16",
         "T": 2.0,
     }
+    # the tail bucket's mass is recorded and printed by the run
+    tail = meta["teacher_cache"]["tail_mass"]
+    assert 0 < tail["p10"] <= tail["median"] <= tail["p90"] < 1 and 0 < tail["mean"] < 1
+    assert f"holding on average {tail['mean']:.3f}" in capsys.readouterr().out
     # the default cache folder is shared by the runs next to this one
     assert Path(meta["teacher_cache"]["path"]).parent == tmp_path / "teacher_cache"
     assert all(r["kd"] > 0 and r["sense"] == 0 for r in metrics(run))
+
+
+def test_antonym_margin_is_calibrated_at_the_teacher_states(tiny_teacher_dir, text_file, senses, tmp_path, capsys):
+    """Default margin: the margin_quantile quantile of MSE(antonym sense, teacher state) of the first sequences,
+    so at the teacher's own states (measured here through sense_loss itself) that share of the hinge is on."""
+    from dskd.distill import build_sense_table, window_plans
+    from dskd.losses import sense_loss
+    from dskd.models import load_model
+
+    store, lex = senses
+    q = 0.3
+    cfg = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, loss__margin_quantile=q)
+    assert cfg.loss.margin_mode == "antonym_quantile"
+    run = distill(cfg, tmp_path / "run", store=store, lexicon=lex, progress=False)
+    meta = json.loads((run / "meta.json").read_text())
+    table_info = meta["senses"]["table"]
+    cal = table_info["margin_calibration"]
+    assert table_info["margin_calibrated"] and cal["quantile"] == q and cal["antonym_terms"] >= 50
+    m = table_info["margin"]
+    assert cal["teacher_antonym_mse"]["p25"] <= m <= cal["teacher_antonym_mse"]["p50"]
+    assert f"antonym margin {m:.4g}" in capsys.readouterr().out
+    # independently: the teacher's states of the same sequences and positions through sense_loss
+    data = TeacherCache.open(meta["teacher_cache"]["path"]).data
+    table = build_sense_table(store, lex, sorted({int(t) for s in data.seqs for t in s[1:].tolist()}), cfg.loss)
+    table.margin = m
+    teacher = load_model(str(tiny_teacher_dir))
+    active = total = 0
+    order = [i for mb in D.epoch_batches(len(data), 1, cfg.distill.seed, 0) for i in mb][: cal["sequences"]]
+    for i in order:
+        plans = window_plans(data, [i], table, cfg.loss, cfg.distill.seed, 0, 0)
+        batch = D.collate([data.seqs[i]], 0)
+        with torch.no_grad():
+            ht = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        st = sense_loss(ht, ht, batch["labels"], [plans[i]], table, cfg.loss.kappa).stats
+        active, total = active + st["hinge_active"].item(), total + st["neg_n"].item()
+    assert total == cal["antonym_terms"]
+    assert abs(active / total - q) <= 2 / total
+    # the share of active hinge terms over training: in metrics.jsonl and summarised in meta.json
+    summary = meta["sense_summary"]
+    assert summary["margin"] == m and summary["logged_steps"] == 3
+    shares = [r["hinge_active_share"] for r in metrics(run)]
+    assert summary["hinge_active_share"]["first"] == shares[0] and summary["hinge_active_share"]["last"] == shares[-1]
+    # the paper's absolute margin stays one flag away
+    absolute = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, loss__margin_mode="absolute")
+    run = distill(absolute, tmp_path / "abs", store=store, lexicon=lex, progress=False)
+    assert json.loads((run / "meta.json").read_text())["senses"]["table"]["margin"] == 2.0
 
 
 def test_lam_needs_sense_folders(tiny_teacher_dir, text_file, tmp_path):

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from fakes import FakeLexicon, FakeStore
 
-from dskd.config import LossConfig
+from dskd.config import ConfigError, LossConfig
 from dskd.distill import build_sense_table
 from dskd.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
     SensePlan,
+    antonym_teacher_mse,
     ce_loss,
     combine,
     divergence,
@@ -232,10 +233,36 @@ def test_reference_antonyms_and_ablation_switches():
     assert not table.related.any()
 
 
-def test_relative_margin_scales_by_store_median():
-    table, _ = _hand_table(margin=0.5, margin_mode="relative")
+def test_state_median_margin_scales_by_store_median():
+    table, _ = _hand_table(margin=0.5, margin_mode="state_median")
     assert table.margin == pytest.approx(0.5 * 3.5)
     assert table.info["store_median_mse"] == 3.5
+    assert LossConfig(margin_mode="relative").margin_mode == "state_median"  # the old name still reads
+    table, _ = _hand_table(margin=0.5, margin_mode="absolute")
+    assert table.margin == 0.5 and table.info["margin_calibrated"]
+    with pytest.raises(ConfigError, match="loss.margin_quantile"):
+        LossConfig(margin_quantile=1.0)
+    with pytest.raises(ConfigError, match="loss.margin_mode"):
+        LossConfig(margin_mode="median")
+
+
+def test_antonym_teacher_mse_golden():
+    """MSE of the kept antonym senses to the teacher state (0.4, 0.1): (0,1) -> 0.485, (5,5) -> 22.585."""
+    table, _ = _hand_table()
+    ht, labels = torch.tensor([[[0.4, 0.1]]]), torch.tensor([[Y]])
+    none = torch.zeros(0, dtype=torch.long)
+    related = SensePlan(torch.tensor([0]), none)
+    got = antonym_teacher_mse(ht, labels, [related], table, kappa=2)
+    assert sorted(got.tolist()) == pytest.approx([0.485, 22.585])
+    assert antonym_teacher_mse(ht, labels, [related], table, kappa=1).tolist() == pytest.approx([0.485])
+    assert antonym_teacher_mse(ht, labels, [SensePlan(none, torch.tensor([0]))], table).numel() == 0
+    # with the reference code's negatives, y's own senses join: (0,0) -> 0.085 is now nearest
+    table, _ = _hand_table(reference_antonyms=True)
+    assert sorted(antonym_teacher_mse(ht, labels, [related], table, kappa=2).tolist()) == pytest.approx([0.085, 0.485])
+    # the hinge at the teacher's own state is active exactly for the terms below the margin
+    table, cfg = _hand_table(kappa=2, margin=1.0)
+    out = sense_loss(ht, ht, labels, [related], table, kappa=2)
+    assert out.stats["hinge_active"].item() == 1 and out.stats["neg_n"].item() == 2
 
 
 def test_multi_token_tail_uses_composed_entry_and_caps():
