@@ -43,9 +43,10 @@ def load_result(path: Path | str) -> dict[str, Any]:
 
 def _correct(entry: dict[str, Any], metric: str) -> tuple[dict[str, float], str]:
     items = entry["items"]
-    primary = entry.get("primary", "acc")
-    if metric not in entry["metrics"] and primary in items:  # per-item scores, e.g. SQuAD's F1
-        return {i: float(v) for i, v in zip(items["id"], items[primary], strict=True)}, primary
+    if metric not in entry["metrics"]:
+        metric = entry.get("primary", "acc")
+    if metric in items:  # per-item scores, e.g. SQuAD's F1
+        return {i: float(v) for i, v in zip(items["id"], items[metric], strict=True)}, metric
     key = "pred_norm" if metric == "acc_norm" and "pred_norm" in items else "pred"
     used = "acc_norm" if key == "pred_norm" else "acc"
     return {i: float(p == g) for i, p, g in zip(items["id"], items[key], items["gold"], strict=True)}, used
