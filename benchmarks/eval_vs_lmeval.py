@@ -65,8 +65,8 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-CLOZE = "Question: {{{{question}}}}\\nAnswer:"
-VERBATIM = "{{{{prompt}}}}"
+CLOZE = "Question: {{question}}\\nAnswer:"
+VERBATIM = "{{prompt}}"
 
 YAML_GEN = """task: {name}
 dataset_path: json
