@@ -1,6 +1,6 @@
 """Multiple-choice evaluation: prompts, fast shared-prefix scoring, metrics with bootstrap errors.
 
-Two scoring modes:
+Two scoring modes here (a third, ``generate``, greedy answers, lives in :mod:`dskd.generate`):
 
 * ``loglik`` (lm-eval's ``multiple_choice``): each choice is a continuation of the question's cloze
   query; its score is the summed log-probability of its tokens. ``acc`` takes the best sum,
