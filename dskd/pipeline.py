@@ -360,6 +360,9 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
 
     dump_yaml(cfg, out / "config.yaml")
     print(f"dskd run: {cfg.name} -> {out}")
+    from dskd.presets import check_paper
+
+    check_paper(cfg.eval, cfg.model.teacher)  # the paper protocol's chat prompts, before hours of work
     shared = prepare_shared(cfg, pipe)
     result: dict[str, Any] = {"out": out, **{k: v for k, v in shared.items() if k != "hashes"}}
     if STAGES.index(until) < STAGES.index("students"):

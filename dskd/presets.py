@@ -133,6 +133,23 @@ def paper_config(cfg: EvalConfig) -> EvalConfig | None:
     return dataclasses.replace(cfg, preset="paper", limit=cfg.paper_limit)
 
 
+def check_paper(cfg: EvalConfig, model_spec: str) -> None:
+    """Before a main job starts: the paper protocol it will run needs the model's chat template.
+
+    Raises:
+        ConfigError: Naming ``--eval.paper_limit`` (``-1`` skips the protocol) when it cannot run.
+    """
+    paper = paper_config(cfg)
+    if paper is None:
+        return
+    from dskd.models import load_tokenizer, resolve_spec
+
+    try:
+        check_chat(load_tokenizer(resolve_spec(model_spec)), plan(paper), paper.preset)
+    except ConfigError as e:
+        raise ConfigError(f"--eval.paper_limit: {e}; or set --eval.paper_limit -1 to skip the paper protocol") from e
+
+
 def describe(cfg: EvalConfig) -> str:
     """One markdown line stating the protocol of every task of a preset evaluation."""
     from dskd.generate import setup_label
@@ -142,4 +159,14 @@ def describe(cfg: EvalConfig) -> str:
     return f"preset `{cfg.preset}`, {limit}; " + "; ".join(parts)
 
 
-__all__ = ["PRESETS", "Protocol", "check_chat", "describe", "paper_config", "plan", "preset_items", "task_configs"]
+__all__ = [
+    "PRESETS",
+    "Protocol",
+    "check_chat",
+    "check_paper",
+    "describe",
+    "paper_config",
+    "plan",
+    "preset_items",
+    "task_configs",
+]

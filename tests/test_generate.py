@@ -23,7 +23,7 @@ from dskd.generate import (
     subject_quota,
     token_f1,
 )
-from dskd.presets import PRESETS, check_chat, paper_config, plan, preset_items, task_configs
+from dskd.presets import PRESETS, check_chat, check_paper, paper_config, plan, preset_items, task_configs
 from dskd.tasks import Item, Task, get_task
 
 PROMPTS = [
@@ -265,6 +265,11 @@ def test_errors_name_the_flag_before_any_model_loads(tiny_teacher_dir, tmp_path,
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ConfigError, match="--chat: this tokenizer has no chat template, but --preset paper"):
         evaluate(str(plain), EvalConfig(preset="paper", limit=1), tmp_path / "x.json")
+    # the main job refuses before any stage runs, naming the field that skips the protocol
+    with pytest.raises(ConfigError, match="--eval.paper_limit: --chat: this tokenizer has no chat template"):
+        check_paper(EvalConfig(paper_limit=3), str(plain))
+    check_paper(EvalConfig(paper_limit=-1), str(plain))
+    check_paper(EvalConfig(paper_limit=3), str(tiny_teacher_dir))
     with pytest.raises(ConfigError, match="use --no-chat"):
         check_chat(tok, [(ToyMc(), [], EvalConfig(chat=True))])
     assert not (tmp_path / "x.json").exists()
