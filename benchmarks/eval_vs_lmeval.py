@@ -195,7 +195,8 @@ def loglik_row(b: Bench, name: str, shots: int) -> dict:
     def theirs(k):
         return run_lmeval(b.lm, manager, chunks[k])
 
-    ours(0), theirs(0)  # untimed warm-up on the first chunk
+    if b.args.warmup:  # untimed warm-up on the first chunk
+        ours(0), theirs(0)
     t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
     pred = [p for e in r_ours for p in e["items"]["pred"]]
     pred_norm = [p for e in r_ours for p in e["items"]["pred_norm"]]
@@ -267,7 +268,8 @@ def generate_row(b: Bench, name: str, shots: int) -> dict:
     def theirs(k):
         return run_lmeval(b.lm, manager, chunks[k])
 
-    ours(0), theirs(0)  # untimed warm-up on the first chunk
+    if b.args.warmup:  # untimed warm-up on the first chunk
+        ours(0), theirs(0)
     t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
     gen_ours = [g for e in r_ours for g in e["items"]["generation"]]
     gen_theirs = [s["resps"][0][0] for samples in r_theirs for s in samples]
@@ -313,6 +315,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="Batch size of both tools.")
     p.add_argument("--chunk", type=int, default=20, help="Items per alternation between the two tools.")
     p.add_argument("--max-new-tokens", type=int, default=0, help="Generation budget (0: dskd's default per task).")
+    p.add_argument(
+        "--gen-tasks", default="squad,arc_challenge", help="Tasks of the generate row (squad 1-shot, others 5-shot)."
+    )
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="One untimed call of each tool per row before timing (--no-warmup: for a quick agreement check).",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     p.add_argument("--json", type=Path, default=None, help="Also write the numbers to this JSON file.")
     args = p.parse_args()
@@ -338,8 +349,9 @@ def main() -> None:
         if "loglik5" in rows:
             results.append(loglik_row(b, "arc_challenge", 5))
         if "generate" in rows:
-            results.append(generate_row(b, "squad", 1))
-            results.append(generate_row(b, "arc_challenge", 5))
+            for t in args.gen_tasks.split(","):
+                if t:
+                    results.append(generate_row(b, t, 1 if t == "squad" else 5))
     print(
         "\n| row | n | dskd items/s | lm-eval items/s | ratio | metric | dskd | lm-eval | items that differ |\n"
         "|---|---:|---:|---:|---:|---|---:|---:|---:|"
