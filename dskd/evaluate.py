@@ -588,8 +588,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         head,
         "",
-        "| task | setup | n | acc | acc_norm | f1 | em | unparseable | items/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | n | acc | acc_norm | f1 | em | unparseable | items/s | setup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def cell(m: dict[str, float], k: str) -> str:
@@ -602,7 +602,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         m = e["metrics"]
         unp = f"{100 * m['unparseable']:.1f}%" if "unparseable" in m else "-"
         cells = " | ".join(cell(m, k) for k in ("acc", "acc_norm", "f1", "em"))
-        lines.append(f"| {name} | {e.get('setup', '-')} | {e['n']} | {cells} | {unp} | {e['items_per_s']:.1f} |")
+        lines.append(f"| {name} | {e['n']} | {cells} | {unp} | {e['items_per_s']:.1f} | {e.get('setup', '-')} |")
     for name, e in result["tasks"].items():
         if "subjects" in e:
             lines += ["", f"## {name} per subject", "", "| subject | n | acc | acc_norm |", "|---|---:|---:|---:|"]

@@ -285,8 +285,8 @@ def test_eval_cli_with_the_paper_preset(tiny_teacher_dir, tmp_path, capsys):
     assert all(e["max_new_tokens"] == 3 for e in res["tasks"].values())
     table = out.with_suffix(".md").read_text()
     assert table == markdown_table(res)
-    assert "| arc_challenge | 5-shot chat, greedy generation, answer letter |" in table
-    assert "| squad | 1-shot chat, greedy generation, token F1 / exact match |" in table
+    assert "| 5-shot chat, greedy generation, answer letter |" in table and "| arc_challenge | 2 |" in table
+    assert "| 1-shot chat, greedy generation, token F1 / exact match |" in table and "| squad | 2 |" in table
     from dskd.report import report
 
     text = report([out, out], baseline="paper")
