@@ -724,7 +724,8 @@ def main(argv: list[str]) -> int:
         "--stop",
         action="append",
         default=None,
-        help="A stop sequence of --scoring generate (repeatable; default a newline; EOS always stops).",
+        help="A stop sequence of --scoring generate (repeatable; \\n is a newline; default a newline; "
+        "the end-of-sequence token always stops).",
     )
     p.add_argument(
         "--limit",
@@ -768,7 +769,7 @@ def main(argv: list[str]) -> int:
         data=args.data,
         preset=args.preset or "",
         max_new_tokens=args.max_new_tokens,
-        stop=args.stop,
+        stop=[s.replace("\\n", "\n") for s in args.stop] if args.stop is not None else None,
     )
     res = evaluate(args.model, cfg, args.out, name=args.name)
     print(markdown_table(res), end="")

@@ -16,7 +16,7 @@ openbookqa     validation, half A by hash of the question              validatio
 hellaswag      validation, half A by hash of the source video          validation, half B
 sciq           validation, half A by hash of the question              validation, half B
 winogrande     validation, half A by hash of the sentence              validation, half B
-squad          1,000 validation questions, half A by hash of the title half B (extractive QA)
+squad          validation sample (1,000), half A by hash of the title  validation, half B
 ============== ======================================================= ==========================
 
 Halves are fixed (SHA-256 of the normalised key, even -> train), so they never change between runs
