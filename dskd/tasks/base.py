@@ -35,8 +35,10 @@ class Item:
         question: The question (or sentence / goal / context to complete).
         choices: Answer texts, in the order the letters A, B, C ... name them.
         gold: Index of the correct choice.
-        subject: Subject (MMLU) or activity (HellaSwag) the item belongs to, if any.
-        context: A passage shown before the question (SciQ support), if any.
+        subject: Subject (MMLU), activity (HellaSwag) or article title (SQuAD) of the item, if any.
+        context: A passage shown before the question (SciQ support, SQuAD background), if any.
+        answers: Extractive QA only (``Task.kind == "qa"``): every gold answer text; ``choices`` is
+            then empty and ``gold`` is -1.
     """
 
     id: str
@@ -45,6 +47,7 @@ class Item:
     gold: int
     subject: str | None = None
     context: str | None = None
+    answers: tuple[str, ...] = ()
 
 
 def normalise_text(text: str) -> str:
@@ -124,6 +127,7 @@ class Task:
     protocol: str = ""  # one line: which items train, which evaluate
     aliases: tuple[str, ...] = ()
     has_subjects: bool = False
+    kind: str = "mc"  # "mc": multiple choice; "qa": extractive QA (scored only by generation)
 
     def __init__(self, source: str | None = None) -> None:
         self.source = source
