@@ -27,7 +27,7 @@ from typing import Any
 from dskd.config import ConfigError, LossConfig, RunConfig, TrainConfig, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
-STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
+STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
 
 # Arms of the experiment: name -> (description, loss overrides).
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -65,6 +65,9 @@ def quick(cfg: RunConfig) -> RunConfig:
     q.eval.tasks = [t for t in q.eval.tasks if t.startswith("arc")] or q.eval.tasks[:1]
     q.eval.limit = 40 if q.eval.limit == 0 else min(q.eval.limit, 40)
     q.eval.bootstrap = min(q.eval.bootstrap, 200)
+    q.fidelity.text_limit = 20 if q.fidelity.text_limit == 0 else min(q.fidelity.text_limit, 20)
+    q.fidelity.prompt_limit = 4 if q.fidelity.prompt_limit == 0 else min(q.fidelity.prompt_limit, 4)
+    q.fidelity.bootstrap = min(q.fidelity.bootstrap, 200)
     return q
 
 
@@ -178,9 +181,23 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 
     sen_dir = out / "senses"
     sen_inputs = {"teacher": cfg.model.teacher, "cfg": to_dict(cfg.senses), "lexicon": h_lex}
-    h_sen = pipe.stage(
-        "senses", sen_inputs, sen_dir, lambda: build_senses(cfg.model.teacher, cfg.senses, lex_dir, sen_dir)
-    )
+    sen_cfg = cfg.senses
+    if PROMPTS_CORPUS in cfg.senses.corpus:
+        # the training prompts as a corpus: written once, read by the sense builder like any .jsonl file
+        prompts = out / "prompts.jsonl"
+        prompt_inputs = {"data": to_dict(cfg.data), "tok": tokenizer_fingerprint(tok)}
+        sen_inputs["prompts"] = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg, tok, prompts))
+        corpus = [str(prompts) if c == PROMPTS_CORPUS else c for c in cfg.senses.corpus]
+        sen_cfg = dataclasses.replace(cfg.senses, corpus=corpus)
+
+    def do_senses() -> None:
+        build_senses(cfg.model.teacher, sen_cfg, lex_dir, sen_dir)
+        text = [c for c in cfg.senses.corpus if c != PROMPTS_CORPUS]
+        _write_json(out / "senses_coverage.json", sense_coverage(sen_cfg, text, tok, lex_dir, sen_dir))
+
+    h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses)
+    if (out / "senses_coverage.json").is_file():
+        print(coverage_line(json.loads((out / "senses_coverage.json").read_text())))
 
     from dskd.data import build_teacher_cache
 
@@ -200,6 +217,65 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
         "cache": cache_dir if cfg.distill.teacher_cache else None,
         "hashes": {"lexicon": h_lex, "senses": h_sen, "cache": h_cache},
     }
+
+
+PROMPTS_CORPUS = "prompts"
+
+
+def write_prompts(cfg: RunConfig, tokenizer, path: Path) -> Path:
+    """The recipe's training prompts, formatted exactly as the distillation stage builds them (chat
+    template included), one ``{"text": ...}`` line each: a corpus for the sense dictionary."""
+    from dskd.data import task_prompts
+
+    lines = [json.dumps({"text": p}) for p in task_prompts(cfg, tokenizer)]
+    if not lines:
+        raise ConfigError("--senses.corpus: 'prompts' needs training prompts, but data.tasks is empty")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def sense_coverage(sen_cfg: Any, text_specs: list[str], tokenizer, lex_dir: Path, sen_dir: Path) -> dict[str, Any]:
+    """How many lexicon heads the sense store covers, and what the training prompts add.
+
+    ``store``: heads with senses in the built store (states are filed under the teacher's predicted
+    or the actual next token, as ``senses.key`` says). ``occurring``: heads that occur as a token in
+    the gathered token stream, for the text corpora alone (the same token budget, no prompts) and for
+    the corpora as configured: the cheap before/after comparison, needing no second teacher pass.
+    """
+    from dskd.lexicon import Lexicon
+    from dskd.senses import token_stream
+
+    meta = json.loads((sen_dir / "meta.json").read_text())
+    heads = set(Lexicon.load(lex_dir, tokenizer).heads())
+    occurring = {}
+    for name, specs in (("text_corpora", text_specs), ("configured", list(sen_cfg.corpus))):
+        if specs:
+            stream, per = token_stream(tokenizer, specs, sen_cfg.max_tokens + 1)
+            occurring[name] = {"heads": len(heads & set(stream.tolist())), "tokens_per_corpus": per}
+    cov = meta.get("coverage", {})
+    return {
+        "lexicon_heads": len(heads),
+        "store": {"heads": cov.get("lexicon_heads_with_senses"), "key": sen_cfg.key},
+        "occurring": occurring,
+        "corpus": list(sen_cfg.corpus),
+    }
+
+
+def coverage_line(c: dict[str, Any]) -> str:
+    """One line for the run log from :func:`sense_coverage`'s record."""
+    n = max(int(c["lexicon_heads"]), 1)
+
+    def share(k: int | None) -> str:
+        return "-" if k is None else f"{k:,}/{n:,} ({100 * k / n:.1f}%)"
+
+    occ = c["occurring"]
+    line = f"senses: lexicon heads with senses {share(c['store']['heads'])}"
+    if "text_corpora" in occ and occ["text_corpora"] != occ.get("configured"):
+        line += (
+            f"; heads occurring in the gathered text: text corpora alone {share(occ['text_corpora']['heads'])}"
+            f" -> with the training prompts {share(occ['configured']['heads'])}"
+        )
+    return line
 
 
 SENSE_FIELDS = (
@@ -294,6 +370,40 @@ def evaluate_model(cfg: RunConfig, pipe: Pipeline, name: str, spec: str, upstrea
     return out
 
 
+def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], students: dict[str, Path]) -> Path:
+    """Held-out fidelity of every student to the teacher (one teacher pass for all), with the sense probe."""
+    from dskd.fidelity import fidelity
+
+    out = pipe.out / "eval" / "fidelity.json"
+    inputs = {
+        "teacher": cfg.model.teacher,
+        "fidelity": to_dict(cfg.fidelity),
+        "prompt_tasks": cfg.eval.tasks,
+        "shots": cfg.data.shots,
+        "dtype": cfg.eval.dtype,
+        "students": {n: _upstream(pipe, f"train:{n}") for n in students},
+        "senses": shared["hashes"]["senses"],
+    }
+
+    def do() -> None:
+        fidelity(
+            cfg.model.teacher,
+            {n: str(p) for n, p in students.items()},
+            cfg.fidelity,
+            out,
+            prompt_tasks=cfg.eval.tasks,
+            shots=cfg.data.shots,
+            senses_dir=shared["senses"],
+            lexicon_dir=shared["lexicon"],
+            dtype=cfg.eval.dtype,
+            device=cfg.eval.device,
+            baseline="kd" if "kd" in students else None,
+        )
+
+    pipe.stage("fidelity", inputs, out, do)
+    return out
+
+
 def _upstream(pipe: Pipeline, key: str) -> str:
     return str(pipe.state.get(key, {}).get("hash", ""))
 
@@ -370,20 +480,23 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     for name, path in students.items():
         files[name] = evaluate_model(cfg, pipe, name, str(path), _upstream(pipe, f"train:{name}"))
     result["eval"] = files
+    if STAGES.index(until) < STAGES.index("fidelity"):
+        return result
+    result["fidelity"] = fidelity_stage(cfg, pipe, shared, students)
     if STAGES.index(until) < STAGES.index("report"):
         return result
-    from dskd.report import report
+    from dskd.report import fidelity_section, report
 
-    table = report(list(files.values()), baseline="kd")
+    table = report(list(files.values()), baseline="kd") + "\n" + fidelity_section(result["fidelity"], "kd")
     (out / "report.md").write_text(table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")
     tsne_png = figures / "senses_tsne.png"
     try:
-        from dskd.senses import plot_main
+        from dskd.plots import FIGURE1_WORDS, senses_figure
 
-        words = "red,crimson,scarlet,ruby,bus,car"
-        plot_main([str(shared["senses"]), "--words", words, "--out", str(tsne_png), "--teacher", cfg.model.teacher])
+        text = [c for c in cfg.senses.corpus if c != PROMPTS_CORPUS] or ["default"]
+        senses_figure(cfg.model.teacher, FIGURE1_WORDS, tsne_png, corpus=text, k=cfg.senses.k)
     except Exception as e:  # a picture must never sink a finished run
         print(f"(sense t-SNE skipped: {e})")
         tsne_png = None
@@ -463,7 +576,7 @@ def main_run(argv: list[str]) -> int:
     p = config_parser(
         "run",
         "The main job: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students ->\n"
-        "evaluation of teacher, untrained student, KD and DSKD -> report table and pictures.\n"
+        "evaluation of teacher, untrained student, KD and DSKD -> held-out fidelity -> report table and pictures.\n"
         "Stages whose outputs exist and match their inputs are skipped; an interrupted run continues.\n"
         "Example: dskd run --config configs/smollm2-135m_to_15l.yaml [--quick] [--loss.lam 1.5]",
     )
