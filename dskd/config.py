@@ -113,7 +113,8 @@ class SenseConfig:
     """Sense dictionary.
 
     Args:
-        corpus: Corpora: text files, folders or globs of .txt/.jsonl files, or ``default``.
+        corpus: Corpora: text files, folders or globs of .txt/.jsonl files, or ``default``; in ``dskd run``
+            also ``prompts``: the recipe's training prompts as the students see them (``<out>/prompts.jsonl``).
         k: Senses (k-means centroids) per token.
         max_samples: Per-token reservoir sample cap.
         key: File each state under the teacher's ``predicted`` next token or the ``actual`` one.

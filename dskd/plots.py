@@ -64,12 +64,16 @@ def find_occurrences(docs: Iterator[str], words: Sequence[str], per_word: int) -
     """Up to ``per_word`` sentences per word, scanning ``docs`` in order until every word has enough.
 
     A match is the word in lower case after a space, not inside a longer word (``red`` does not match
-    ``reddish`` or ``Red``), so it tokenizes as the lexicon's `` word``.
+    ``reddish`` or ``Red``), so it tokenizes as the lexicon's `` word``. Repeated sentences count once.
     """
     pats = {w: re.compile(r"(?<= )" + re.escape(w) + r"(?![\w-])") for w in words}
     found: dict[str, list[Occurrence]] = {w: [] for w in words}
+    seen: set[str] = set()  # a repeated sentence would add the very same state again
     for doc in docs:
         for sent in _sentences(doc):
+            if sent in seen:
+                continue
+            seen.add(sent)
             for w, pat in pats.items():
                 if len(found[w]) >= per_word:
                     continue
