@@ -1,7 +1,9 @@
 """The main job and the paired experiment: every stage of the method, each skipped when done.
 
 ``dskd run`` chains: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students
--> evaluation of teacher, untrained truncated student, KD and DSKD -> report table and pictures.
+-> evaluation of teacher, untrained truncated student, KD and DSKD -> held-out fidelity of the
+students to the teacher (:mod:`dskd.fidelity`) -> report tables and pictures. A ``prompts`` entry in
+``senses.corpus`` makes the training prompts a corpus of the sense dictionary (``<out>/prompts.jsonl``).
 
 Each stage writes into the run folder and records, in ``<out>/pipeline.json``, a hash of everything
 it was built from (its config section and the hashes of the stages it reads). A rerun skips every
@@ -182,18 +184,19 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     sen_dir = out / "senses"
     sen_inputs = {"teacher": cfg.model.teacher, "cfg": to_dict(cfg.senses), "lexicon": h_lex}
     sen_cfg = cfg.senses
+    # the training prompts, written once: a corpus of the sense builder (read like any .jsonl file) when
+    # senses.corpus names them, and what the coverage summary measures against
+    prompts = out / "prompts.jsonl"
+    prompt_inputs = {"data": to_dict(cfg.data), "tok": tokenizer_fingerprint(tok)}
+    h_prompts = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg, tok, prompts))
     if PROMPTS_CORPUS in cfg.senses.corpus:
-        # the training prompts as a corpus: written once, read by the sense builder like any .jsonl file
-        prompts = out / "prompts.jsonl"
-        prompt_inputs = {"data": to_dict(cfg.data), "tok": tokenizer_fingerprint(tok)}
-        sen_inputs["prompts"] = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg, tok, prompts))
+        sen_inputs["prompts"] = h_prompts
         corpus = [str(prompts) if c == PROMPTS_CORPUS else c for c in cfg.senses.corpus]
         sen_cfg = dataclasses.replace(cfg.senses, corpus=corpus)
 
     def do_senses() -> None:
         build_senses(cfg.model.teacher, sen_cfg, lex_dir, sen_dir)
-        text = [c for c in cfg.senses.corpus if c != PROMPTS_CORPUS]
-        _write_json(out / "senses_coverage.json", sense_coverage(sen_cfg, text, tok, lex_dir, sen_dir))
+        _write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
 
     h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses)
     if (out / "senses_coverage.json").is_file():
@@ -234,46 +237,56 @@ def write_prompts(cfg: RunConfig, tokenizer, path: Path) -> Path:
     return path
 
 
-def sense_coverage(sen_cfg: Any, text_specs: list[str], tokenizer, lex_dir: Path, sen_dir: Path) -> dict[str, Any]:
-    """How many lexicon heads the sense store covers, and what the training prompts add.
+def sense_coverage(sen_dir: Path, lex_dir: Path, tokenizer, prompts: Path | None = None) -> dict[str, Any]:
+    """How much of the lexicon a sense store covers, and how much of what the training prompts need.
 
-    ``store``: heads with senses in the built store (states are filed under the teacher's predicted
-    or the actual next token, as ``senses.key`` says). ``occurring``: heads that occur as a token in
-    the gathered token stream, for the text corpora alone (the same token budget, no prompts) and for
-    the corpora as configured: the cheap before/after comparison, needing no second teacher pass.
+    Returns:
+        ``lexicon_heads`` and ``heads_with_senses`` (heads whose token has senses in the store); with
+        ``prompts`` (a ``{"text": ...}`` .jsonl file, tokenized as the students see chat prompts), also
+        ``prompt_positions`` (positions with a next token), ``head_positions`` (those whose next token is
+        a lexicon head: where the sense loss can act), ``head_positions_with_senses``, and the distinct
+        ``prompt_heads`` / ``prompt_heads_with_senses``.
     """
-    from dskd.lexicon import Lexicon
-    from dskd.senses import token_stream
+    import torch
 
-    meta = json.loads((sen_dir / "meta.json").read_text())
-    heads = set(Lexicon.load(lex_dir, tokenizer).heads())
-    occurring = {}
-    for name, specs in (("text_corpora", text_specs), ("configured", list(sen_cfg.corpus))):
-        if specs:
-            stream, per = token_stream(tokenizer, specs, sen_cfg.max_tokens + 1)
-            occurring[name] = {"heads": len(heads & set(stream.tolist())), "tokens_per_corpus": per}
-    cov = meta.get("coverage", {})
-    return {
-        "lexicon_heads": len(heads),
-        "store": {"heads": cov.get("lexicon_heads_with_senses"), "key": sen_cfg.key},
-        "occurring": occurring,
-        "corpus": list(sen_cfg.corpus),
-    }
+    from dskd.lexicon import Lexicon
+    from dskd.senses import SenseStore
+
+    store = SenseStore.open(sen_dir)
+    v = store.vocab_size
+    has = (store.offsets[1 : v + 1] - store.offsets[:v]) > 0  # (V,) token has senses
+    heads = torch.tensor(sorted(h for h in Lexicon.load(lex_dir, tokenizer).heads() if 0 <= h < v), dtype=torch.long)
+    rec: dict[str, Any] = {"lexicon_heads": len(heads), "heads_with_senses": int(has[heads].sum())}
+    if prompts is not None:
+        nxt = []
+        for line in prompts.read_text().splitlines():
+            ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            nxt += ids[1:]
+        y = torch.tensor(nxt, dtype=torch.long).clamp(0, v - 1)
+        is_head = torch.isin(y, heads)
+        distinct = torch.unique(y[is_head])
+        rec.update(
+            prompt_positions=len(y),
+            head_positions=int(is_head.sum()),
+            head_positions_with_senses=int((is_head & has[y]).sum()),
+            prompt_heads=len(distinct),
+            prompt_heads_with_senses=int(has[distinct].sum()),
+        )
+    return rec
 
 
 def coverage_line(c: dict[str, Any]) -> str:
     """One line for the run log from :func:`sense_coverage`'s record."""
-    n = max(int(c["lexicon_heads"]), 1)
 
-    def share(k: int | None) -> str:
-        return "-" if k is None else f"{k:,}/{n:,} ({100 * k / n:.1f}%)"
+    def share(k: int, n: int) -> str:
+        return f"{k:,}/{n:,} ({100 * k / max(n, 1):.1f}%)"
 
-    occ = c["occurring"]
-    line = f"senses: lexicon heads with senses {share(c['store']['heads'])}"
-    if "text_corpora" in occ and occ["text_corpora"] != occ.get("configured"):
+    line = f"senses: lexicon heads with senses {share(c['heads_with_senses'], c['lexicon_heads'])}"
+    if "head_positions" in c:
         line += (
-            f"; heads occurring in the gathered text: text corpora alone {share(occ['text_corpora']['heads'])}"
-            f" -> with the training prompts {share(occ['configured']['heads'])}"
+            f"; training-prompt positions predicting a lexicon head: {c['head_positions']:,} of "
+            f"{c['prompt_positions']:,}, with senses {share(c['head_positions_with_senses'], c['head_positions'])}"
+            f" ({share(c['prompt_heads_with_senses'], c['prompt_heads'])} distinct heads)"
         )
     return line
 

@@ -75,7 +75,9 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     assert len(prompts) == 4 and all(p.startswith("<|im_start|>user") for p in prompts)
     per_corpus = json.loads((out / "senses/meta.json").read_text())["corpus"]["tokens_per_corpus"]
     assert per_corpus[str(out / "prompts.jsonl")] > 0
-    assert "lexicon heads with senses" in first and "with the training prompts" in first
+    assert "lexicon heads with senses" in first and "training-prompt positions predicting a lexicon head" in first
+    cov = json.loads((out / "senses_coverage.json").read_text())
+    assert 0 < cov["head_positions_with_senses"] <= cov["head_positions"] <= cov["prompt_positions"]
     fid = json.loads((out / "eval/fidelity.json").read_text())
     assert set(fid["sets"]) == {"text", "prompts"}
     assert set(fid["sets"]["text"]["models"]) == {"teacher", "untrained", "kd", "dskd"}
