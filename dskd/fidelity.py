@@ -499,7 +499,11 @@ def _sums(entry: dict[str, Any]) -> dict[str, np.ndarray]:
 def _fmt(metric: str, v: float | None) -> str:
     if v is None or not math.isfinite(v):
         return "-"
-    return f"{100 * v:.1f}" if metric in ("agree", "probe") else (f"{v:.3f}" if metric == "kl" else f"{v:.2f}")
+    if metric in ("agree", "probe"):
+        return f"{100 * v:.1f}"
+    if metric == "ppl" and abs(v) >= 1e4:  # an untrained truncation's perplexity runs to 1e8
+        return f"{v:.3g}"
+    return f"{v:.3f}" if metric == "kl" else f"{v:.2f}"
 
 
 def markdown(result: dict[str, Any], baseline: str | None = None, n_boot: int | None = None) -> str:
