@@ -134,7 +134,7 @@ def word_states(model, tokenizer, occs: Sequence[Occurrence], batch_size: int = 
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    k = min(k, len(x))
+    k = min(k, len(np.unique(x, axis=0)))  # identical contexts give identical states
     if k <= 1:
         return x.mean(0, keepdims=True)
     from sklearn.cluster import KMeans
