@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lexicon show": ("dskd.lexicon:show_main", "Print a word's synonyms and antonyms with their token ids."),
     "senses build": ("dskd.senses:build_main", "Gather teacher states, cluster senses per token, store them."),
     "senses show": ("dskd.senses:show_main", "Print a word's senses, samples per sense and nearest tokens."),
-    "plot senses": ("dskd.senses:plot_main", "Draw a t-SNE picture of some words' senses (Figure 1)."),
+    "plot senses": (
+        "dskd.plots:senses_main",
+        "Draw the teacher's contextual states and senses of some words (Figure 1).",
+    ),
     "cache build": ("dskd.distill:cache_main", "Run the teacher once over a recipe's data and cache its outputs."),
     "distill": ("dskd.distill:main", "Train a student with KD or DSKD (resumable) and export it as an HF folder."),
     "eval": ("dskd.evaluate:main", "Evaluate a model on multiple-choice benchmarks (dskd eval --list for tasks)."),

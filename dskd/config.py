@@ -119,7 +119,8 @@ class SenseConfig:
     """Sense dictionary.
 
     Args:
-        corpus: Corpora: text files, folders or globs of .txt/.jsonl files, or ``default``.
+        corpus: Corpora: text files, folders or globs of .txt/.jsonl files, or ``default``; in ``dskd run``
+            also ``prompts``: the recipe's training prompts as the students see them (``<out>/prompts.jsonl``).
         k: Senses (k-means centroids) per token.
         max_samples: Per-token reservoir sample cap.
         key: File each state under the teacher's ``predicted`` next token or the ``actual`` one.
@@ -440,6 +441,45 @@ class EvalConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """Held-out fidelity of students to the teacher (``dskd eval --fidelity``, the main job's ``fidelity`` stage).
+
+    Args:
+        text_tasks: Tasks whose evaluation questions, as raw text, form the held-out text.
+        prompt_tasks: Tasks whose evaluation items, as chat-formatted letter prompts built like the
+            training prompts, form the held-out prompts (empty: the run's ``eval.tasks``).
+        text_limit: Questions per text task (0: all).
+        prompt_limit: Prompts per prompt task (0: all).
+        shots: Exemplars per held-out prompt, from training items (None: ``data.shots``).
+        max_length: Sequences are cut from the left to this many tokens.
+        batch_tokens: Tokens per forward batch (padding included).
+        bootstrap: Bootstrap resamples over documents / items for errors and paired intervals.
+        seed: Seed of exemplars and the bootstrap.
+        probe: Run the sense probe (needs a sense store and a lexicon).
+    """
+
+    text_tasks: list[str] = field(default_factory=lambda: ["arc_easy"])
+    prompt_tasks: list[str] = field(default_factory=list)
+    text_limit: int = 150
+    prompt_limit: int = 15
+    shots: int | None = None
+    max_length: int = 512
+    batch_tokens: int = 2048
+    bootstrap: int = 1000
+    seed: int = 0
+    probe: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.text_limit >= 0, "fidelity.text_limit", "must be >= 0", self.text_limit)
+        _check(self.prompt_limit >= 0, "fidelity.prompt_limit", "must be >= 0", self.prompt_limit)
+        if self.shots is not None:
+            _check(self.shots >= 0, "fidelity.shots", "must be >= 0", self.shots)
+        _check(self.max_length >= 8, "fidelity.max_length", "must be >= 8", self.max_length)
+        _check(self.batch_tokens >= 8, "fidelity.batch_tokens", "must be >= 8", self.batch_tokens)
+        _check(self.bootstrap >= 0, "fidelity.bootstrap", "must be >= 0", self.bootstrap)
+
+
+@dataclass
 class RunConfig:
     """A whole recipe: what ``dskd run`` and ``dskd distill`` read from YAML.
 
@@ -453,6 +493,7 @@ class RunConfig:
         loss: Loss terms.
         distill: Optimisation.
         eval: Evaluation.
+        fidelity: Held-out fidelity to the teacher and the sense probe.
     """
 
     name: str = "run"
@@ -464,6 +505,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     distill: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be non-empty", self.name)

@@ -681,7 +681,11 @@ def evaluate(
 
 # ---- CLI -----------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
-    """``dskd eval``: evaluate a model on multiple-choice benchmarks."""
+    """``dskd eval``: evaluate a model on multiple-choice benchmarks (``--fidelity``: see dskd.fidelity)."""
+    if "--fidelity" in argv:
+        from dskd.fidelity import main as fidelity_main
+
+        return fidelity_main([a for a in argv if a != "--fidelity"])
     from dskd.cli import parser
     from dskd.tasks import TASKS
 
@@ -752,6 +756,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--name", default=None, help="Label of this result in reports (default: file name).")
     p.add_argument("--out", type=Path, default=None, help="Result JSON file (a .md table is written next to it).")
     p.add_argument("--list", action="store_true", help="List the tasks and their split protocol, then exit.")
+    p.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="Held-out KL / agreement / perplexity / sense probe against a teacher "
+        "instead (dskd eval --fidelity --help).",
+    )
     args = p.parse_args(argv)
     if args.list:
         for n, cls in TASKS.items():

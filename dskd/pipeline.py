@@ -1,7 +1,9 @@
 """The main job and the paired experiment: every stage of the method, each skipped when done.
 
 ``dskd run`` chains: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students
--> evaluation of teacher, untrained truncated student, KD and DSKD -> report table and pictures.
+-> evaluation of teacher, untrained truncated student, KD and DSKD -> held-out fidelity of the
+students to the teacher (:mod:`dskd.fidelity`) -> report tables and pictures. A ``prompts`` entry in
+``senses.corpus`` makes the training prompts a corpus of the sense dictionary (``<out>/prompts.jsonl``).
 
 Each stage writes into the run folder and records, in ``<out>/pipeline.json``, a hash of everything
 it was built from (its config section and the hashes of the stages it reads). A rerun skips every
@@ -27,7 +29,7 @@ from typing import Any
 from dskd.config import ConfigError, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
-STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "report")
+STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
 
 # Arms of the experiment: name -> (description, loss overrides).
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -66,6 +68,9 @@ def quick(cfg: RunConfig) -> RunConfig:
     q.eval.limit = 40 if q.eval.limit == 0 else min(q.eval.limit, 40)
     q.eval.bootstrap = min(q.eval.bootstrap, 200)
     q.eval.paper_limit = -1 if q.eval.paper_limit < 0 else min(q.eval.paper_limit or 4, 4)
+    q.fidelity.text_limit = 20 if q.fidelity.text_limit == 0 else min(q.fidelity.text_limit, 20)
+    q.fidelity.prompt_limit = 4 if q.fidelity.prompt_limit == 0 else min(q.fidelity.prompt_limit, 4)
+    q.fidelity.bootstrap = min(q.fidelity.bootstrap, 200)
     return q
 
 
@@ -179,9 +184,24 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 
     sen_dir = out / "senses"
     sen_inputs = {"teacher": cfg.model.teacher, "cfg": to_dict(cfg.senses), "lexicon": h_lex}
-    h_sen = pipe.stage(
-        "senses", sen_inputs, sen_dir, lambda: build_senses(cfg.model.teacher, cfg.senses, lex_dir, sen_dir)
-    )
+    sen_cfg = cfg.senses
+    # the training prompts, written once: a corpus of the sense builder (read like any .jsonl file) when
+    # senses.corpus names them, and what the coverage summary measures against
+    prompts = out / "prompts.jsonl"
+    prompt_inputs = {"data": to_dict(cfg.data), "tok": tokenizer_fingerprint(tok)}
+    h_prompts = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg, tok, prompts))
+    if PROMPTS_CORPUS in cfg.senses.corpus:
+        sen_inputs["prompts"] = h_prompts
+        corpus = [str(prompts) if c == PROMPTS_CORPUS else c for c in cfg.senses.corpus]
+        sen_cfg = dataclasses.replace(cfg.senses, corpus=corpus)
+
+    def do_senses() -> None:
+        build_senses(cfg.model.teacher, sen_cfg, lex_dir, sen_dir)
+        _write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
+
+    h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses)
+    if (out / "senses_coverage.json").is_file():
+        print(coverage_line(json.loads((out / "senses_coverage.json").read_text())))
 
     from dskd.data import build_teacher_cache
 
@@ -208,6 +228,75 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
         "cache": cache_dir if cfg.distill.teacher_cache else None,
         "hashes": {"lexicon": h_lex, "senses": h_sen, "cache": h_cache},
     }
+
+
+PROMPTS_CORPUS = "prompts"
+
+
+def write_prompts(cfg: RunConfig, tokenizer, path: Path) -> Path:
+    """The recipe's training prompts, formatted exactly as the distillation stage builds them (chat
+    template included), one ``{"text": ...}`` line each: a corpus for the sense dictionary."""
+    from dskd.data import task_prompts
+
+    lines = [json.dumps({"text": p}) for p in task_prompts(cfg, tokenizer)]
+    if not lines:
+        raise ConfigError("--senses.corpus: 'prompts' needs training prompts, but data.tasks is empty")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def sense_coverage(sen_dir: Path, lex_dir: Path, tokenizer, prompts: Path | None = None) -> dict[str, Any]:
+    """How much of the lexicon a sense store covers, and how much of what the training prompts need.
+
+    Returns:
+        ``lexicon_heads`` and ``heads_with_senses`` (heads whose token has senses in the store); with
+        ``prompts`` (a ``{"text": ...}`` .jsonl file, tokenized as the students see chat prompts), also
+        ``prompt_positions`` (positions with a next token), ``head_positions`` (those whose next token is
+        a lexicon head: where the sense loss can act), ``head_positions_with_senses``, and the distinct
+        ``prompt_heads`` / ``prompt_heads_with_senses``.
+    """
+    import torch
+
+    from dskd.lexicon import Lexicon
+    from dskd.senses import SenseStore
+
+    store = SenseStore.open(sen_dir)
+    v = store.vocab_size
+    has = (store.offsets[1 : v + 1] - store.offsets[:v]) > 0  # (V,) token has senses
+    heads = torch.tensor(sorted(h for h in Lexicon.load(lex_dir, tokenizer).heads() if 0 <= h < v), dtype=torch.long)
+    rec: dict[str, Any] = {"lexicon_heads": len(heads), "heads_with_senses": int(has[heads].sum())}
+    if prompts is not None:
+        nxt = []
+        for line in prompts.read_text().splitlines():
+            ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            nxt += ids[1:]
+        y = torch.tensor(nxt, dtype=torch.long).clamp(0, v - 1)
+        is_head = torch.isin(y, heads)
+        distinct = torch.unique(y[is_head])
+        rec.update(
+            prompt_positions=len(y),
+            head_positions=int(is_head.sum()),
+            head_positions_with_senses=int((is_head & has[y]).sum()),
+            prompt_heads=len(distinct),
+            prompt_heads_with_senses=int(has[distinct].sum()),
+        )
+    return rec
+
+
+def coverage_line(c: dict[str, Any]) -> str:
+    """One line for the run log from :func:`sense_coverage`'s record."""
+
+    def share(k: int, n: int) -> str:
+        return f"{k:,}/{n:,} ({100 * k / max(n, 1):.1f}%)"
+
+    line = f"senses: lexicon heads with senses {share(c['heads_with_senses'], c['lexicon_heads'])}"
+    if "head_positions" in c:
+        line += (
+            f"; training-prompt positions predicting a lexicon head: {c['head_positions']:,} of "
+            f"{c['prompt_positions']:,}, with senses {share(c['head_positions_with_senses'], c['head_positions'])}"
+            f" ({share(c['prompt_heads_with_senses'], c['prompt_heads'])} distinct heads)"
+        )
+    return line
 
 
 SENSE_FIELDS = (
@@ -308,6 +397,40 @@ def evaluate_model(
     return out
 
 
+def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], students: dict[str, Path]) -> Path:
+    """Held-out fidelity of every student to the teacher (one teacher pass for all), with the sense probe."""
+    from dskd.fidelity import fidelity
+
+    out = pipe.out / "eval" / "fidelity.json"
+    inputs = {
+        "teacher": cfg.model.teacher,
+        "fidelity": to_dict(cfg.fidelity),
+        "prompt_tasks": cfg.eval.tasks,
+        "shots": cfg.data.shots,
+        "dtype": cfg.eval.dtype,
+        "students": {n: _upstream(pipe, f"train:{n}") for n in students},
+        "senses": shared["hashes"]["senses"],
+    }
+
+    def do() -> None:
+        fidelity(
+            cfg.model.teacher,
+            {n: str(p) for n, p in students.items()},
+            cfg.fidelity,
+            out,
+            prompt_tasks=cfg.eval.tasks,
+            shots=cfg.data.shots,
+            senses_dir=shared["senses"],
+            lexicon_dir=shared["lexicon"],
+            dtype=cfg.eval.dtype,
+            device=cfg.eval.device,
+            baseline="kd" if "kd" in students else None,
+        )
+
+    pipe.stage("fidelity", inputs, out, do)
+    return out
+
+
 def _upstream(pipe: Pipeline, key: str) -> str:
     return str(pipe.state.get(key, {}).get("hash", ""))
 
@@ -395,24 +518,28 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
         specs = {"teacher": (resolve_spec(cfg.model.teacher), "")}
         specs |= {n: (str(p), _upstream(pipe, f"train:{n}")) for n, p in students.items()}
         result["eval_paper"] = {n: evaluate_model(cfg, pipe, n, s, u, paper) for n, (s, u) in specs.items()}
+    if STAGES.index(until) < STAGES.index("fidelity"):
+        return result
+    result["fidelity"] = fidelity_stage(cfg, pipe, shared, students)
     if STAGES.index(until) < STAGES.index("report"):
         return result
-    from dskd.report import report
+    from dskd.report import fidelity_section, report
 
     table = report(list(files.values()), baseline="kd")
     if paper is not None:
         table += f"\n## Paper protocol\n\n{describe(paper)}\n\n" + report(
             list(result["eval_paper"].values()), baseline="kd"
         )
+    table += "\n" + fidelity_section(result["fidelity"], "kd")
     (out / "report.md").write_text(table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")
     tsne_png = figures / "senses_tsne.png"
     try:
-        from dskd.senses import plot_main
+        from dskd.plots import FIGURE1_WORDS, senses_figure
 
-        words = "red,crimson,scarlet,ruby,bus,car"
-        plot_main([str(shared["senses"]), "--words", words, "--out", str(tsne_png), "--teacher", cfg.model.teacher])
+        text = [c for c in cfg.senses.corpus if c != PROMPTS_CORPUS] or ["default"]
+        senses_figure(cfg.model.teacher, FIGURE1_WORDS, tsne_png, corpus=text, k=cfg.senses.k)
     except Exception as e:  # a picture must never sink a finished run
         print(f"(sense t-SNE skipped: {e})")
         tsne_png = None
@@ -492,7 +619,7 @@ def main_run(argv: list[str]) -> int:
     p = config_parser(
         "run",
         "The main job: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students ->\n"
-        "evaluation of teacher, untrained student, KD and DSKD -> report table and pictures.\n"
+        "evaluation of teacher, untrained student, KD and DSKD -> held-out fidelity -> report table and pictures.\n"
         "Stages whose outputs exist and match their inputs are skipped; an interrupted run continues.\n"
         "Example: dskd run --config configs/smollm2-135m_to_15l.yaml [--quick] [--loss.lam 1.5]",
     )

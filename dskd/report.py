@@ -274,6 +274,22 @@ def _avg_ci(parts: list[tuple[np.ndarray, np.ndarray, list[str] | None]], n_boot
     return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]{star}"
 
 
+def fidelity_section(path: Path | str, baseline: str | None = None) -> str:
+    """The held-out fidelity tables of a ``dskd eval --fidelity`` result (see :mod:`dskd.fidelity`):
+    KL to the teacher, top-1 agreement, perplexity and the sense probe of each student, with paired
+    bootstrap 95% intervals over documents against ``baseline``."""
+    from dskd.fidelity import load_result, markdown
+
+    return markdown(load_result(path), baseline)
+
+
+def _is_fidelity(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format", {}).get("name") == "dskd-fidelity"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def main(argv: list[str]) -> int:
     """``dskd report``: one markdown table from several result files."""
     from dskd.cli import parser
@@ -285,7 +301,9 @@ def main(argv: list[str]) -> int:
         "  dskd report results/teacher.json results/student.json results/kd.json results/dskd.json "
         "--baseline kd",
     )
-    p.add_argument("files", nargs="+", type=Path, help="Result JSON files written by dskd eval.")
+    p.add_argument(
+        "files", nargs="+", type=Path, help="Result JSON files written by dskd eval (and dskd eval --fidelity)."
+    )
     p.add_argument("--baseline", default=None, help="Name, file or model of the result to compare against.")
     p.add_argument("--metric", choices=("acc", "acc_norm"), default="acc", help="Metric shown in the table.")
     p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the intervals.")
@@ -294,7 +312,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.bootstrap < 1:
         raise ReportError(f"--bootstrap: must be >= 1 (got {args.bootstrap})")
-    text = report(args.files, args.baseline, args.metric, args.bootstrap, args.seed)
+    fid = [f for f in args.files if _is_fidelity(f)]
+    acc = [f for f in args.files if f not in fid]
+    parts = [report(acc, args.baseline, args.metric, args.bootstrap, args.seed)] if acc else []
+    parts += [fidelity_section(f, args.baseline) for f in fid]
+    text = "\n".join(parts)
     print(text, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

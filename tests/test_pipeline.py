@@ -25,7 +25,7 @@ def _recipe(tmp_path: Path, teacher: Path) -> Path:
         "model": {"teacher": str(teacher), "student_layers": 2, "trainable_layers": 1},
         "lexicon": {"sources": [f"pairs:{FIX / 'antonyms.txt'}:ant", f"pairs:{FIX / 'tails.txt'}:syn"]},
         "senses": {
-            "corpus": [str(corpus)],
+            "corpus": [str(corpus), "prompts"],
             "key": "actual",
             "k": 2,
             "max_samples": 20,
@@ -36,6 +36,7 @@ def _recipe(tmp_path: Path, teacher: Path) -> Path:
         "loss": {"lam": 1.0, "kappa": 2, "margin_mode": "relative"},
         "distill": {"epochs": 1, "max_steps": 2, "batch_size": 1, "grad_accum": 2, "save_every": 0},
         "eval": {"tasks": ["arc_easy"], "limit": 6, "bootstrap": 50, "batch_size": 4, "paper_limit": 2},
+        "fidelity": {"text_limit": 6, "prompt_limit": 3, "bootstrap": 50},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -65,15 +66,32 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
         "eval_paper/dskd.json",
         "report.md",
         "figures/losses.png",
+        "figures/senses_tsne.png",
+        "prompts.jsonl",
+        "senses_coverage.json",
+        "eval/fidelity.json",
     ]:
         assert (out / rel).exists(), rel
+    # the training prompts were a sense corpus, chat-formatted as the students see them
+    prompts = [json.loads(line)["text"] for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 4 and all(p.startswith("<|im_start|>user") for p in prompts)
+    per_corpus = json.loads((out / "senses/meta.json").read_text())["corpus"]["tokens_per_corpus"]
+    assert per_corpus[str(out / "prompts.jsonl")] > 0
+    assert "lexicon heads with senses" in first and "training-prompt positions predicting a lexicon head" in first
+    cov = json.loads((out / "senses_coverage.json").read_text())
+    assert 0 < cov["head_positions_with_senses"] <= cov["head_positions"] <= cov["prompt_positions"]
+    fid = json.loads((out / "eval/fidelity.json").read_text())
+    assert set(fid["sets"]) == {"text", "prompts"}
+    assert set(fid["sets"]["text"]["models"]) == {"teacher", "untrained", "kd", "dskd"}
+    assert fid["sets"]["text"]["models"]["untrained"]["metrics"]["kl"] > 0
     assert any((out / "teacher_cache").iterdir())
     state = json.loads((out / "pipeline.json").read_text())
     assert {"lexicon", "senses", "cache", "train:kd", "train:dskd", "eval:teacher", "eval:dskd"} <= set(state)
     report = (out / "report.md").read_text()
     for row in ("teacher", "untrained", "kd", "dskd"):
-        assert report.count(f"| {row} |") == 2  # the log-likelihood table and the paper protocol's
+        assert report.count(f"| {row} |") >= 2  # the log-likelihood table and the paper protocol's
     assert "## Paper protocol" in report and "- squad: 1-shot chat, greedy generation" in report
+    assert "Held-out fidelity" in report and "**prompts**" in report
     assert "[run ]" in first
     # KD and DSKD differ only in lambda: their metrics logs must differ in the sense term
     kd = [json.loads(line) for line in (out / "students/kd/metrics.jsonl").read_text().splitlines()]
@@ -90,7 +108,7 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     assert main(["run", "--config", str(recipe), "--loss.kappa", "1"]) == 0
     third = capsys.readouterr().out
     ran = {line.split()[2] for line in third.splitlines() if line.startswith("[run ]")}
-    assert ran == {"train:dskd", "eval:dskd", "eval_paper:dskd"}, third
+    assert ran == {"train:dskd", "eval:dskd", "eval_paper:dskd", "fidelity"}, third
     # the paper budget is one field: changing it re-evaluates the preset only
     assert main(["run", "--config", str(recipe), "--loss.kappa", "1", "--eval.paper_limit", "3"]) == 0
     fourth = capsys.readouterr().out

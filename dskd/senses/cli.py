@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from dskd.config import SenseConfig
 from dskd.senses.build import DEFAULT_BLOCK_CHARS, build_senses
 from dskd.senses.store import SenseError, SenseStore, nearest_tokens, word_senses
@@ -180,66 +177,7 @@ def show_main(argv: list[str]) -> int:
 
 
 def plot_main(argv: list[str]) -> int:
-    """``dskd plot senses``: a t-SNE picture of some words' senses (the paper's Figure 1)."""
-    from dskd.cli import parser
+    """``dskd plot senses``: the paper's Figure 1, drawn by :func:`dskd.plots.senses_main`."""
+    from dskd.plots import senses_main
 
-    p = parser(
-        "plot senses",
-        "Draw the senses of some words in 2-D with t-SNE (multi-token words through their composed senses,\n"
-        "composed on the fly when the store has no span for them). Marker size grows with samples per sense.",
-    )
-    p.add_argument("store", help="Sense store folder (dskd senses build --out).")
-    p.add_argument("--words", required=True, help="Comma-separated words, e.g. red,crimson,scarlet,ruby,bus,car.")
-    p.add_argument("--out", required=True, help="Output image (.png, .pdf or .svg).")
-    p.add_argument("--seed", type=int, default=0, help="t-SNE seed.")
-    p.add_argument("--teacher", default=None, help="Tokenizer spec (default: the store's teacher).")
-    a = p.parse_args(argv)
-    words = [w.strip() for w in a.words.split(",") if w.strip()]
-    if not words:
-        raise SenseError("--words: give at least one word")
-    store, tok = _open_for_cli(a.store, a.teacher)
-    vecs, labels, sizes = [], [], []
-    for w in words:
-        try:
-            _, s, c, how = word_senses(store, tok, w)
-        except SenseError as e:
-            print(f"skipping: {e}")
-            continue
-        vecs.append(s)
-        labels += [w] * len(s)
-        sizes += c.tolist()
-        print(f"{w}: {len(s)} senses ({how})")
-    if not vecs:
-        raise SenseError(f"--words: none of {words} has senses in {a.store}")
-    x = torch.cat(vecs).numpy()
-    if len(x) >= 3:
-        from sklearn.manifold import TSNE
-
-        perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))
-        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=a.seed).fit_transform(x)
-    else:
-        xy = np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10" if len(words) <= 10 else "tab20")
-    sz = np.asarray(sizes, dtype=float)
-    sz = 20 + 180 * np.sqrt(sz / max(sz.max(), 1))
-    lab = np.asarray(labels)
-    for i, w in enumerate(dict.fromkeys(labels)):
-        m = lab == w
-        ax.scatter(xy[m, 0], xy[m, 1], s=sz[m], color=cmap(i % cmap.N), alpha=0.75, label=w, edgecolors="none")
-        for px, py in xy[m]:
-            ax.annotate(w, (px, py), fontsize=7, alpha=0.8, xytext=(3, 3), textcoords="offset points")
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title(f"Sense embeddings (t-SNE), {store.meta['teacher']['spec']}")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.tight_layout()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.out, dpi=150)
-    print(f"wrote {a.out}")
-    return 0
+    return senses_main(argv)

@@ -1,0 +1,631 @@
+"""Held-out fidelity of students to their teacher, and a sense probe.
+
+Accuracy on 4-way benchmarks moves little at the demo's scale; how closely a student reproduces its
+teacher's next-token distribution on text it never trained on moves a lot. ``dskd eval --fidelity``
+(and the ``fidelity`` stage of ``dskd run``) measures, on two held-out sets:
+
+* **text**: the evaluation questions of ``fidelity.text_tasks`` (ARC-Easy test by default) as raw
+  text, one document per question. The split protocol (docs/splits.md) keeps these items out of
+  every training prompt and exemplar.
+* **prompts**: evaluation items of ``fidelity.prompt_tasks`` as chat-formatted letter prompts built
+  exactly like the distillation prompts (same template, exemplars drawn from training items), so the
+  student sees the format it was trained on, with questions it was not.
+
+Per model and set, over every position of every document (positions are weighted equally; the
+bootstrap resamples documents, so its error reflects document-to-document variation):
+
+* ``kl``: KL(teacher || student) at T = 1 in nats per token, over the whole vocabulary;
+* ``agree``: share of positions where the student's argmax equals the teacher's;
+* ``ppl``: the student's perplexity on the actual next tokens (every position but the last);
+* ``probe`` (with a sense store and a lexicon): at positions whose actual next token y has antonyms
+  with senses in the store, the share where the model's final-norm hidden state (the LM head's
+  input) is nearer, by MSE = ||a - b||^2 / d to the nearest sense, to y's senses than to its
+  antonyms' senses. The teacher's rate is reported for reference: the store is made from its states.
+
+The result is a JSON file (format ``dskd-fidelity``) with per-document sums, so any two models can be
+compared with a paired bootstrap over the same documents, and a markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dskd.config import ConfigError, DskdError, FidelityConfig
+from dskd.io import write_text_atomic
+
+FORMAT = {"name": "dskd-fidelity", "version": 1}
+SUMS = ("n", "kl", "agree", "n_tgt", "nll", "probe_n", "probe_hit")
+METRICS = ("kl", "agree", "ppl", "probe")
+SETS = ("text", "prompts")
+
+
+class FidelityError(DskdError, ValueError):
+    """A fidelity evaluation that cannot run as asked; the message names the flag or file."""
+
+
+# ---- held-out documents --------------------------------------------------------------------------
+@dataclass
+class Doc:
+    """One held-out document.
+
+    Args:
+        id: ``task:item id``.
+        ids: Token ids (L,), at most ``max_length`` long.
+    """
+
+    id: str
+    ids: torch.Tensor
+
+
+def _items(task_name: str, limit: int):
+    from dskd.evaluate import select_items
+    from dskd.tasks import get_task
+
+    task = get_task(task_name)
+    return task, select_items(task, limit)
+
+
+def heldout_text(tokenizer, tasks: Sequence[str], limit: int, max_length: int) -> list[Doc]:
+    """The evaluation questions of ``tasks`` as raw text, one document each (tokenizer defaults)."""
+    docs = []
+    for name in tasks:
+        task, items = _items(name, limit)
+        for it in items:
+            ids = torch.tensor(tokenizer(it.question.strip())["input_ids"], dtype=torch.long)[:max_length]
+            if len(ids) >= 2:
+                docs.append(Doc(f"{task.name}:{it.id}", ids))
+    return docs
+
+
+def heldout_prompts(
+    tokenizer, tasks: Sequence[str], limit: int, shots: int, seed: int, max_length: int, chat: bool = True
+) -> list[Doc]:
+    """Evaluation items of ``tasks`` as letter prompts built like the training prompts (dskd.data).
+
+    The prompt ends where the answer letter goes; exemplars come from training items only. As in
+    training, chat prompts carry their special tokens as text, and long prompts are cut from the left.
+    """
+    from dskd.evaluate import letter_prompt
+
+    docs = []
+    for name in tasks:
+        task, items = _items(name, limit)
+        for it in items:
+            prompt = letter_prompt(task, it, task.exemplars(it, shots, seed), tokenizer, chat)
+            ids = torch.tensor(tokenizer(prompt, add_special_tokens=not chat)["input_ids"], dtype=torch.long)
+            docs.append(Doc(f"{task.name}:{it.id}", ids[-max_length:]))
+    return docs
+
+
+# ---- the sense probe -----------------------------------------------------------------------------
+class SenseProbe:
+    """Per next-token candidates of the probe: the token's own senses and its antonyms' senses.
+
+    Args:
+        store: A sense store (``SenseStore`` or anything with ``senses(entry)`` and ``entry_of(tail)``).
+        lexicon: A lexicon (anything with ``antonyms(token_id)``).
+    """
+
+    def __init__(self, store: Any, lexicon: Any) -> None:
+        self.store = store
+        self.lexicon = lexicon
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def candidates(self, y: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(own senses (p, d), antonym senses (n, d)) float32, or None when either set is empty."""
+        if y in self._cache:
+            return self._cache[y]
+        found = None
+        ants = self.lexicon.antonyms(y)
+        if ants:
+            entry = self.store.entry_of((y,))
+            own = self.store.senses(entry).float() if entry is not None else None
+            neg = []
+            for tail in ants:
+                e = self.store.entry_of(tuple(tail))
+                if e is not None:
+                    s = self.store.senses(e).float()
+                    if s.shape[0]:
+                        neg.append(s)
+            if own is not None and own.shape[0] and neg:
+                found = (own, torch.cat(neg))
+        self._cache[y] = found
+        return found
+
+    def hits(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe each state against its next token.
+
+        Args:
+            h: States (N, d), the LM head's input at each position.
+            targets: The actual next token of each position (N,).
+
+        Returns:
+            (applicable (N,) bool: the next token has own and antonym senses,
+             hit (N,) bool: the nearest own sense is nearer than the nearest antonym sense).
+        """
+        h = h.float().cpu()
+        applicable = torch.zeros(len(targets), dtype=torch.bool)
+        hit = torch.zeros(len(targets), dtype=torch.bool)
+        for i, y in enumerate(targets.tolist()):
+            c = self.candidates(int(y))
+            if c is None:
+                continue
+            own, neg = c
+            d_own = ((own - h[i]) ** 2).mean(-1).min()
+            d_neg = ((neg - h[i]) ** 2).mean(-1).min()
+            applicable[i] = True
+            hit[i] = bool(d_own < d_neg)
+        return applicable, hit
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Documents grouped by length (longest first) so that rows x longest <= ``batch_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The LM head's input at every position (B, T, d): the decoder's last state after its final norm."""
+    dev = next(model.parameters()).device
+    return model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def measure(
+    teacher: nn.Module,
+    models: dict[str, nn.Module],
+    docs: Sequence[Doc],
+    vocab: int,
+    pad_id: int = 0,
+    batch_tokens: int = 2048,
+    probe: SenseProbe | None = None,
+    chunk: int = 256,
+    desc: str | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-document sums of the fidelity statistics for the teacher and each model.
+
+    Args:
+        teacher: The reference causal LM.
+        models: name -> causal LM sharing the teacher's tokenizer.
+        docs: Held-out documents.
+        vocab: Logit columns compared (the tokenizer's size; padded heads are sliced).
+        pad_id: Padding id (padding is masked and never counted).
+        batch_tokens: Tokens per batch (rows x longest row).
+        probe: The sense probe, or None.
+        chunk: Positions sent through the LM heads at once (bounds memory at chunk x vocab floats).
+        desc: Label of a progress bar (None: no bar).
+
+    Returns:
+        ``{"teacher": sums, name: sums, ...}``, each sums a dict of (D,) arrays over documents:
+        ``n`` positions, ``kl`` summed KL(teacher || model), ``agree`` argmax matches, ``n_tgt``
+        positions with a next token, ``nll`` summed -log p(next token), ``probe_n`` probed positions,
+        ``probe_hit`` probe hits. The teacher's own ``kl`` and ``agree`` are 0 and ``n``.
+    """
+    names = ["teacher", *models]
+    sums = {m: {k: np.zeros(len(docs)) for k in SUMS} for m in names}
+    bar = None
+    if desc:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(d.ids) for d in docs), desc=desc, unit="tok", file=sys.stderr, dynamic_ncols=True)
+    for batch in plan_batches([len(d.ids) for d in docs], batch_tokens):
+        width = len(docs[batch[0]].ids)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, : len(docs[i].ids)] = docs[i].ids
+            mask[r, : len(docs[i].ids)] = 1
+        rows, cols = mask.nonzero(as_tuple=True)  # valid positions, row-major
+        nxt = torch.cat([ids[:, 1:], torch.full((len(batch), 1), pad_id)], 1)[rows, cols]  # (P,)
+        has_next = (cols + 1 < mask.sum(1)[rows]).cpu()  # (P,)
+        doc_of = torch.tensor(batch)[rows]  # (P,)
+        h_t = _hidden(teacher, ids, mask)[rows, cols]  # (P, d)
+        h_s = {m: _hidden(mod, ids, mask)[rows, cols] for m, mod in models.items()}  # (P, d) each
+        for a in range(0, len(rows), chunk):
+            sl = slice(a, a + chunk)
+            d_of, tgt, ok = doc_of[sl].numpy(), nxt[sl], has_next[sl]
+            lp_t = torch.log_softmax(_head(teacher, h_t[sl])[:, :vocab], -1)  # (c, V)
+            top_t = lp_t.argmax(-1).cpu()
+            per = {"teacher": lp_t}
+            for m, h in h_s.items():
+                per[m] = torch.log_softmax(_head(models[m], h[sl])[:, :vocab], -1).to(lp_t.device)  # (c, V)
+            for m, lp in per.items():
+                s = sums[m]
+                np.add.at(s["n"], d_of, 1.0)
+                if m == "teacher":
+                    np.add.at(s["agree"], d_of, 1.0)
+                else:
+                    kl = (lp_t.exp() * (lp_t - lp)).sum(-1).clamp_min(0).cpu().double().numpy()
+                    np.add.at(s["kl"], d_of, kl)
+                    np.add.at(s["agree"], d_of, (lp.argmax(-1).cpu() == top_t).double().numpy())
+                nll = -lp.gather(1, tgt.to(lp.device)[:, None])[:, 0].cpu().double()
+                np.add.at(s["n_tgt"], d_of[ok.numpy()], 1.0)
+                np.add.at(s["nll"], d_of[ok.numpy()], nll[ok].numpy())
+            if probe is not None:
+                states = {"teacher": h_t[sl], **{m: h[sl] for m, h in h_s.items()}}
+                for m, h in states.items():
+                    app, hit = probe.hits(h[ok.to(h.device)], tgt[ok])
+                    d_ok = d_of[ok.numpy()]
+                    np.add.at(sums[m]["probe_n"], d_ok, app.double().numpy())
+                    np.add.at(sums[m]["probe_hit"], d_ok, hit.double().numpy())
+        if bar is not None:
+            bar.update(int(mask.sum()))
+    if bar is not None:
+        bar.close()
+    return sums
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def _value(s: dict[str, np.ndarray], metric: str, idx: np.ndarray | None = None) -> np.ndarray | float:
+    """A metric from per-document sums; ``idx`` (R, D) resamples documents (one value per row)."""
+
+    def tot(k: str) -> np.ndarray | float:
+        return s[k][idx].sum(-1) if idx is not None else s[k].sum()
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "kl":
+            return tot("kl") / tot("n")
+        if metric == "agree":
+            return tot("agree") / tot("n")
+        if metric == "ppl":
+            return np.exp(tot("nll") / tot("n_tgt"))
+        if metric == "probe":
+            return tot("probe_hit") / tot("probe_n")
+    raise ValueError(metric)
+
+
+def _draws(n_docs: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_docs, size=(n_boot, n_docs))
+
+
+def summarize(s: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, float | None]:
+    """Each metric and its bootstrap standard error over documents (None where undefined)."""
+    out: dict[str, float | None] = {}
+    idx = _draws(len(s["n"]), n_boot, seed) if n_boot and len(s["n"]) else None
+    for m in METRICS:
+        v = float(_value(s, m))
+        out[m] = v if math.isfinite(v) else None
+        if idx is not None:
+            reps = np.asarray(_value(s, m, idx), dtype=float)
+            reps = reps[np.isfinite(reps)]
+            out[f"{m}_stderr"] = float(reps.std()) if out[m] is not None and len(reps) > 1 else None
+    out["tokens"] = float(s["n"].sum())
+    out["probe_positions"] = float(s["probe_n"].sum())
+    return out
+
+
+def paired_diff(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], metric: str, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``metric(a) - metric(b)`` over the same documents and its paired bootstrap 95% interval."""
+    if len(a["n"]) != len(b["n"]):
+        raise FidelityError(f"paired bootstrap needs the same documents ({len(a['n'])} vs {len(b['n'])})")
+    diff = float(_value(a, metric)) - float(_value(b, metric))
+    idx = _draws(len(a["n"]), max(n_boot, 1), seed)
+    d = np.asarray(_value(a, metric, idx), dtype=float) - np.asarray(_value(b, metric, idx), dtype=float)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return diff, float("nan"), float("nan")
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    return diff, float(lo), float(hi)
+
+
+# ---- the evaluation ------------------------------------------------------------------------------
+def _parse_models(entries: Sequence[str]) -> dict[str, str]:
+    """``["kd=runs/x/students/kd/student", "runs/y"]`` -> name -> spec (name: the folder's name)."""
+    out: dict[str, str] = {}
+    for e in entries:
+        name, sep, spec = e.partition("=")
+        if not sep:
+            p = Path(e.rstrip("/"))
+            name, spec = (p.parent.name if p.name == "student" else p.name) or e, e
+        if not name or not spec:
+            raise ConfigError(f"--model: expected NAME=SPEC or SPEC (got {e!r})")
+        if name in out or name == "teacher":
+            raise ConfigError(f"--model: name {name!r} given twice or reserved; use NAME=SPEC")
+        out[name] = spec
+    return out
+
+
+def fidelity(
+    teacher_spec: str,
+    models: dict[str, str],
+    cfg: FidelityConfig,
+    out: Path | str,
+    *,
+    prompt_tasks: Sequence[str] = (),
+    shots: int = 0,
+    senses_dir: Path | str | None = None,
+    lexicon_dir: Path | str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    baseline: str | None = None,
+    progress: bool = True,
+    loaded: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Measure every model against the teacher on the held-out sets; write ``out`` (.json) and ``.md``.
+
+    Args:
+        teacher_spec: Teacher model spec (alias, folder or hub id).
+        models: name -> student spec (folder, run folder, alias or hub id).
+        cfg: Held-out sets, limits, bootstrap.
+        out: Result JSON path.
+        prompt_tasks: Prompt tasks used when ``cfg.prompt_tasks`` is empty.
+        shots: Exemplars per prompt used when ``cfg.shots`` is None.
+        senses_dir: Sense store for the probe (None: no probe).
+        lexicon_dir: Lexicon for the probe (None: no probe).
+        dtype: Weights dtype.
+        device: ``auto``, ``cpu``, ``cuda`` ...
+        baseline: Name of the model the table compares the others with (None: none).
+        progress: Progress bars.
+        loaded: Already loaded models by name (``teacher`` included), used instead of loading.
+
+    Returns:
+        The result written to ``out``.
+    """
+    from dskd import __version__
+    from dskd.evaluate import resolve_model_spec
+    from dskd.models import check_same_tokenizer, fingerprint, load_model, load_tokenizer, output_vocab_size
+
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ConfigError(f"--out: expected a .json file (got {out})")
+    if not models:
+        raise ConfigError("--model: give at least one model to compare with the teacher")
+    if baseline is not None and baseline not in models:
+        raise ConfigError(f"--baseline: {baseline!r} is none of the models ({', '.join(models)})")
+    use_probe = cfg.probe and senses_dir is not None and lexicon_dir is not None
+    for flag, p in (("--senses", senses_dir), ("--lexicon", lexicon_dir)):
+        if cfg.probe and p is not None and not Path(p).is_dir():
+            raise FidelityError(f"{flag} {p}: no such folder")
+    ptasks = list(cfg.prompt_tasks or prompt_tasks)
+    n_shots = cfg.shots if cfg.shots is not None else shots
+    loaded = dict(loaded or {})
+    tok = load_tokenizer(teacher_spec)
+    # build the documents before loading any model, so a bad task name fails at once
+    sets = {
+        "text": heldout_text(tok, cfg.text_tasks, cfg.text_limit, cfg.max_length),
+        "prompts": heldout_prompts(tok, ptasks, cfg.prompt_limit, n_shots, cfg.seed, cfg.max_length),
+    }
+    sets = {k: v for k, v in sets.items() if v}
+    if not sets:
+        raise ConfigError("--text-tasks / --prompt-tasks: no held-out documents")
+    specs = {m: resolve_model_spec(s) for m, s in models.items()}
+    for m, s in specs.items():
+        if m not in loaded:
+            check_same_tokenizer(tok, load_tokenizer(s), f"teacher {teacher_spec!r}", f"model {m} ({s!r})")
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = loaded.get("teacher") or load_model(teacher_spec, dtype).to(dev)
+    mods = {m: loaded.get(m) or load_model(s, dtype).to(dev) for m, s in specs.items()}
+    vocab = len(tok)
+    for m, mod in {"teacher": teacher, **mods}.items():
+        if output_vocab_size(mod) < vocab:
+            raise FidelityError(f"model {m}: {output_vocab_size(mod)} output rows, the tokenizer has {vocab} tokens")
+    probe = None
+    probe_info = None
+    if use_probe:
+        from dskd.lexicon import Lexicon
+        from dskd.senses import SenseStore
+
+        store = SenseStore.open(senses_dir, fingerprint(teacher, tok))
+        probe = SenseProbe(store, Lexicon.load(lexicon_dir, tok))
+        probe_info = {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "teacher": teacher_spec,
+        "models": models,
+        "fingerprints": {m: fingerprint(mod, tok) for m, mod in {"teacher": teacher, **mods}.items()},
+        "config": {**dataclasses.asdict(cfg), "prompt_tasks": ptasks, "shots": n_shots},
+        "probe": probe_info,
+        "baseline": baseline,
+        "dskd_version": __version__,
+        "device": dev,
+        "sets": {},
+        "complete": False,
+    }
+    t0 = time.perf_counter()
+    for name, docs in sets.items():
+        sums = measure(
+            teacher,
+            mods,
+            docs,
+            vocab,
+            pad_id,
+            cfg.batch_tokens,
+            probe,
+            desc=f"fidelity {name}" if progress else None,
+        )
+        result["sets"][name] = {
+            "docs": [d.id for d in docs],
+            "tokens": int(sum(len(d.ids) for d in docs)),
+            "models": {
+                m: {"metrics": summarize(s, cfg.bootstrap, cfg.seed), "sums": {k: v.tolist() for k, v in s.items()}}
+                for m, s in sums.items()
+            },
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["complete"] = True
+    write_text_atomic(out, json.dumps(result, indent=1))
+    write_text_atomic(out.with_suffix(".md"), markdown(result, baseline))
+    return result
+
+
+def load_result(path: Path | str) -> dict[str, Any]:
+    """A fidelity result file, checked for format and completeness."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FidelityError(f"fidelity result not found: {path}") from e
+    except json.JSONDecodeError as e:
+        raise FidelityError(f"{path}: not valid JSON ({e})") from e
+    if data.get("format", {}).get("name") != FORMAT["name"] or not data.get("complete"):
+        raise FidelityError(f"{path}: not a complete dskd fidelity result")
+    return data
+
+
+def _sums(entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=float) for k, v in entry["sums"].items()}
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    if metric in ("agree", "probe"):
+        return f"{100 * v:.1f}"
+    if metric == "ppl" and abs(v) >= 1e4:  # an untrained truncation's perplexity runs to 1e8
+        return f"{v:.3g}"
+    return f"{v:.3f}" if metric == "kl" else f"{v:.2f}"
+
+
+def markdown(result: dict[str, Any], baseline: str | None = None, n_boot: int | None = None) -> str:
+    """Tables per held-out set: each metric ± bootstrap s.e., and Δ vs ``baseline`` with its paired 95% CI."""
+    n_boot = n_boot or result["config"].get("bootstrap") or 1000
+    seed = result["config"].get("seed", 0)
+    lines = [
+        f"Held-out fidelity to the teacher ({result['teacher']}): KL(teacher || model) at T = 1 in nats/token, "
+        "top-1 agreement with the teacher (%), perplexity on the actual next tokens, and the sense probe "
+        "(% of positions whose next token has antonyms where the final-norm state is nearer to the token's "
+        "senses than to its antonyms'); ± bootstrap s.e. over documents"
+        + (f"; Δ vs {baseline} with paired bootstrap 95% CI (* excludes 0)" if baseline else "")
+        + ".",
+    ]
+    for set_name, s in result["sets"].items():
+        models = s["models"]
+        probe_n = int(models["teacher"]["metrics"].get("probe_positions") or 0)
+        lines += [
+            "",
+            f"**{set_name}** ({len(s['docs'])} documents, {s['tokens']:,} tokens"
+            + (f", {probe_n:,} probed positions" if result.get("probe") else "")
+            + ")",
+            "",
+            "| model | KL | agree % | ppl | probe % |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        base = _sums(models[baseline]) if baseline in models else None
+        for m, e in models.items():
+            cells = []
+            for metric in METRICS:
+                v, se = e["metrics"].get(metric), e["metrics"].get(f"{metric}_stderr")
+                ref = m == "teacher" and metric in ("kl", "agree")
+                cell = _fmt(metric, v)
+                if se is not None and not ref:
+                    cell += f" ± {_fmt(metric, se)}"
+                if base is not None and m not in ("teacher", baseline) and not ref and v is not None:
+                    d, lo, hi = paired_diff(_sums(e), base, metric, n_boot, seed)
+                    if math.isfinite(lo):
+                        star = "*" if lo > 0 or hi < 0 else ""
+                        cell += f" (Δ {_fmt(metric, d)} [{_fmt(metric, lo)}, {_fmt(metric, hi)}]{star})"
+                cells.append(cell)
+            label = "teacher (reference)" if m == "teacher" else m
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    """``dskd eval --fidelity``: held-out KL, agreement, perplexity and the sense probe against the teacher."""
+    from dskd.cli import parser
+
+    d = FidelityConfig()
+    p = parser(
+        "eval --fidelity",
+        "Held-out fidelity of students to the teacher: per-token KL(teacher || student) at T = 1, top-1\n"
+        "agreement, perplexity, each with a bootstrap error over documents, and (with --senses and\n"
+        "--lexicon) the sense probe. Held-out text: evaluation questions of --text-tasks as raw text;\n"
+        "held-out prompts: evaluation items of --prompt-tasks as chat-formatted letter prompts.\n\n"
+        "  dskd eval --fidelity --teacher smollm2-135m-instruct --model untrained=runs/x/students/untrained \\\n"
+        "      --model kd=runs/x/students/kd --model dskd=runs/x/students/dskd --baseline untrained \\\n"
+        "      --senses runs/x/senses --lexicon runs/x/lexicon --out runs/x/eval/fidelity.json",
+    )
+    p.add_argument("--teacher", default="smollm2-135m-instruct", help="Teacher model spec.")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[NAME=]SPEC",
+        help="A model to compare with the teacher (repeat); a run folder means its student/.",
+    )
+    p.add_argument("--baseline", default=None, help="Name of the model the others are compared with.")
+    p.add_argument(
+        "--text-tasks", default=",".join(d.text_tasks), help="Tasks whose evaluation questions are the held-out text."
+    )
+    p.add_argument(
+        "--prompt-tasks", default="arc_easy,arc_challenge", help="Tasks whose evaluation items make held-out prompts."
+    )
+    p.add_argument("--text-limit", type=int, default=d.text_limit, help="Questions per text task (0: all).")
+    p.add_argument("--prompt-limit", type=int, default=d.prompt_limit, help="Prompts per prompt task (0: all).")
+    p.add_argument("--shots", type=int, default=1, help="Exemplars per prompt, from training items (default 1).")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="Tokens per document (cut from the left).")
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="Tokens per forward batch.")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples over documents.")
+    p.add_argument("--seed", type=int, default=d.seed, help="Seed of exemplars and the bootstrap.")
+    p.add_argument("--senses", default=None, help="Sense store folder for the sense probe.")
+    p.add_argument("--lexicon", default=None, help="Lexicon folder for the sense probe.")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="Weights dtype.")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", type=Path, required=True, help="Result JSON (a .md table is written next to it).")
+    a = p.parse_args(argv)
+    if (a.senses is None) != (a.lexicon is None):
+        raise ConfigError("--senses / --lexicon: the sense probe needs both")
+
+    def split(x: str) -> list[str]:
+        return [t for t in x.split(",") if t]
+
+    cfg = FidelityConfig(
+        text_tasks=split(a.text_tasks),
+        prompt_tasks=split(a.prompt_tasks),
+        text_limit=a.text_limit,
+        prompt_limit=a.prompt_limit,
+        shots=a.shots,
+        max_length=a.max_length,
+        batch_tokens=a.batch_tokens,
+        bootstrap=a.bootstrap,
+        seed=a.seed,
+        probe=a.senses is not None,
+    )
+    res = fidelity(
+        a.teacher,
+        _parse_models(a.model),
+        cfg,
+        a.out,
+        senses_dir=a.senses,
+        lexicon_dir=a.lexicon,
+        dtype=a.dtype,
+        device=a.device,
+        baseline=a.baseline,
+    )
+    print(markdown(res, a.baseline), end="")
+    print(f"wrote {a.out} and {a.out.with_suffix('.md')}")
+    return 0
+
+
+__all__ = ["Doc", "SenseProbe", "fidelity", "heldout_prompts", "heldout_text", "markdown", "measure", "paired_diff"]

@@ -1,0 +1,154 @@
+"""Held-out fidelity (KL, agreement, perplexity with bootstrap errors) and the sense probe."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from fakes import FakeLexicon, FakeStore
+
+from dskd import fidelity as F
+from dskd.config import FidelityConfig
+
+
+def _docs(tokenizer, n: int = 6) -> list[F.Doc]:
+    texts = [
+        "The red car and the blue bus.",
+        "The opposite of hot is cold, and good is the opposite of bad.",
+        "Prices rise and fall in the market of the city.",
+        "A synonym of big is large; a small house is little.",
+        "Which is heavy? The answer is a large train.",
+        "The day was warm and the night was cool.",
+    ][:n]
+    return [F.Doc(f"d{i}", torch.tensor(tokenizer(t)["input_ids"])) for i, t in enumerate(texts)]
+
+
+def test_teacher_against_itself_gives_zero_kl_and_full_agreement(tokenizer):
+    teacher = make_model(len(tokenizer), seed=0)
+    docs = _docs(tokenizer)
+    # batch_tokens small enough to make several batches of mixed lengths (padding must not count)
+    sums = F.measure(teacher, {"self": teacher}, docs, len(tokenizer), tokenizer.pad_token_id, batch_tokens=40)
+    s = sums["self"]
+    assert s["n"].sum() == sum(len(d.ids) for d in docs)
+    assert s["n_tgt"].sum() == sum(len(d.ids) - 1 for d in docs)
+    assert np.abs(s["kl"]).max() < 1e-6
+    assert (s["agree"] == s["n"]).all()
+    np.testing.assert_allclose(s["nll"], sums["teacher"]["nll"], rtol=1e-6)
+    m = F.summarize(s, 200, 0)
+    assert m["kl"] < 1e-6 and m["agree"] == 1.0 and m["ppl"] > 1
+
+
+def test_perturbed_student_has_positive_kl_and_ppl_matches_a_plain_forward(tokenizer):
+    teacher = make_model(len(tokenizer), seed=0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.model.layers[-1].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    docs = _docs(tokenizer)
+    sums = F.measure(teacher, {"s": student}, docs, len(tokenizer), tokenizer.pad_token_id, batch_tokens=64)
+    m = F.summarize(sums["s"], 300, 0)
+    assert m["kl"] > 1e-3 and m["kl_stderr"] > 0
+    # reference: KL and NLL of document 0 from a plain unbatched forward
+    ids = docs[0].ids[None]
+    with torch.no_grad():
+        lt = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), -1)
+        ls = torch.log_softmax(student(input_ids=ids).logits[0].float(), -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1).sum().item()
+    nll = -ls[:-1].gather(1, ids[0, 1:, None]).sum().item()
+    assert sums["s"]["kl"][0] == pytest.approx(kl, rel=1e-4)
+    assert sums["s"]["nll"][0] == pytest.approx(nll, rel=1e-4)
+    total_nll = sums["s"]["nll"].sum() / sums["s"]["n_tgt"].sum()
+    assert m["ppl"] == pytest.approx(math.exp(total_nll))
+
+
+def test_probe_on_a_constructed_case_gives_the_known_rate():
+    d = 8
+    own = torch.zeros(2, d)
+    own[1] = 1.0
+    ant = torch.full((1, d), 5.0)
+    store = FakeStore({10: own, 20: ant, 30: torch.full((1, d), -3.0)})
+    lex = FakeLexicon.from_pairs([], [(10, 20)])
+    probe = F.SenseProbe(store, lex)
+    # 3 states near an own sense of 10, 1 near its antonym; 2 positions whose token has no antonym
+    h = torch.stack([own[0] + 0.1, own[1] - 0.2, own[0], ant[0] - 0.3, torch.zeros(d), torch.zeros(d)])
+    targets = torch.tensor([10, 10, 10, 10, 30, 99])
+    app, hit = probe.hits(h, targets)
+    assert app.tolist() == [True, True, True, True, False, False]
+    assert hit.tolist() == [True, True, True, False, False, False]
+    # token 20's antonym is 10: a state at 10's sense is a miss for target 20
+    app, hit = probe.hits(own[:1], torch.tensor([20]))
+    assert app.tolist() == [True] and hit.tolist() == [False]
+
+
+def test_paired_diff_and_errors():
+    rng = np.random.default_rng(0)
+    a = {k: rng.random(30) + 0.5 for k in F.SUMS}
+    d, lo, hi = F.paired_diff(a, a, "kl", 200, 0)
+    assert d == 0 and lo == 0 and hi == 0
+    b = dict(a, kl=a["kl"] + 0.2 * a["n"])  # +0.2 nats on every token
+    d, lo, hi = F.paired_diff(b, a, "kl", 200, 0)
+    assert d == pytest.approx(0.2) and lo == pytest.approx(0.2) and hi == pytest.approx(0.2)
+    with pytest.raises(F.FidelityError, match="same documents"):
+        F.paired_diff(a, {k: v[:5] for k, v in a.items()}, "kl")
+
+
+def test_cli_end_to_end_with_probe(tmp_path, tiny_teacher_dir, tokenizer, capsys):
+    """dskd eval --fidelity on held-out ARC text and prompts, a truncated student, a store and a lexicon."""
+    from conftest import TOY_TEXT
+
+    from dskd.__main__ import main
+    from dskd.models import load_model, truncate
+
+    student_dir = tmp_path / "run" / "student"
+    truncate(load_model(str(tiny_teacher_dir)), 2).save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TOY_TEXT)
+    ant = tmp_path / "ant.txt"
+    ant.write_text("hot cold\ngood bad\nbig small\nrise fall\nlight dark\nfast slow\n")
+    lex, store = tmp_path / "lex", tmp_path / "store"
+    assert (
+        main(
+            ["lexicon", "build", "--teacher", str(tiny_teacher_dir), "--source", f"pairs:{ant}:ant"]
+            + ["--out", str(lex)]
+        )
+        == 0
+    )
+    argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus), "--out", str(store)]
+    assert main([*argv, "--k", "2", "--max-tokens", "1500", "--seq-len", "64", "--key", "actual"]) == 0
+    out = tmp_path / "fid.json"
+    argv = ["eval", "--fidelity", "--teacher", str(tiny_teacher_dir), "--model", str(tmp_path / "run")]
+    argv += ["--model", f"self={tiny_teacher_dir}", "--baseline", "self", "--text-limit", "5", "--prompt-tasks"]
+    argv += ["arc_easy", "--prompt-limit", "3", "--bootstrap", "50", "--senses", str(store), "--lexicon", str(lex)]
+    assert main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] and set(res["sets"]) == {"text", "prompts"}
+    assert len(res["sets"]["text"]["docs"]) == 5 and len(res["sets"]["prompts"]["docs"]) == 3
+    assert all(d.startswith("arc_easy:") for d in res["sets"]["prompts"]["docs"])
+    for s in res["sets"].values():
+        assert s["models"]["self"]["metrics"]["kl"] < 1e-6 and s["models"]["self"]["metrics"]["agree"] == 1.0
+        assert s["models"]["run"]["metrics"]["kl"] > 0
+        assert s["models"]["self"]["metrics"]["probe"] == s["models"]["teacher"]["metrics"]["probe"]
+    assert sum(s["models"]["teacher"]["metrics"]["probe_positions"] for s in res["sets"].values()) > 0
+    table = (tmp_path / "fid.md").read_text()
+    assert "| teacher (reference) |" in table and "| run |" in table and "Δ" in table
+    assert "**prompts**" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, tiny_teacher_dir, capsys):
+    from dskd.__main__ import main
+
+    base = ["eval", "--fidelity", "--teacher", str(tiny_teacher_dir), "--model", str(tiny_teacher_dir)]
+    assert main([*base, "--out", str(tmp_path / "x.txt")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main([*base, "--senses", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "needs both" in capsys.readouterr().err
+    assert main([*base, "--text-tasks", "arc_esay", "--out", str(tmp_path / "x.json")]) == 2
+    assert "arc_esay" in capsys.readouterr().err
+    with pytest.raises(Exception, match="fidelity.text_limit"):
+        FidelityConfig(text_limit=-1)
