@@ -46,6 +46,7 @@ from torch import nn
 
 from dskd.config import ConfigError, EvalConfig
 from dskd.io import write_text_atomic
+from dskd.models import lm_head_logits as _head
 from dskd.tasks import Item, Task, get_task
 from dskd.tasks.base import LETTERS
 
@@ -272,14 +273,6 @@ def plan_rows(lengths: Sequence[int], batch_size: int) -> list[list[list[int]]]:
             rows.append(row)
         batches.append(rows)
     return batches
-
-
-def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 @torch.no_grad()

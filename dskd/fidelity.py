@@ -44,6 +44,7 @@ from torch import nn
 
 from dskd.config import ConfigError, DskdError, FidelityConfig
 from dskd.io import write_text_atomic
+from dskd.models import lm_head_logits as _head
 
 FORMAT = {"name": "dskd-fidelity", "version": 1}
 SUMS = ("n", "kl", "agree", "n_tgt", "nll", "probe_n", "probe_hit")
@@ -171,14 +172,6 @@ class SenseProbe:
 
 
 # ---- measuring -----------------------------------------------------------------------------------
-def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Documents grouped by length (longest first) so that rows x longest <= ``batch_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -108,6 +108,23 @@ def load_model(
     return model
 
 
+def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's LM head applied to final-norm states, in float32, with its logit soft-capping if any.
+
+    Args:
+        model: A causal LM.
+        hidden: (..., d) last hidden states after the final norm.
+
+    Returns:
+        (..., V) logits.
+    """
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layer list of a causal LM and its parameter-name prefix (e.g. ``model.layers``)."""
     for name in (
