@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from dskd.config import ConfigError, DskdError, FidelityConfig
-from dskd.io import write_text_atomic
+from dskd.io import read_json, write_text_atomic
 from dskd.models import lm_head_logits as _head
 
 FORMAT = {"name": "dskd-fidelity", "version": 1}
@@ -474,12 +474,7 @@ def fidelity(
 def load_result(path: Path | str) -> dict[str, Any]:
     """A fidelity result file, checked for format and completeness."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FidelityError(f"fidelity result not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise FidelityError(f"{path}: not valid JSON ({e})") from e
+    data = read_json(path, FidelityError, "fidelity result")
     if data.get("format", {}).get("name") != FORMAT["name"] or not data.get("complete"):
         raise FidelityError(f"{path}: not a complete dskd fidelity result")
     return data

@@ -20,6 +20,16 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_json(path: Path, error: type[Exception], what: str) -> Any:
+    """The JSON in ``path``; a missing or unparsable file raises ``error`` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise error(f"{what} not found: {path}") from e
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary sibling, then rename it over ``path``: a kill never leaves half a file."""
     path = Path(path)

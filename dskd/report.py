@@ -18,6 +18,7 @@ import numpy as np
 
 from dskd.config import DskdError
 from dskd.evaluate import RESULT_FORMAT, bootstrap_samples, metric_value
+from dskd.io import read_json
 
 
 class ReportError(DskdError, ValueError):
@@ -27,12 +28,7 @@ class ReportError(DskdError, ValueError):
 def load_result(path: Path | str) -> dict[str, Any]:
     """A result file written by :func:`dskd.evaluate.evaluate`, checked for format and completeness."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ReportError(f"result file not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from e
+    data = read_json(path, ReportError, "result file")
     if data.get("format", {}).get("name") != RESULT_FORMAT["name"]:
         raise ReportError(f"{path}: not a dskd eval result (format {data.get('format')!r})")
     if not data.get("complete"):
