@@ -269,6 +269,10 @@ class DataConfig:
         sample_frac: Share of each task's training items used.
         max_items: Cap on prompts per task (0: no cap).
         chat: Wrap prompts in the tokenizer's chat template.
+        style: ``letter``: lettered-choice prompts ending where the answer letter goes (the paper's
+            prompts); ``cloze``: the question as log-likelihood scoring asks it (``Question: ...
+            Answer:``, exemplars solved with their answer text), so the teacher's continuation is a
+            free-text answer. Gold labels appear only in the exemplars, in both styles.
         continuation_tokens: Tokens of greedy teacher continuation appended to each prompt.
         text_files: Plain text files used as extra training sequences.
         max_length: Prompts are truncated from the left to this many tokens.
@@ -280,6 +284,7 @@ class DataConfig:
     sample_frac: float = 1.0
     max_items: int = 0
     chat: bool = True
+    style: str = "letter"
     continuation_tokens: int = 1
     text_files: list[str] = field(default_factory=list)
     max_length: int = 1024
@@ -289,6 +294,7 @@ class DataConfig:
         _check(self.shots >= 0, "data.shots", "must be >= 0", self.shots)
         _check(0.0 < self.sample_frac <= 1.0, "data.sample_frac", "must be in (0, 1]", self.sample_frac)
         _check(self.max_items >= 0, "data.max_items", "must be >= 0", self.max_items)
+        _check(self.style in ("letter", "cloze"), "data.style", "must be letter or cloze", self.style)
         _check(self.continuation_tokens >= 0, "data.continuation_tokens", "must be >= 0", self.continuation_tokens)
         _check(self.max_length >= 8, "data.max_length", "must be >= 8", self.max_length)
         _check(bool(self.tasks) or bool(self.text_files), "data.tasks", "needs tasks or data.text_files", self.tasks)

@@ -163,7 +163,10 @@ def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str,
 
 
 def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
-    """k-shot letter prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
+    """k-shot prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
+
+    ``data.style`` picks lettered-choice prompts or cloze prompts (the question as log-likelihood
+    scoring asks it; the exemplars solved with their answer text).
 
     Exemplars are other training items of the same task, of the same subject when items have one
     (MMLU-style), never the item itself.
@@ -171,7 +174,7 @@ def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
     dc = cfg.data
     if not dc.tasks:
         return []
-    from dskd.evaluate import letter_prompt
+    from dskd.evaluate import letter_prompt, loglik_requests
     from dskd.tasks import get_task
 
     rng = random.Random(dc.seed)
@@ -194,7 +197,10 @@ def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
             if len(pool) < dc.shots:
                 pool = [j for j in range(len(items)) if j != i]
             ex = [items[j] for j in rng.sample(pool, min(dc.shots, len(pool)))]
-            prompts.append(letter_prompt(task, item, ex, tokenizer, dc.chat))
+            if dc.style == "cloze":
+                prompts.append(loglik_requests(task, item, ex, tokenizer, dc.chat)[0][0])
+            else:
+                prompts.append(letter_prompt(task, item, ex, tokenizer, dc.chat))
     return prompts
 
 
