@@ -317,7 +317,7 @@ def build_token_data(
     """Tokenise the prompts, append the teacher's greedy continuation (batched), add the text windows."""
     prompts, windows = prompt_and_text_sequences(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    conts = greedy_continuations(teacher, prompts, cfg.data.continuation_tokens, pad_id, batch_size)
+    conts = greedy_continuations(teacher, prompts, cfg.data.continuation_tokens, pad_id, batch_size, progress=True)
     return TokenData([torch.cat([p, c]) for p, c in zip(prompts, conts, strict=True)] + windows, recipe)
 
 
