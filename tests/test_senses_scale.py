@@ -106,15 +106,70 @@ def test_streamed_windows_equal_the_sliced_stream(tokenizer, doc_corpus):
     assert sum(w.numel() - 1 for _, w in wins) == 699 and per[str(doc_corpus)] == 700
 
 
-def test_blocks_are_round_robin_and_close_at_block_chars(tmp_path):
+def test_blocks_are_round_robin_and_partition_each_file(tmp_path):
+    from dskd import corpus as C
+
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"a{i} " * 20}) for i in range(10)))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"b{i} " * 20}) for i in range(6)))
-    blocks = list(S.iter_blocks([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], 150))
-    assert [g for g, _, _ in blocks] == list(range(len(blocks)))
-    names = [Path(n).stem for _, n, _ in blocks]
-    assert names == ["a", "b", "a", "b", "a", "a"]  # 3 documents of 60 characters per block; b runs out first
-    assert all(sum(len(d) for d in docs[:-1]) < 150 for _, _, docs in blocks)
-    assert sum(len(docs) for _, _, docs in blocks) == 16
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    blocks = list(S.iter_blocks([str(f) for f in files], 150))
+    assert [g for g, _ in blocks] == list(range(len(blocks)))
+    n_a, n_b = (-(-f.stat().st_size // 150) for f in files)  # blocks are listed from the file sizes alone
+    assert n_a > n_b > 1
+    assert [Path(b.corpus).stem for _, b in blocks] == ["a", "b"] * n_b + ["a"] * (n_a - n_b)
+    for f in files:
+        mine = [b for _, b in blocks if Path(b.corpus) == f]
+        spans = [C.file_span(*b.span) for b in mine]
+        # consecutive byte ranges covering the file, each starting at a line
+        assert spans[0][0] == 0 and spans[-1][1] == f.stat().st_size
+        assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))
+        assert all(a == 0 or f.read_bytes()[a - 1 : a] == b"\n" for a, _ in spans)
+        assert [d for b in mine for d in b.read()] == list(C.file_documents(f))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_reader_reads_only_its_own_blocks(tmp_path, monkeypatch, world):
+    """The shards of N readers are disjoint, their union is the corpus, and a reader reads only its bytes."""
+    from dskd import corpus as C
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta"]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(3, 60)))) for _ in range(400)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "big.txt").write_text("\n\n".join(docs) + "\n")
+    real = C.read_span
+    for name in ("big.jsonl", "big.txt"):
+        f = tmp_path / name
+        size = f.stat().st_size
+        read: dict[int, list[tuple[int, int]]] = {}
+        got: dict[int, tuple[int, list[str]]] = {}
+        for rank in range(world):
+            log = read.setdefault(rank, [])
+            monkeypatch.setattr(C, "read_span", lambda p, a, b, log=log: log.append((a, b)) or real(p, a, b))
+            for g, blk in C.shard([str(f)], 1000, rank, world):
+                assert g % world == rank
+                got[g] = (rank, list(blk.read()))
+        spans = sorted(s for r in read for s in read[r])
+        assert spans[0][0] == 0 and spans[-1][1] == size  # the union is the whole file ...
+        assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))  # ... without overlap
+        for rank in range(world):
+            assert sum(b - a for a, b in read[rank]) < 1.5 * size / world  # nobody reads everything
+        union = [d for g in sorted(got) for d in got[g][1]]
+        # .txt: paragraphs are grouped into documents per block, so compare the paragraphs
+        assert "\n\n".join(union).split("\n\n") == docs
+
+
+def test_dataset_blocks_are_row_ranges(tmp_path):
+    import datasets
+
+    from dskd import corpus as C
+
+    texts = [f"document {i}" for i in range(23)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "ds")
+    per = C.docs_per_block(3 * C.DOC_CHARS)
+    blocks = [b for _, b in C.iter_blocks([str(tmp_path / "ds")], 3 * C.DOC_CHARS)]
+    assert per == 3 and len(blocks) == 8
+    assert [list(b.read()) for b in blocks] == [texts[a : a + per] for a in range(0, 23, per)]
 
 
 def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
@@ -126,9 +181,9 @@ def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
     want += tokenizer("the blue bus")["input_ids"] + [tokenizer.eos_token_id]
     assert stream.tolist() == want
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "bad")
-    with pytest.raises(S.SenseError, match="--corpus .*text column"):
+    with pytest.raises(S.CorpusError, match="--corpus .*text column"):
         S.token_stream(tokenizer, [str(tmp_path / "bad")], 10)
-    with pytest.raises(S.SenseError, match="--corpus hf:"):
+    with pytest.raises(S.CorpusError, match="--corpus hf:"):
         S.token_stream(tokenizer, ["hf:no-such-owner/no-such-dataset"], 10)
 
 

@@ -2,7 +2,8 @@
 
 Run by :func:`build_senses` and ``dskd senses build`` (method.md section 1):
 
-1. **Corpus** (:mod:`dskd.senses.corpus`): read as a stream, cut after ``max_tokens`` positions, in
+1. **Corpus** (:mod:`dskd.corpus`, :mod:`dskd.senses.corpus`): read as a stream, cut after
+   ``max_tokens`` positions, in
    the ``stream`` layout (one process) or the ``blocks`` layout (``block_chars`` > 0; required for,
    and the default under, several processes).
 
@@ -16,9 +17,9 @@ Run by :func:`build_senses` and ``dskd senses build`` (method.md section 1):
    checkpoint (bookkeeping only, not the rows) is written every ``checkpoint_every`` batches; a
    killed build rerun with the same arguments resumes from it and gives the same store, bit for bit.
 
-   Under ``torchrun`` / ``accelerate launch`` with N processes, process r gathers the blocks
-   g with g % N == r into its own reservoir and rows file (each reads only the text of the other
-   blocks, to find where blocks end, and tokenizes and runs only its own); then process 0 merges
+   Under ``torchrun`` / ``accelerate launch`` with N processes, process r reads, tokenizes and
+   gathers only the blocks g with g % N == r (blocks are listed without reading text, see
+   :mod:`dskd.corpus`), into its own reservoir and rows file; then process 0 merges
    the reservoirs and clusters while the others wait. With a per-token cap above every count, the
    store equals the one-process store of the same layout exactly; with sampling, process 0 draws a
    uniform sample of the union (a multivariate hypergeometric split of each token's cap over the
@@ -54,9 +55,10 @@ import numpy as np
 import torch
 
 from dskd.config import SenseConfig
+from dskd.corpus import iter_blocks
 from dskd.io import replace_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
-from dskd.senses.corpus import TokenStream, block_tokens, iter_blocks, windows
+from dskd.senses.corpus import TokenStream, block_tokens, windows
 from dskd.senses.kmeans import cluster_groups
 from dskd.senses.reservoir import MultiRowSource, Reservoir, RowFile
 from dskd.senses.store import (
@@ -293,8 +295,9 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
         plan = _Plan("stream", min(cfg.max_tokens, n - 1), h.hexdigest()[:16], dict(ts.per_corpus))
         plan.tokens = kept
         return plan
-    # blocks: in rounds of one block per process, every process tokenizes its own and all learn the
-    # sizes, so each can cut the global stream at max_tokens exactly as one process would.
+    # blocks: in rounds of one block per process, every process reads and tokenizes only its own
+    # block and all learn the sizes, so each can cut the global stream at max_tokens exactly as one
+    # process would. Blocks are listed without reading text, so skipping the others' costs nothing.
     h, total, per_corpus = hashlib.sha256(), 0, {}
     mine: list[tuple[int, int, int]] = []
     kept: list[np.ndarray] | None = []
@@ -305,8 +308,9 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
             nxt = next(it, None)
             if nxt is None:
                 break
-            if nxt[0] % dist.world == dist.rank:
-                own = (nxt[0], nxt[1], block_tokens(tok, nxt[2]))
+            g, blk = nxt
+            if g % dist.world == dist.rank:
+                own = (g, blk.corpus, block_tokens(tok, list(blk.read())))
         infos = dist.all_gather(None if own is None else (own[0], own[1], max(0, own[2].numel() - 1)))
         infos = sorted((x for x in infos if x is not None), key=lambda x: x[0])
         if not infos:
@@ -346,12 +350,12 @@ def _windows(tok, cfg: SenseConfig, plan: _Plan, block_chars: int) -> Iterator[t
         return
     todo = {g: (start, n) for g, start, n in plan.blocks}
     last = max(todo, default=-1)
-    for g, _, docs in iter_blocks(cfg.corpus, block_chars):
+    for g, blk in iter_blocks(cfg.corpus, block_chars):
         if g > last:
             return
-        if g in todo:
+        if g in todo:  # only this process's blocks are read
             start, n = todo[g]
-            yield from windows(iter([block_tokens(tok, docs)[: n + 1]]), cfg.seq_len, start)
+            yield from windows(iter([block_tokens(tok, list(blk.read()))[: n + 1]]), cfg.seq_len, start)
 
 
 def _batches(win: Iterator[tuple[int, torch.Tensor]], batch_size: int) -> Iterator[list[tuple[int, torch.Tensor]]]:

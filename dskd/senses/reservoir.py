@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 class RowFile:
     """A file of fixed-size rows (row i at byte ``offset + i * d * itemsize``), read and written with
     positional system calls (``pread`` / ``pwrite``) into buffers the size of one call's rows.
