@@ -190,18 +190,15 @@ def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
 # ------------------------------------------------------------------------------------------------ device
 
 
-def test_device_and_dtype_resolution(monkeypatch):
-    assert S.resolve_dtype("auto", torch.device("cpu")) == "float32"
-    assert S.resolve_dtype("auto", torch.device("cuda", 0)) == "bfloat16"
-    assert S.resolve_dtype("float16", torch.device("cpu")) == "float16"
-    with pytest.raises(S.SenseError, match="--dtype"):
-        S.resolve_dtype("int8", torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert S.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(S.SenseError, match="--device cuda: no CUDA device"):
-        S.resolve_device("cuda")
-    with pytest.raises(S.SenseError, match="--device"):
-        S.resolve_device("tpu")
+def test_device_and_dtype_resolution_is_the_one_of_every_stage(monkeypatch):
+    import dskd.devices
+    import dskd.senses.build as B
+
+    assert B.resolve_device is dskd.devices.resolve_device and B.resolve_dtype is dskd.devices.resolve_dtype
+    with pytest.raises(S.SenseError, match="--sample-dtype"):
+        B._sample_dtype("int8", torch.device("cpu"), "bfloat16")
+    assert B._sample_dtype("auto", torch.device("cpu"), "bfloat16") == "float32"
+    assert B._sample_dtype("auto", torch.device("cuda", 0), "bfloat16") == "bfloat16"
 
 
 def test_cli_device_error_names_the_flag(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
@@ -210,7 +207,7 @@ def test_cli_device_error_names_the_flag(tiny_teacher_dir, tmp_path, capsys, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "s"), "--device", "cuda"]
     assert main(argv) == 2
-    assert "--device cuda" in capsys.readouterr().err
+    assert "--device: 'cuda'" in capsys.readouterr().err
 
 
 def test_kmeans_on_a_row_source_equals_the_tensor(tmp_path):

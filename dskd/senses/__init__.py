@@ -12,13 +12,12 @@ One module per stage:
 See :mod:`dskd.senses.build` for the pipeline and :mod:`dskd.senses.store` for the store layout.
 """
 
+from dskd.devices import resolve_device, resolve_dtype  # the one device rule, re-exported
 from dskd.senses.build import (
     DEFAULT_BLOCK_CHARS,
     build_senses,
     gather_batch,
     load_samples,
-    resolve_device,
-    resolve_dtype,
 )
 from dskd.senses.cli import build_main, plot_main, show_main
 from dskd.senses.corpus import (

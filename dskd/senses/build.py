@@ -56,6 +56,7 @@ import torch
 
 from dskd.config import SenseConfig
 from dskd.corpus import iter_blocks
+from dskd.devices import DTYPES, dtype_name, resolve_device, resolve_dtype
 from dskd.io import replace_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
 from dskd.senses.corpus import TokenStream, block_tokens, windows
@@ -83,50 +84,9 @@ _NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_ev
 DEFAULT_BLOCK_CHARS = 65_536
 # A stream of at most this many tokens is kept (int32, 64 MB) between planning and gathering.
 _KEEP_TOKENS = 1 << 24
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------- device and dtype
-
-
-def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
-    """The device a stage runs on: ``auto`` is the accelerator when there is one, else the CPU.
-
-    Under several processes a CUDA device is the process's own (``LOCAL_RANK``).
-
-    Raises:
-        SenseError: a device that is not there (no silent fallback to the CPU).
-    """
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    spec = spec or "auto"
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as e:
-        raise SenseError(f"--device {spec!r}: not a device (auto, cpu, cuda, cuda:N)") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SenseError(f"--device {spec}: no CUDA device is available here (use --device cpu or auto)")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        elif dev.index >= torch.cuda.device_count():
-            raise SenseError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise SenseError(f"--device {spec}: only cpu and cuda devices are supported")
-    return dev
-
-
-def resolve_dtype(spec: str, device: torch.device) -> str:
-    """The teacher's weights dtype: ``auto`` is bfloat16 on an accelerator, float32 on the CPU."""
-    if spec in (None, "", "auto"):
-        return "bfloat16" if device.type != "cpu" else "float32"
-    if spec not in _DTYPES:
-        raise SenseError(f"--dtype {spec!r}: choose auto, {', '.join(_DTYPES)}")
-    return spec
 
 
 def _sample_dtype(spec: str, device: torch.device, store_dtype: str) -> str:
@@ -134,8 +94,8 @@ def _sample_dtype(spec: str, device: torch.device, store_dtype: str) -> str:
     teacher's float32 states), the store dtype on an accelerator (half the disk at scale)."""
     if spec in (None, "", "auto"):
         return store_dtype if device.type != "cpu" else "float32"
-    if spec not in _DTYPES:
-        raise SenseError(f"--sample-dtype {spec!r}: choose auto, {', '.join(_DTYPES)}")
+    if spec not in DTYPES:
+        raise SenseError(f"--sample-dtype {spec!r}: choose auto, {', '.join(DTYPES)}")
     return spec
 
 
@@ -772,8 +732,10 @@ def build_senses(
     t_start = time.perf_counter()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
         raise SenseError(f"--out {out}: exists and is not a sense store; refusing to replace it")
-    dev = resolve_device(device)
-    t_dtype = resolve_dtype(teacher_dtype, dev)
+    dev = resolve_device(device, flag="--device")
+    if dev.type == "cuda" and dev.index is None:  # under several processes, each its own GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    t_dtype = dtype_name(resolve_dtype(teacher_dtype, dev, flag="--dtype"))
     s_dtype = _sample_dtype(sample_dtype, dev, cfg.store_dtype)
     dist = _dist_init(dev)
     try:
@@ -875,7 +837,7 @@ def _build(
             print(f"dskd senses: reusing the samples kept in {out / SAMPLES_FILE} (same teacher, corpus, options)")
     else:
         res, dist_t, timing = _gather(
-            model, tok, plan, cfg, block_chars, vocab, dim, work, gather_key, dev, _DTYPES[sample_dtype], dist, show
+            model, tok, plan, cfg, block_chars, vocab, dim, work, gather_key, dev, DTYPES[sample_dtype], dist, show
         )
         del model
         if dev.type == "cuda":
@@ -899,7 +861,7 @@ def _build(
 
             states = [load_file(str(work / f"final.rank{r}.safetensors")) for r in range(dist.world)]
             tokens, file_of, row_of, seen = _merge(states, cfg.max_samples, cfg.seed)
-            files = [RowFile(work / f"rows.rank{r}.bin", dim, _DTYPES[sample_dtype]) for r in range(dist.world)]
+            files = [RowFile(work / f"rows.rank{r}.bin", dim, DTYPES[sample_dtype]) for r in range(dist.world)]
             source = MultiRowSource(files, file_of, row_of)
             dist_t = torch.cat([s["dist"] for s in states])[:_DIST_CAP]
             timing = {
