@@ -201,6 +201,22 @@ def test_device_and_dtype_resolution_is_the_one_of_every_stage(monkeypatch):
     assert B._sample_dtype("auto", torch.device("cuda", 0), "bfloat16") == "bfloat16"
 
 
+def test_sense_config_runtime_fields_are_checked():
+    from dskd.config import ConfigError, from_dict
+
+    cfg = from_dict({"senses": {"device": "cpu", "dtype": "bfloat16", "sample_dtype": "float16", "block_chars": 300}})
+    assert (cfg.senses.device, cfg.senses.dtype, cfg.senses.sample_dtype, cfg.senses.block_chars) == (
+        "cpu",
+        "bfloat16",
+        "float16",
+        300,
+    )
+    with pytest.raises(ConfigError, match="senses.dtype"):
+        SenseConfig(dtype="int8")
+    with pytest.raises(ConfigError, match="senses.block_chars"):
+        SenseConfig(block_chars=-1)
+
+
 def test_cli_device_error_names_the_flag(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
     from dskd.__main__ import main
 
@@ -340,12 +356,10 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir, doc_corpus)
 def test_corpus_streamed_twice_equals_tokens_kept(tmp_path, monkeypatch, tiny_teacher_dir, doc_corpus, block_chars):
     # A small corpus is tokenized once and kept between planning and gathering; a large one is
     # streamed (and tokenized) again. Both give the same store.
-    cfg = _cfg(doc_corpus, max_tokens=900)
-    kept = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "kept", progress=False, block_chars=block_chars)
+    cfg = _cfg(doc_corpus, max_tokens=900, block_chars=block_chars)  # a recipe's senses.block_chars
+    kept = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "kept", progress=False)
     monkeypatch.setattr(S.build, "_KEEP_TOKENS", 0)
-    again = S.build_senses(
-        str(tiny_teacher_dir), cfg, None, tmp_path / "again", progress=False, block_chars=block_chars
-    )
+    again = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "again", progress=False)
     a, b = _tensors(kept), _tensors(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((again / S.META_FILE).read_text())

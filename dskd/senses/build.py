@@ -77,9 +77,11 @@ from dskd.senses.store import (
 _DIST_CAP = 100_000  # MSE values kept for the distance statistics
 _DIST_PER_BATCH = 512
 # Options that do not change the store (left out of the identity used to skip a rebuild).
-_NON_IDENTITY = ("checkpoint_every",)
+# The runtime options (device, dtypes, block size) enter the identity as resolved values instead.
+_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")
+_NON_IDENTITY = ("checkpoint_every", *_RUNTIME)
 # Options that do not change the gathered samples (a partial gather survives a change of these).
-_NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples")
+_NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples", *_RUNTIME)
 # Blocks of the ``blocks`` layout when several processes run and none was asked for (~16k tokens).
 DEFAULT_BLOCK_CHARS = 65_536
 # A stream of at most this many tokens is kept (int32, 64 MB) between planning and gathering.
@@ -699,10 +701,10 @@ def build_senses(
     lexicon_dir: Path | None,
     out: Path,
     force: bool = False,
-    teacher_dtype: str = "auto",
+    teacher_dtype: str | None = None,
     progress: bool = True,
-    device: str = "auto",
-    sample_dtype: str = "auto",
+    device: str | None = None,
+    sample_dtype: str | None = None,
     block_chars: int | None = None,
 ) -> Path:
     """Build a sense store (see the module docstring), or return at once if ``out`` already matches.
@@ -716,15 +718,13 @@ def build_senses(
         lexicon_dir: Lexicon folder whose multi-token tails get composed senses (None: no spans).
         out: Output folder.
         force: Rebuild even when ``out`` matches (a partial gather is still resumed).
-        teacher_dtype: Weights dtype of the teacher: auto (bfloat16 on an accelerator, float32 on the
-            CPU), float32, bfloat16 or float16 (states are gathered in float32).
+        teacher_dtype: ``cfg.dtype`` when None (the others below likewise): the teacher's weights dtype.
         progress: Print progress bars and a summary.
-        device: Where the teacher, the reservoir and k-means run: auto (the accelerator when there is
-            one), cpu, cuda or cuda:N.
-        sample_dtype: Dtype of the gathered sample rows on disk: auto (float32 on the CPU, the store
-            dtype on an accelerator), float32, bfloat16 or float16.
-        block_chars: Characters per block of the ``blocks`` corpus layout; 0 for the one-process
-            ``stream`` layout; None: 0 for one process, ``DEFAULT_BLOCK_CHARS`` for several.
+        device: Where the teacher, the reservoir and k-means run (``cfg.device``).
+        sample_dtype: Dtype of the gathered sample rows on disk (``cfg.sample_dtype``).
+        block_chars: Block size of the ``blocks`` corpus layout; 0 for the one-process ``stream``
+            layout (``cfg.block_chars``; when both are None: 0 for one process,
+            ``DEFAULT_BLOCK_CHARS`` for several).
     Returns:
         ``out``.
     """
@@ -732,6 +732,10 @@ def build_senses(
     t_start = time.perf_counter()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
         raise SenseError(f"--out {out}: exists and is not a sense store; refusing to replace it")
+    teacher_dtype = cfg.dtype if teacher_dtype is None else teacher_dtype
+    device = cfg.device if device is None else device
+    sample_dtype = cfg.sample_dtype if sample_dtype is None else sample_dtype
+    block_chars = cfg.block_chars if block_chars is None else block_chars
     dev = resolve_device(device, flag="--device")
     if dev.type == "cuda" and dev.index is None:  # under several processes, each its own GPU
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
