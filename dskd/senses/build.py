@@ -69,7 +69,6 @@ from dskd.senses.store import (
     SAMPLES_FILE,
     STORE_FILE,
     SenseError,
-    _safetensors_header,
     compose_senses,
     write_safetensors,
 )
@@ -529,24 +528,13 @@ class _TensorRows:
 
 def _samples_source(path: Path) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The samples a store kept: (row source, tokens (R,), seen (V,), dist (m,)), rows read from the file."""
-    from safetensors import safe_open
+    from dskd.tensorfile import TensorFile, TensorRows
 
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        if "pool" in names:  # earlier layout: the reservoir's state with its whole pool
-            pool, keys, rows = f.get_tensor("pool"), f.get_tensor("keys"), f.get_tensor("rows")
-            return None, keys, rows, pool  # resolved by the caller, which knows the cap
-        tokens, seen, dist = f.get_tensor("tokens"), f.get_tensor("seen"), f.get_tensor("dist")
-    start, header = _safetensors_header(path)
-    info = header["samples"]
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info["dtype"]]
-    rf = RowFile(path, int(info["shape"][1]), dtype, offset=start + info["data_offsets"][0], writable=False)
-    return (
-        MultiRowSource([rf], torch.zeros(tokens.numel(), dtype=torch.int64), torch.arange(tokens.numel())),
-        tokens,
-        seen,
-        dist,
-    )
+    with TensorFile(path) as f:
+        if "pool" in f:  # earlier layout: the reservoir's state with its whole pool
+            return None, f.get("keys"), f.get("rows"), f.get("pool")  # resolved by the caller, which knows the cap
+        tokens, seen, dist = f.get("tokens"), f.get("seen"), f.get("dist")
+    return TensorRows(path, "samples"), tokens, seen, dist
 
 
 def load_samples(path: str | Path, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 
 class RowFile:
-    """A file of fixed-size rows (row i at byte ``offset + i * d * itemsize``), read and written with
+    """A raw file of fixed-size rows (row i at byte ``i * d * itemsize``), read and written with
     positional system calls (``pread`` / ``pwrite``) into buffers the size of one call's rows.
 
     The file is never memory-mapped: a mapped file's pages count as the process's resident memory
@@ -34,12 +34,11 @@ class RowFile:
         path: The file; created (empty) when missing and ``writable``.
         dim: d, values per row.
         dtype: float32, float16 or bfloat16 (stored as raw bits).
-        offset: Byte offset of row 0.
         writable: Open for writing (the file grows as rows are written).
     """
 
-    def __init__(self, path: str | Path, dim: int, dtype: torch.dtype, offset: int = 0, writable: bool = True) -> None:
-        self.path, self.dim, self.dtype, self.offset, self.writable = Path(path), dim, dtype, offset, writable
+    def __init__(self, path: str | Path, dim: int, dtype: torch.dtype, writable: bool = True) -> None:
+        self.path, self.dim, self.dtype, self.writable = Path(path), dim, dtype, writable
         self.row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
         self._fd = -1
         if writable and not self.path.exists():
@@ -49,7 +48,7 @@ class RowFile:
     @property
     def n_rows(self) -> int:
         """Rows the file has room for."""
-        return max(0, os.fstat(self._fd).st_size - self.offset) // self.row_bytes
+        return max(0, os.fstat(self._fd).st_size) // self.row_bytes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,7 +69,7 @@ class RowFile:
     def reserve(self, n_rows: int) -> None:
         """Make room for ``n_rows`` rows (doubling, as a sparse file: no disk is used until written)."""
         if n_rows > self.n_rows:
-            os.ftruncate(self._fd, self.offset + max(n_rows, 2 * self.n_rows, 1024) * self.row_bytes)
+            os.ftruncate(self._fd, max(n_rows, 2 * self.n_rows, 1024) * self.row_bytes)
 
     def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``values`` (n, d) (any device, any float dtype: cast to the file's) into rows ``rows`` (n,).
@@ -91,7 +90,7 @@ class RowFile:
         buf = memoryview(v.view(-1).view(torch.uint8).numpy())
         rb = self.row_bytes
         for a, b in _runs(r):
-            os.pwrite(self._fd, buf[a * rb : b * rb], self.offset + int(r[a]) * rb)
+            os.pwrite(self._fd, buf[a * rb : b * rb], int(r[a]) * rb)
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` ((n,) int64) as an (n, d) float32 CPU tensor."""
@@ -112,7 +111,7 @@ class RowFile:
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         rb = self.row_bytes
         for a, b in _runs(uniq):
-            want, pos = (b - a) * rb, self.offset + int(uniq[a]) * rb
+            want, pos = (b - a) * rb, int(uniq[a]) * rb
             if os.preadv(self._fd, [buf[a * rb : b * rb]], pos) != want:
                 raise OSError(f"{self.path}: short read of {want} bytes at byte {pos} (a truncated file?)")
         return out if inv is None else out[torch.from_numpy(inv.reshape(-1))]
