@@ -172,6 +172,24 @@ def test_dataset_blocks_are_row_ranges(tmp_path):
     assert [list(b.read()) for b in blocks] == [texts[a : a + per] for a in range(0, 23, per)]
 
 
+def test_streamed_dataset_blocks_are_its_shards(tmp_path, monkeypatch):
+    import datasets
+
+    from dskd import corpus as C
+
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"part{i}.jsonl"))
+        Path(files[-1]).write_text("".join(json.dumps({"text": f"doc {i}.{j}"}) + "\n" for j in range(4)))
+    streamed = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: streamed)  # stands in for a hub dataset
+    blocks = [b for _, b in C.iter_blocks(["hf:some/dataset"], 65536)]
+    assert [list(b.read()) for b in blocks] == [[f"doc {i}.{j}" for j in range(4)] for i in range(3)]
+    assert [d for b in C.shard(["hf:some/dataset"], 65536, 1, 2) for d in b[1].read()] == [
+        f"doc 1.{j}" for j in range(4)
+    ]
+
+
 def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
     import datasets
 
