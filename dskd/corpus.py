@@ -5,7 +5,8 @@ Documents of a file:
 
 - ``.txt``: paragraphs are separated by blank lines (whitespace-only lines); a paragraph is stripped
   and empty ones are dropped; consecutive paragraphs are joined (with a blank line) into documents of
-  about ``DOC_CHARS`` (4,000) characters at most (a longer paragraph stays whole);
+  about ``max_chars`` characters at most (a longer paragraph stays whole): ``DOC_CHARS`` (4,000) for
+  the sense corpus, 0 (one paragraph per document) for ``data.text_files``, as each reader asks;
 - ``.jsonl``: one document per non-blank line, the ``text`` field, else ``passage`` or ``content``.
 
 A corpus spec (``--corpus``) is a file, a folder (every ``.txt`` / ``.jsonl`` file below it, sorted by
@@ -72,7 +73,7 @@ def text_of_json(obj: Any, where: str, flag: str = "--corpus") -> str:
 
 def paragraph_documents(lines: Iterator[str], max_chars: int = DOC_CHARS) -> Iterator[str]:
     """Group text lines into paragraphs (split at blank lines, stripped, empty ones dropped) and join
-    consecutive paragraphs into documents of about ``max_chars`` characters at most."""
+    consecutive paragraphs into documents of about ``max_chars`` characters at most (0: one each)."""
     cur: list[str] = []  # paragraphs of the document being built
     size = 0
     para: list[str] = []  # lines of the paragraph being read
@@ -109,8 +110,13 @@ def _jsonl_documents(lines: Iterator[tuple[str, str]], flag: str) -> Iterator[st
             yield text_of_json(obj, where, flag)
 
 
-def file_documents(path: str | Path, flag: str = "--corpus") -> Iterator[str]:
+def file_documents(path: str | Path, flag: str = "--corpus", max_chars: int = DOC_CHARS) -> Iterator[str]:
     """The documents of a whole ``.txt`` / ``.jsonl`` file, read line by line (see the module docstring).
+
+    Args:
+        path: The file.
+        flag: The flag named in errors.
+        max_chars: Size of a ``.txt`` document (paragraphs are joined up to it; 0: one per paragraph).
 
     Raises:
         CorpusError: a missing file, or a ``.jsonl`` line that is not a JSON object with a text field.
@@ -122,7 +128,7 @@ def file_documents(path: str | Path, flag: str = "--corpus") -> Iterator[str]:
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(((f"{path}:{i}", line) for i, line in enumerate(f, 1)), flag)
         else:
-            yield from paragraph_documents(f)
+            yield from paragraph_documents(f, max_chars)
 
 
 def _boundary(f, pos: int, size: int, sep: bytes) -> int:

@@ -159,8 +159,6 @@ def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str,
         "teacher_fingerprint": teacher_fp,
         "text_file_hashes": [f["sha"] for f in files],
     }
-    if files:  # the rules of dskd.corpus (version 2) split text files into documents
-        body["text_reader"] = 2
     return {**body, "text_files": files, "hash": _sha(body)}
 
 
@@ -202,14 +200,16 @@ def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
 
 def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
     """Token windows (at most ``data.max_length`` tokens) of the documents of ``data.text_files``,
-    read by the one corpus reader (:mod:`dskd.corpus`: ``.txt`` paragraphs grouped into documents of
-    about 4,000 characters, ``.jsonl`` lines' ``text``, ``passage`` or ``content`` field)."""
+    read by the one corpus reader (:mod:`dskd.corpus`: each ``.txt`` paragraph, each ``.jsonl``
+    line's ``text``, ``passage`` or ``content`` field)."""
     from dskd.corpus import CorpusError, file_documents
 
     out = []
     for f in cfg.data.text_files:
         try:
-            texts = list(file_documents(Path(f).expanduser(), flag="--data.text_files"))
+            texts = list(
+                file_documents(Path(f).expanduser(), flag="--data.text_files", max_chars=0)
+            )  # a paragraph each
         except CorpusError as e:
             raise DataError(str(e)) from e
         for text in texts:
