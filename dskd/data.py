@@ -2,8 +2,8 @@
 
 Training sequences (method.md section 4) are chat-formatted k-shot multiple-choice prompts built from
 the tasks' *training* items (``dskd.tasks``; gold labels unused) followed by the teacher's greedy
-continuation (``data.continuation_tokens``, 1 by default); plain text files (``data.text_files``:
-``.txt`` paragraphs separated by blank lines, or ``.jsonl`` with a ``text`` field) are added as they
+continuation (``data.continuation_tokens``, 1 by default); plain text files (``data.text_files``,
+``.txt`` or ``.jsonl``, read by :mod:`dskd.corpus` with the sense corpus's rules) are added as they
 are, cut into ``data.max_length`` windows. Targets are the next token at *every* position.
 
 A built training set is a folder::
@@ -205,21 +205,19 @@ def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
 
 
 def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
-    """Token windows (at most ``data.max_length`` tokens) of the paragraphs of ``data.text_files``."""
+    """Token windows (at most ``data.max_length`` tokens) of the documents of ``data.text_files``,
+    read by the one corpus reader (:mod:`dskd.corpus`: each ``.txt`` paragraph, each ``.jsonl``
+    line's ``text``, ``passage`` or ``content`` field)."""
+    from dskd.corpus import CorpusError, file_documents
+
     out = []
     for f in cfg.data.text_files:
-        p = Path(f).expanduser()
-        if p.suffix == ".jsonl":
-            texts = []
-            for n, line in enumerate(p.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"--data.text_files: {p}:{n}: expected a JSON object with 'text' ({e})") from e
-        else:
-            texts = [t.strip() for t in p.read_text().split("\n\n") if t.strip()]
+        try:
+            texts = list(
+                file_documents(Path(f).expanduser(), flag="--data.text_files", max_chars=0)
+            )  # a paragraph each
+        except CorpusError as e:
+            raise DataError(str(e)) from e
         for text in texts:
             ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
             for s in range(0, len(ids), cfg.data.max_length):
@@ -419,8 +417,9 @@ class TeacherCache:
     """A memory-mapped teacher cache; ``get`` returns a padded micro-batch of teacher outputs."""
 
     def __init__(self, path: Path, meta: dict[str, Any]):
-        from safetensors import safe_open
         from safetensors.torch import load_file
+
+        from dskd.tensorfile import TensorFile
 
         self.path, self.meta = Path(path), meta
         t = load_file(str(self.path / "dataset.safetensors"))
@@ -429,9 +428,7 @@ class TeacherCache:
         self.data = TokenData(_split(t["input_ids"], t["offsets"]), recipe)
         self.shard, self.start = t["cache_shard"].tolist(), t["cache_start"].tolist()
         self.kd = meta["settings"]["kd"]  # head | logits | topk
-        self._files = [
-            safe_open(str(self.path / name), framework="pt") for name in meta["shards"]
-        ]  # kept open: reads are lazy slices of the mapped files
+        self._files = [TensorFile(self.path / name) for name in meta["shards"]]  # kept open: lazy slices
 
     @classmethod
     def open(cls, path: Path | str, key: str | None = None, flag: str = "--distill.cache_dir") -> TeacherCache:
@@ -473,7 +470,7 @@ class TeacherCache:
         for i in idx:
             f, s, n = self._files[self.shard[i]], self.start[i], max(len(self.data.seqs[i]) - 1, 0)
             for name in ("hidden", *names):
-                x = f.get_slice(name)[s : s + n]
+                x = f.rows(name, s, s + n)
                 pad = [0, 0] * (x.dim() - 1) + [0, T - n]
                 rows.setdefault(name, []).append(torch.nn.functional.pad(x, pad))
         hidden = torch.stack(rows["hidden"]).float()
