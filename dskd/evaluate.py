@@ -659,11 +659,7 @@ def score_task(
             warnings.warn("this model ignores packed attention masks: scoring each choice separately", stacklevel=2)
     n_groups = np.bincount([g.item for g in groups], minlength=len(items))
     weights = [1.0 / n_groups[g.item] for g in groups]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc=task.name, unit="item", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(progress, len(items), task.name)
     max_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     t1 = time.perf_counter()
     scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed, keys)
@@ -683,32 +679,89 @@ def score_task(
         pred_norm = [_argmax([s / n for s, n in zip(v, ln, strict=True)]) for v, ln in zip(ll, lens, strict=True)]
         rec["pred_norm"] = pred_norm
         correct["acc_norm"] = np.array([p == g for p, g in zip(pred_norm, gold, strict=True)], dtype=float)
+    return task_entry(
+        task,
+        items,
+        correct,
+        rec,
+        cfg,
+        primary="acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
+        setup=_setup(cfg),
+        seconds=time.perf_counter() - t0,
+        score_seconds=t_score,
+        tokens=sum(g.length for g in groups),
+        packed=packed,
+    )
+
+
+def progress_bar(progress: bool, total: int, desc: str) -> Any:
+    """A tqdm bar over ``total`` items with items/s on stderr, or None when ``progress`` is off."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
+
+
+def task_entry(
+    task: Task,
+    items: Sequence[Item],
+    scores: dict[str, np.ndarray],
+    rec: dict[str, Any],
+    cfg: EvalConfig,
+    *,
+    primary: str,
+    setup: str,
+    seconds: float,
+    score_seconds: float,
+    tokens: int,
+    extra_metrics: dict[str, float] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The task's entry of a result file from per-item scores, the same for every scoring mode.
+
+    Args:
+        task: The task scored.
+        items: Its items, (N,).
+        scores: Per metric, the per-item scores, each (N,); a metric is their mean, or the macro
+            average over subjects for tasks with subjects, with a bootstrap ``*_stderr``.
+        rec: Per-item records (``id``, predictions, ...); gets ``subject`` for tasks with subjects.
+        cfg: Bootstrap resamples and seed.
+        primary: The headline metric.
+        setup: The protocol label (:func:`dskd.generate.setup_label`).
+        seconds: Wall time of the whole task.
+        score_seconds: Wall time of the model calls (items/s is over these).
+        tokens: Prompt tokens scored (counted as if no prefix were shared).
+        extra_metrics: Metrics without per-item scores or errors (``unparseable``).
+        **fields: Mode-specific entries (``packed``, ``max_new_tokens``, ``stop``).
+    """
     subjects = [x.subject or "" for x in items] if task.has_subjects else None
     if subjects is not None:
         rec["subject"] = subjects
     metrics: dict[str, float] = {}
-    for name, c in correct.items():
+    for name, c in scores.items():
         metrics[name] = metric_value(c, subjects)
         if cfg.bootstrap:
             metrics[f"{name}_stderr"] = float(bootstrap_samples(c[None], subjects, cfg.bootstrap, cfg.seed).std())
+    metrics |= extra_metrics or {}
     entry: dict[str, Any] = {
         "title": task.title,
         "n": len(items),
         "metrics": metrics,
-        "primary": "acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
-        "setup": _setup(cfg),
+        "primary": primary,
+        "setup": setup,
         "aggregate": "macro over subjects" if subjects is not None else "mean over items",
         "protocol": task.protocol,
-        "packed": packed,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "score_seconds": round(t_score, 3),
-        "items_per_s": round(len(items) / max(t_score, 1e-9), 3),
-        "tokens": int(sum(g.length for g in groups)),
+        **fields,
+        "seconds": round(seconds, 3),
+        "score_seconds": round(score_seconds, 3),
+        "items_per_s": round(len(items) / max(score_seconds, 1e-9), 3),
+        "tokens": int(tokens),
         "items": rec,
     }
     if subjects is not None:
         entry["subjects"] = {
-            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in correct.items()}
+            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in scores.items()}
             | {"n": int(sum(1 for x in subjects if x == s))}
             for s in dict.fromkeys(subjects)
         }
