@@ -32,7 +32,7 @@ its target.
 Needs the ``bench`` extra: ``pip install -e ".[bench]"`` (lm-eval 0.4.13). Runs offline::
 
     python benchmarks/eval_vs_lmeval.py --limit 8 --chunk 4 --no-warmup   # a smoke test, minutes on 2 cores
-    python benchmarks/eval_vs_lmeval.py --rows loglik5,generate --limit 200 --gen-limit 50  # the measurement
+    python benchmarks/eval_vs_lmeval.py --rows loglik5,generate --limit 200 --gen-limit 100  # the measurement, ~15-20 min
     python benchmarks/eval_vs_lmeval.py --limit 0 --rows loglik0  # the full ARC test sets, 0-shot
 """
 
