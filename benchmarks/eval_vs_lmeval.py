@@ -6,33 +6,40 @@ Rows (``--rows``, default all):
   ``Question: ...\\nAnswer:`` continued by `` <choice>``, built by each tool from the question.
 * ``loglik5``: 5-shot log-likelihood on ARC-Challenge; the prompt with its 5 solved exemplars is
   rendered by dskd (``loglik_requests``) and handed to lm-eval verbatim (``doc_to_text: "{{prompt}}"``).
-  Target: dskd >= 4x lm-eval's items/s with identical accuracy (the exemplar context is shared by
-  every choice, and by every item of a packed row, so the saving grows with the context).
+  With ``--exemplars fixed`` (the default) every question is shown the same 5 exemplars, the first
+  5 validation questions (lm-eval's ``first_n`` sampler; MMLU's dev-shot convention), so dskd
+  encodes them once per chunk and scores every question after their cached keys and values; with
+  ``per-item`` each question draws its own (dskd's default for ARC), and only the choices of a
+  question share its context. Target: dskd >= 4x lm-eval's items/s with identical accuracy.
 * ``generate``: the paper protocol's greedy generation on SQuAD (1-shot chat, token F1) and
   ARC-Challenge (5-shot chat, parsed answer letter). dskd renders each prompt
   (``generation_prompt``); lm-eval gets it verbatim in a ``generate_until`` task with the same stop
   sequences and token budget. Target: identical generated strings for >= 98% of items and F1 /
   accuracy within 0.5 points. Both tools decode with transformers ``generate``, so the throughput
-  ratio shows overheads around it, not a faster decoder.
+  ratio shows overheads around it, not a faster decoder (no speed target). ``--gen-limit`` caps
+  these rows apart from the others (SQuAD prompts carry a passage and 50 new tokens: the slowest).
 
 The items are the evaluation items of the packaged benchmark data (ARC test sets, the SQuAD
 evaluation half), written to temporary JSONL files that lm-eval reads through task YAMLs this
 script writes. Both tools run the same model (the packaged SmolLM2-135M-Instruct unless
 ``--model``) in float32 on the same threads and batch size. Throughput is items per second of each
 tool's evaluation calls with the model loaded, after one untimed call of each (a process's first
-forward pays one-time costs; both warm-up times are printed). Items are scored in chunks
-(``--chunk``) that alternate between the tools, so load from other processes slows both alike.
+forward pays one-time costs). Items are scored in chunks (``--chunk``) that alternate between the
+tools, so load from other processes slows both alike; each chunk line also prints the process CPU
+seconds of each tool, a check on a busy machine. The last column says PASS or FAIL per row against
+its target.
 
 Needs the ``bench`` extra: ``pip install -e ".[bench]"`` (lm-eval 0.4.13). Runs offline::
 
-    python benchmarks/eval_vs_lmeval.py --limit 8 --chunk 4     # a smoke test, a few minutes on 2 cores
-    python benchmarks/eval_vs_lmeval.py --limit 200             # the measurement (see the README)
+    python benchmarks/eval_vs_lmeval.py --limit 8 --chunk 4 --no-warmup   # a smoke test, minutes on 2 cores
+    python benchmarks/eval_vs_lmeval.py --rows loglik5,generate --limit 200 --gen-limit 100  # the measurement, ~15-20 min
     python benchmarks/eval_vs_lmeval.py --limit 0 --rows loglik0  # the full ARC test sets, 0-shot
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -103,14 +110,12 @@ def write_chunks(folder: Path, name: str, docs: list[dict], chunk: int, yaml: st
     return names
 
 
-def run_lmeval(lm, manager, task: str) -> tuple[float, list[dict]]:
-    """Seconds of one lm-eval call and its logged samples in document order."""
+def run_lmeval(lm, manager, task: str) -> tuple[float, float, list[dict]]:
+    """Seconds and CPU seconds of one lm-eval call, and its logged samples in document order."""
     import lm_eval
 
-    t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True)
-    dt = time.perf_counter() - t0
-    return dt, sorted(res["samples"][task], key=lambda s: s["doc_id"])
+    dt, cpu, res = _timed(lm_eval.simple_evaluate, model=lm, tasks=[task], task_manager=manager, log_samples=True)
+    return dt, cpu, sorted(res["samples"][task], key=lambda s: s["doc_id"])
 
 
 def _argmax(v: list[float]) -> int:
@@ -118,9 +123,17 @@ def _argmax(v: list[float]) -> int:
 
 
 def _timed(fn, *a, **k):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*a, **k)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def fixed_exemplars(task, k: int):
+    """A copy of ``task`` that shows every question its first ``k`` training items (lm-eval's ``first_n``)."""
+    shots = task.train_items()[:k]
+    fixed = copy.copy(task)
+    fixed.exemplars = lambda item, n, seed=0: shots[:n]
+    return fixed
 
 
 class Bench:
@@ -150,20 +163,23 @@ class Bench:
 
     def alternate(self, label: str, n_chunks: int, ours, theirs) -> tuple[float, float, list, list]:
         """Run ``ours(k)`` and ``theirs(k)`` on every chunk k, alternating which goes first."""
-        t_ours = t_theirs = 0.0
-        res_ours, res_theirs = [], []
+        if self.args.warmup:  # untimed: a process's first calls pay one-time costs
+            ours(0), theirs(0)
+        t = {"dskd": 0.0, "lmeval": 0.0}
+        cpu = {"dskd": 0.0, "lmeval": 0.0}
+        res: dict[str, list] = {"dskd": [], "lmeval": []}
         for k in range(n_chunks):
             for tool in ("dskd", "lmeval") if k % 2 == 0 else ("lmeval", "dskd"):
-                if tool == "dskd":
-                    dt, r = ours(k)
-                    t_ours += dt
-                    res_ours.append(r)
-                else:
-                    dt, r = theirs(k)
-                    t_theirs += dt
-                    res_theirs.append(r)
-            print(f"  {label}: chunk {k + 1}/{n_chunks}, dskd {t_ours:.1f}s, lm-eval {t_theirs:.1f}s", flush=True)
-        return t_ours, t_theirs, res_ours, res_theirs
+                dt, c, r = (ours if tool == "dskd" else theirs)(k)
+                t[tool] += dt
+                cpu[tool] += c
+                res[tool].append(r)
+            print(
+                f"  {label}: chunk {k + 1}/{n_chunks}, dskd {t['dskd']:.1f}s (cpu {cpu['dskd']:.1f}s), "
+                f"lm-eval {t['lmeval']:.1f}s (cpu {cpu['lmeval']:.1f}s)",
+                flush=True,
+            )
+        return t["dskd"], t["lmeval"], res["dskd"], res["lmeval"]
 
 
 # ---- log-likelihood rows -------------------------------------------------------------------------
@@ -175,6 +191,9 @@ def loglik_row(b: Bench, name: str, shots: int) -> dict:
     task = get_task(name)
     items = select_items(task, b.args.limit)
     chunk = b.args.chunk
+    fixed = shots and b.args.exemplars == "fixed"
+    if fixed:
+        task = fixed_exemplars(task, shots)
     if shots:
         docs = []
         for x in items:
@@ -195,8 +214,6 @@ def loglik_row(b: Bench, name: str, shots: int) -> dict:
     def theirs(k):
         return run_lmeval(b.lm, manager, chunks[k])
 
-    if b.args.warmup:  # untimed warm-up on the first chunk
-        ours(0), theirs(0)
     t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
     pred = [p for e in r_ours for p in e["items"]["pred"]]
     pred_norm = [p for e in r_ours for p in e["items"]["pred_norm"]]
@@ -213,8 +230,13 @@ def loglik_row(b: Bench, name: str, shots: int) -> dict:
     def acc(p):
         return sum(a == g for a, g in zip(p, gold, strict=True)) / n
 
+    target = 4.0 if shots else 3.0
+    same_acc = acc(pred) == acc(p_theirs) and acc(pred_norm) == acc(pn_theirs)
+    how = (" (fixed exemplars)" if fixed else " (per-item exemplars)") if shots else ""
     return {
-        "row": f"{name} {shots}-shot loglik",
+        "row": f"{name} {shots}-shot loglik{how}",
+        "target": f">= {target:g}x, same acc and acc_norm",
+        "pass": same_acc and t_theirs / t_ours >= target,
         "n": n,
         "dskd_items_per_s": n / t_ours,
         "lmeval_items_per_s": n / t_theirs,
@@ -225,7 +247,7 @@ def loglik_row(b: Bench, name: str, shots: int) -> dict:
         "lmeval_acc_norm": acc(pn_theirs),
         "disagree": sum(a != c for a, c in zip(pred, p_theirs, strict=True))
         + sum(a != c for a, c in zip(pred_norm, pn_theirs, strict=True)),
-        "detail": "max abs loglik diff "
+        "detail": f"acc_norm dskd {100 * acc(pred_norm):.2f}, lm-eval {100 * acc(pn_theirs):.2f}; max abs loglik diff "
         + f"{max(abs(a - c) for u, v in zip(ll_ours, ll_theirs, strict=True) for a, c in zip(u, v, strict=True)):.2e}",
         "metric": "acc",
     }
@@ -240,7 +262,7 @@ def generate_row(b: Bench, name: str, shots: int) -> dict:
     from dskd.tasks.base import LETTERS
 
     task = get_task(name)
-    items = preset_items(task, b.args.limit)
+    items = preset_items(task, b.args.limit if b.args.gen_limit is None else b.args.gen_limit)
     chunk = b.args.chunk
     budget = b.args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.kind]
     stop = list(DEFAULT_STOP)
@@ -268,8 +290,6 @@ def generate_row(b: Bench, name: str, shots: int) -> dict:
     def theirs(k):
         return run_lmeval(b.lm, manager, chunks[k])
 
-    if b.args.warmup:  # untimed warm-up on the first chunk
-        ours(0), theirs(0)
     t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
     gen_ours = [g for e in r_ours for g in e["items"]["generation"]]
     gen_theirs = [s["resps"][0][0] for samples in r_theirs for s in samples]
@@ -290,8 +310,11 @@ def generate_row(b: Bench, name: str, shots: int) -> dict:
         metric = "acc"
     same = sum(a == c for a, c in zip(gen_ours, gen_theirs, strict=True))
     diffs = [(a, c) for a, c in zip(gen_ours, gen_theirs, strict=True) if a != c][:3]
+    close = abs(score(gen_ours) - score(gen_theirs)) <= 0.005
     return {
         "row": f"{name} {shots}-shot chat generate",
+        "target": ">= 98% identical, within 0.5 points",
+        "pass": same / n >= 0.98 and close,
         "n": n,
         "dskd_items_per_s": n / t_ours,
         "lmeval_items_per_s": n / t_theirs,
@@ -312,6 +335,13 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows: {', '.join(ROWS)}.")
     p.add_argument("--tasks", default="arc_easy,arc_challenge", help="Tasks of the loglik0 row (ARC only).")
     p.add_argument("--limit", type=int, default=200, help="Items per row (0: every evaluation item).")
+    p.add_argument("--gen-limit", type=int, default=None, help="Items per generate row (default: --limit).")
+    p.add_argument(
+        "--exemplars",
+        choices=("fixed", "per-item"),
+        default="fixed",
+        help="loglik5: the same 5 exemplars for every question (default) or dskd's per-question draw.",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="Batch size of both tools.")
     p.add_argument("--chunk", type=int, default=20, help="Items per alternation between the two tools.")
     p.add_argument("--max-new-tokens", type=int, default=0, help="Generation budget (0: dskd's default per task).")
@@ -339,8 +369,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         b = Bench(args, Path(tmp))
         print(
-            f"model {args.model}, limit {args.limit}, batch size {args.batch_size}, torch threads "
-            f"{b.torch.get_num_threads()}, chunks of {args.chunk} items alternating between the tools",
+            f"model {args.model}, limit {args.limit}, generate limit {args.gen_limit}, batch size {args.batch_size}, "
+            f"torch threads {b.torch.get_num_threads()}, chunks of {args.chunk} items alternating between the tools",
             flush=True,
         )
         results = []
@@ -353,14 +383,15 @@ def main() -> None:
                 if t:
                     results.append(generate_row(b, t, 1 if t == "squad" else 5))
     print(
-        "\n| row | n | dskd items/s | lm-eval items/s | ratio | metric | dskd | lm-eval | items that differ |\n"
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|"
+        "\n| row | n | metric | dskd | lm-eval | identical generations | dskd items/s | lm-eval items/s | ratio "
+        "| items that differ | target | result |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
     )
     for r in results:
+        same = f"{100 * r['identical_share']:.1f}%" if "identical_share" in r else "-"
         print(
-            f"| {r['row']} | {r['n']} | {r['dskd_items_per_s']:.2f} | {r['lmeval_items_per_s']:.2f} | "
-            f"{r['ratio']:.2f}x | {r['metric']} | {100 * r['dskd_score']:.2f} | {100 * r['lmeval_score']:.2f} | "
-            f"{r['disagree']} |"
+            f"| {r['row']} | {r['n']} | {r['metric']} | {100 * r['dskd_score']:.2f} | {100 * r['lmeval_score']:.2f} | "
+            f"{same} | {r['dskd_items_per_s']:.2f} | {r['lmeval_items_per_s']:.2f} | {r['ratio']:.2f}x | "
+            f"{r['disagree']} | {r['target']} | {'PASS' if r['pass'] else 'FAIL'} |"
         )
     print()
     for r in results:

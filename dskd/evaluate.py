@@ -16,7 +16,10 @@ encoded once per question instead of once per choice, the last token of each con
 fed (nothing reads its output), and the LM head runs only at the positions that are scored. Rows are
 sorted by length so batches carry little padding. A self-check on the first question compares the
 packed scores with a plain per-choice forward and falls back to per-choice scoring when a model
-ignores custom masks.
+ignores custom masks. Questions shown the same few-shot exemplars (MMLU's dev shots, or any fixed
+set) go one step further: the token prefix their contexts share is encoded once, and its KV cache
+(a transformers ``DynamicCache``) is expanded over each batch, so the exemplars are not re-encoded
+for every question (:func:`shared_prefixes`, checked once per model against the plain path).
 
 Tokenisation follows lm-eval exactly: trailing spaces of the context move to the continuation, the
 context is encoded alone, and the continuation tokens are the tail of the encoded context +
@@ -35,7 +38,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +176,14 @@ def build_groups(tokenizer, requests: list[list[tuple[str, str]]]) -> list[Group
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-def _pack(groups: list[Group], pad_id: int, max_length: int, dtype: torch.dtype, rows: list[list[int]] | None = None):
+def _pack(
+    groups: list[Group],
+    pad_id: int,
+    max_length: int,
+    dtype: torch.dtype,
+    rows: list[list[int]] | None = None,
+    prefix: int = 0,
+):
     """Tensors of one packed batch and, per group, where each continuation token is predicted.
 
     Args:
@@ -183,8 +193,10 @@ def _pack(groups: list[Group], pad_id: int, max_length: int, dtype: torch.dtype,
         dtype: Dtype of the additive mask.
         rows: Indices into ``groups`` laid side by side in each row (default: one group per row).
             A token attends only within its group: to the group's context and to its own continuation.
+        prefix: Length P of a shared prefix already in the KV cache: every token also attends to
+            its P cached positions, and positions start at P.
     Returns:
-        input_ids (B, T), mask (B, 1, T, T) additive float, position_ids (B, T),
+        input_ids (B, T), mask (B, 1, T, P + T) additive float, position_ids (B, T),
         targets: list of (row, position, token id, group index, continuation index).
     """
     if rows is None:
@@ -235,9 +247,9 @@ def _pack(groups: list[Group], pad_id: int, max_length: int, dtype: torch.dtype,
     sq, sk = seg_t[:, :, None], seg_t[:, None, :]  # (B, T, 1), (B, 1, T)
     same_group = grp_t[:, :, None] == grp_t[:, None, :]
     allowed = causal[None] & same_group & ((sk == 0) | (sk == sq))  # (B, T, T)
-    mask = torch.zeros((B, 1, T, T), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return input_ids, mask, pos_t, targets
+    mask = torch.zeros((B, 1, T, prefix + T), dtype=dtype)  # the P cached columns stay 0 (visible)
+    mask[..., prefix:].masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return input_ids, mask, pos_t + prefix, targets
 
 
 def plan_rows(lengths: Sequence[int], batch_size: int) -> list[list[list[int]]]:
@@ -275,18 +287,67 @@ def plan_rows(lengths: Sequence[int], batch_size: int) -> list[list[list[int]]]:
     return batches
 
 
+@dataclass
+class SharedPrefix:
+    """The KV cache of a context prefix that several groups share, computed once.
+
+    Args:
+        ids: Prefix token ids, (P,).
+        kv: Per layer, the cached keys and values, each (1, H_kv, P, d_head).
+    """
+
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def cache(self, batch: int):
+        """A fresh ``DynamicCache`` holding the prefix for ``batch`` rows (the stored tensors stay as they are)."""
+        from transformers import DynamicCache
+
+        # expand() is a view; the cache's first update concatenates it with the rows' own keys
+        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv])
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """The name under which ``module.forward`` takes a KV cache (``cache`` in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def encode_prefix(model: nn.Module, ids: Sequence[int]) -> SharedPrefix:
+    """Run the decoder once over ``ids`` (P,) and keep its KV cache for :func:`score_groups`."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()
+    cache = DynamicCache()
+    decoder(input_ids=torch.tensor([list(ids)], device=device), use_cache=True, **{_cache_kwarg(decoder): cache})
+    return SharedPrefix(list(ids), [(layer.keys, layer.values) for layer in cache.layers])
+
+
 @torch.no_grad()
 def _score_packed(
-    model: nn.Module, groups: list[Group], pad_id: int, max_length: int, rows: list[list[int]] | None = None
+    model: nn.Module,
+    groups: list[Group],
+    pad_id: int,
+    max_length: int,
+    rows: list[list[int]] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> list[list[float]]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype, rows)
-    hidden = model.get_decoder()(
+    P = len(prefix.ids) if prefix is not None else 0
+    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype, rows, P)
+    decoder = model.get_decoder()
+    kw: dict[str, Any] = {"use_cache": False}
+    if prefix is not None:  # the groups continue after the cached prefix: keys (B, H_kv, P + T, d_head)
+        kw = {"use_cache": True, _cache_kwarg(decoder): prefix.cache(input_ids.shape[0])}
+    hidden = decoder(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=pos.to(device),
-        use_cache=False,
+        **kw,
     ).last_hidden_state  # (B, T, d)
     rows = torch.tensor([t[0] for t in targets], device=device)
     cols = torch.tensor([t[1] for t in targets], device=device)
@@ -320,6 +381,7 @@ def score_groups(
     progress: Any = None,
     weights: Sequence[float] | None = None,
     packed: bool = True,
+    keys: Sequence[Hashable | None] | None = None,
 ) -> list[list[float]]:
     """Summed log-probability of every continuation of every group.
 
@@ -334,10 +396,46 @@ def score_groups(
         weights: Progress units per group (default 1).
         packed: Score all continuations of a group in one row; False scores one plain forward per
             continuation (the fallback for models that ignore custom attention masks).
+        keys: Per group, a key such as its few-shot exemplars (None: not shared). Groups with the
+            same key whose contexts start with the same tokens (:func:`shared_prefixes`) have that
+            prefix encoded once; its KV cache is expanded over each batch and the groups are scored
+            after it, instead of re-encoding the exemplars for every question.
 
     Returns:
         For each group, the log-likelihood of each of its continuations.
     """
+    w = list(weights) if weights is not None else [1.0] * len(groups)
+    out: list[list[float] | None] = [None] * len(groups)
+    clusters = shared_prefixes(groups, keys, max_length) if packed and keys is not None else []
+    if clusters and not sharing_ok(model, groups, clusters[0], pad_id):
+        clusters = []
+    for P, members in clusters:
+        prefix = encode_prefix(model, groups[members[0]].ctx[:P])  # (P,) once per cluster
+        tails = [dataclasses.replace(groups[i], ctx=groups[i].ctx[P:]) for i in members]
+        scores = _score_batches(model, tails, batch_size, pad_id, max_length, progress, [w[i] for i in members], prefix)
+        for i, sc in zip(members, scores, strict=True):
+            out[i] = sc
+    rest = [i for i, sc in enumerate(out) if sc is None]
+    scores = _score_batches(
+        model, [groups[i] for i in rest], batch_size, pad_id, max_length, progress, [w[i] for i in rest], None, packed
+    )
+    for i, sc in zip(rest, scores, strict=True):
+        out[i] = sc
+    return out  # type: ignore[return-value]
+
+
+def _score_batches(
+    model: nn.Module,
+    groups: list[Group],
+    batch_size: int,
+    pad_id: int,
+    max_length: int,
+    progress: Any,
+    weights: Sequence[float],
+    prefix: SharedPrefix | None = None,
+    packed: bool = True,
+) -> list[list[float]]:
+    """:func:`score_groups` for groups that all follow ``prefix`` (None: no shared prefix)."""
     out: list[list[float] | None] = [None] * len(groups)
     if packed:
         plan = plan_rows([min(g.length, max_length) for g in groups], batch_size)
@@ -349,15 +447,88 @@ def score_groups(
         if packed:
             local = {i: k for k, i in enumerate(batch)}
             scores = _score_packed(
-                model, [groups[i] for i in batch], pad_id, max_length, [[local[i] for i in row] for row in rows]
+                model, [groups[i] for i in batch], pad_id, max_length, [[local[i] for i in row] for row in rows], prefix
             )
         else:
             scores = [score_reference(model, groups[i]) for i in batch]
         for i, sc in zip(batch, scores, strict=True):
             out[i] = sc
         if progress is not None:
-            progress.update(sum(weights[i] if weights else 1 for i in batch))
+            progress.update(sum(weights[i] for i in batch))
     return out  # type: ignore[return-value]
+
+
+MIN_SHARED_PREFIX = 16  # tokens: a shorter prefix saves less than its extra forward pass costs
+
+
+def shared_prefixes(
+    groups: Sequence[Group],
+    keys: Sequence[Hashable | None],
+    max_length: int,
+    min_length: int = MIN_SHARED_PREFIX,
+) -> list[tuple[int, list[int]]]:
+    """Clusters of groups that can be scored after one shared, cached prefix.
+
+    Groups with the same non-None key form a cluster when there are at least two. Its prefix is
+    the longest common prefix of their context token ids, stopping one token short of the shortest
+    context (a continuation's first token is predicted at its context's last position, which must
+    be in the scored part). Clusters whose prefix is shorter than ``min_length`` or with a group
+    longer than ``max_length`` (it would be cut from the left) are left to the plain path. Taking
+    the prefix from the token ids, not from the exemplar text, keeps the tokenisation of every
+    context exactly as without sharing.
+
+    Args:
+        groups: Groups from :func:`build_groups`.
+        keys: A key per group (such as the ids of its item's exemplars); None is never shared.
+        max_length: The longest group the model takes.
+        min_length: The shortest prefix worth sharing.
+
+    Returns:
+        (P, indices of the groups) per cluster.
+    """
+    import os
+
+    by_key: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        if k is not None:
+            by_key.setdefault(k, []).append(i)
+    out = []
+    for members in by_key.values():
+        if len(members) < 2 or max(groups[i].length for i in members) > max_length:
+            continue
+        ctxs = [groups[i].ctx for i in members]
+        length = min(len(os.path.commonprefix(ctxs)), min(len(c) for c in ctxs) - 1)
+        if length >= min_length:
+            out.append((length, members))
+    return out
+
+
+# Models already checked by sharing_ok (whether a model's cache and masks agree with the plain path).
+_SHARING_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def sharing_ok(
+    model: nn.Module, groups: Sequence[Group], cluster: tuple[int, list[int]], pad_id: int, tol: float = 2e-3
+) -> bool:
+    """Whether a group scored after the cached shared prefix matches it scored whole (once per model)."""
+    if model in _SHARING_CHECKED:
+        return _SHARING_CHECKED[model]
+    P, members = cluster
+    g = min((groups[i] for i in members), key=lambda g: g.length)
+    try:
+        shared = _score_packed(
+            model, [dataclasses.replace(g, ctx=g.ctx[P:])], pad_id, 1 << 30, None, encode_prefix(model, g.ctx[:P])
+        )[0]
+    except Exception as e:  # an architecture whose cache or masks do not take this path
+        warnings.warn(f"shared-prefix scoring unavailable ({type(e).__name__}: {e})", stacklevel=2)
+        ok = False
+    else:
+        whole = _score_packed(model, [g], pad_id, 1 << 30)[0]
+        ok = all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(shared, whole, strict=True))
+        if not ok:
+            warnings.warn("shared-prefix scores differ from plain ones: encoding each context whole", stacklevel=2)
+    _SHARING_CHECKED[model] = ok
+    return ok
 
 
 # Models already checked by packing_ok (whether a model honours custom masks does not change).
@@ -474,8 +645,11 @@ def score_task(
         return score_generate(model, tokenizer, task, items, cfg, progress=progress)
     t0 = time.perf_counter()
     build = letter_requests if cfg.scoring == "letter" else loglik_requests
-    requests = [build(task, x, task.exemplars(x, cfg.shots, cfg.seed), tokenizer, cfg.chat) for x in items]
+    shots = [task.exemplars(x, cfg.shots, cfg.seed) for x in items]
+    requests = [build(task, x, ex, tokenizer, cfg.chat) for x, ex in zip(items, shots, strict=True)]
     groups = build_groups(tokenizer, requests)
+    # questions shown the same exemplars share their encoded prefix (score_groups); 0-shot shares nothing
+    keys = [tuple(e.id for e in shots[g.item]) or None for g in groups]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if packed is None:
         # the shortest group with several continuations: the check is cheap and still tests the mask
@@ -485,14 +659,10 @@ def score_task(
             warnings.warn("this model ignores packed attention masks: scoring each choice separately", stacklevel=2)
     n_groups = np.bincount([g.item for g in groups], minlength=len(items))
     weights = [1.0 / n_groups[g.item] for g in groups]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc=task.name, unit="item", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(progress, len(items), task.name)
     max_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     t1 = time.perf_counter()
-    scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed)
+    scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed, keys)
     t_score = time.perf_counter() - t1
     if bar is not None:
         bar.close()
@@ -509,32 +679,89 @@ def score_task(
         pred_norm = [_argmax([s / n for s, n in zip(v, ln, strict=True)]) for v, ln in zip(ll, lens, strict=True)]
         rec["pred_norm"] = pred_norm
         correct["acc_norm"] = np.array([p == g for p, g in zip(pred_norm, gold, strict=True)], dtype=float)
+    return task_entry(
+        task,
+        items,
+        correct,
+        rec,
+        cfg,
+        primary="acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
+        setup=_setup(cfg),
+        seconds=time.perf_counter() - t0,
+        score_seconds=t_score,
+        tokens=sum(g.length for g in groups),
+        packed=packed,
+    )
+
+
+def progress_bar(progress: bool, total: int, desc: str) -> Any:
+    """A tqdm bar over ``total`` items with items/s on stderr, or None when ``progress`` is off."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
+
+
+def task_entry(
+    task: Task,
+    items: Sequence[Item],
+    scores: dict[str, np.ndarray],
+    rec: dict[str, Any],
+    cfg: EvalConfig,
+    *,
+    primary: str,
+    setup: str,
+    seconds: float,
+    score_seconds: float,
+    tokens: int,
+    extra_metrics: dict[str, float] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The task's entry of a result file from per-item scores, the same for every scoring mode.
+
+    Args:
+        task: The task scored.
+        items: Its items, (N,).
+        scores: Per metric, the per-item scores, each (N,); a metric is their mean, or the macro
+            average over subjects for tasks with subjects, with a bootstrap ``*_stderr``.
+        rec: Per-item records (``id``, predictions, ...); gets ``subject`` for tasks with subjects.
+        cfg: Bootstrap resamples and seed.
+        primary: The headline metric.
+        setup: The protocol label (:func:`dskd.generate.setup_label`).
+        seconds: Wall time of the whole task.
+        score_seconds: Wall time of the model calls (items/s is over these).
+        tokens: Prompt tokens scored (counted as if no prefix were shared).
+        extra_metrics: Metrics without per-item scores or errors (``unparseable``).
+        **fields: Mode-specific entries (``packed``, ``max_new_tokens``, ``stop``).
+    """
     subjects = [x.subject or "" for x in items] if task.has_subjects else None
     if subjects is not None:
         rec["subject"] = subjects
     metrics: dict[str, float] = {}
-    for name, c in correct.items():
+    for name, c in scores.items():
         metrics[name] = metric_value(c, subjects)
         if cfg.bootstrap:
             metrics[f"{name}_stderr"] = float(bootstrap_samples(c[None], subjects, cfg.bootstrap, cfg.seed).std())
+    metrics |= extra_metrics or {}
     entry: dict[str, Any] = {
         "title": task.title,
         "n": len(items),
         "metrics": metrics,
-        "primary": "acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
-        "setup": _setup(cfg),
+        "primary": primary,
+        "setup": setup,
         "aggregate": "macro over subjects" if subjects is not None else "mean over items",
         "protocol": task.protocol,
-        "packed": packed,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "score_seconds": round(t_score, 3),
-        "items_per_s": round(len(items) / max(t_score, 1e-9), 3),
-        "tokens": int(sum(g.length for g in groups)),
+        **fields,
+        "seconds": round(seconds, 3),
+        "score_seconds": round(score_seconds, 3),
+        "items_per_s": round(len(items) / max(score_seconds, 1e-9), 3),
+        "tokens": int(tokens),
         "items": rec,
     }
     if subjects is not None:
         entry["subjects"] = {
-            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in correct.items()}
+            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in scores.items()}
             | {"n": int(sum(1 for x in subjects if x == s))}
             for s in dict.fromkeys(subjects)
         }

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 import string
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -315,18 +314,14 @@ def score_generate(
         ``setup``, ``n``, timings, the budget and stop sequences, and per-item ``items`` with each
         ``generation`` (and ``pred``, -1 when unparseable; or per-item ``em`` / ``f1``).
     """
-    from dskd.evaluate import bootstrap_samples, metric_value
+    from dskd.evaluate import progress_bar, task_entry
 
     t0 = time.perf_counter()
     budget = cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.kind]
     stop = list(cfg.stop) if cfg.stop is not None else list(DEFAULT_STOP)
     prompts = [generation_prompt(task, x, task.exemplars(x, cfg.shots, cfg.seed), tokenizer, cfg.chat) for x in items]
     token_ids = encode_prompts(tokenizer, prompts)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc=f"{task.name} (generate)", unit="item", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(progress, len(items), f"{task.name} (generate)")
     t1 = time.perf_counter()
     texts = generate_texts(model, tokenizer, prompts, budget, stop, cfg.batch_size, bar, token_ids)
     t_score = time.perf_counter() - t1
@@ -351,38 +346,21 @@ def score_generate(
         extra["unparseable"] = float(np.mean([p < 0 for p in pred])) if pred else 0.0
         rec |= {"gold": gold, "pred": pred}
         primary = "acc"
-    subjects = [x.subject or "" for x in items] if task.has_subjects else None
-    if subjects is not None:
-        rec["subject"] = subjects
-    metrics: dict[str, float] = {}
-    for name, c in scores.items():
-        metrics[name] = metric_value(c, subjects)
-        if cfg.bootstrap:
-            metrics[f"{name}_stderr"] = float(bootstrap_samples(c[None], subjects, cfg.bootstrap, cfg.seed).std())
-    metrics |= extra
-    entry: dict[str, Any] = {
-        "title": task.title,
-        "n": len(items),
-        "metrics": metrics,
-        "primary": primary,
-        "setup": setup_label(cfg) + (", token F1 / exact match" if task.kind == "qa" else ", answer letter"),
-        "aggregate": "macro over subjects" if subjects is not None else "mean over items",
-        "protocol": task.protocol,
-        "max_new_tokens": budget,
-        "stop": stop,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "score_seconds": round(t_score, 3),
-        "items_per_s": round(len(items) / max(t_score, 1e-9), 3),
-        "tokens": int(sum(len(x) for x in token_ids)),
-        "items": rec,
-    }
-    if subjects is not None:
-        entry["subjects"] = {
-            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in scores.items()}
-            | {"n": int(sum(1 for x in subjects if x == s))}
-            for s in dict.fromkeys(subjects)
-        }
-    return entry
+    return task_entry(
+        task,
+        items,
+        scores,
+        rec,
+        cfg,
+        primary=primary,
+        setup=setup_label(cfg) + (", token F1 / exact match" if task.kind == "qa" else ", answer letter"),
+        seconds=time.perf_counter() - t0,
+        score_seconds=t_score,
+        tokens=sum(len(x) for x in token_ids),
+        extra_metrics=extra,
+        max_new_tokens=budget,
+        stop=stop,
+    )
 
 
 def subject_quota(subjects: Sequence[Any], limit: int) -> dict[Any, int]:

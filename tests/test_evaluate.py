@@ -137,6 +137,63 @@ def test_batch_size_and_padding_do_not_change_scores(model, tokenizer):
     assert _max_diff(a, b) < 1e-4
 
 
+class FixedShots(ToyTask):
+    """Every question is shown the same exemplars (the first k training items), as MMLU's dev shots."""
+
+    def exemplars(self, item, k, seed=0):
+        return self.train_items()[:k]
+
+
+@pytest.mark.parametrize("scoring", ["loglik", "letter"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_shared_exemplar_prefix_scores_equal_unshared(model, tokenizer, monkeypatch, scoring, chat):
+    """Exemplars encoded once and their KV cache reused give every choice the same log-likelihood."""
+    import dskd.evaluate as E
+
+    task = FixedShots()
+    items = task.eval_items()  # questions and choices of different lengths: rows carry padding
+    build = loglik_requests if scoring == "loglik" else letter_requests
+    groups = build_groups(tokenizer, [build(task, x, task.exemplars(x, 4), tokenizer, chat) for x in items])
+    keys = ["four shots"] * len(groups)
+    clusters = E.shared_prefixes(groups, keys, 1 << 30)
+    assert len(clusters) == 1 and clusters[0][1] == list(range(len(groups)))
+    P = clusters[0][0]
+    assert P >= E.MIN_SHARED_PREFIX and all(g.ctx[:P] == groups[0].ctx[:P] and len(g.ctx) > P for g in groups)
+    encoded = []
+    real_encode = E.encode_prefix
+    monkeypatch.setattr(E, "encode_prefix", lambda m, ids: encoded.append(len(ids)) or real_encode(m, ids))
+    monkeypatch.setattr(E, "_SHARING_CHECKED", E.weakref.WeakKeyDictionary())
+    pad = tokenizer.pad_token_id
+    for bs in (1, 4):
+        shared = score_groups(model, groups, batch_size=bs, pad_id=pad, keys=keys)
+        plain = score_groups(model, groups, batch_size=bs, pad_id=pad)
+        assert _max_diff(shared, plain) < 1e-4
+        assert _max_diff(shared, [score_reference(model, g) for g in groups]) < 1e-4
+    assert encoded and set(encoded) == {P}  # the shared path ran (the self-check, then once per call)
+    # score_task keys questions by their exemplars; the per-choice fallback agrees
+    cfg = EvalConfig(tasks=["toy"], scoring=scoring, shots=4, chat=chat, batch_size=3, bootstrap=0)
+    encoded.clear()
+    fast = score_task(model, tokenizer, task, items, cfg, packed=True)["items"]["loglik"]
+    assert encoded == [P]
+    slow = score_task(model, tokenizer, task, items, cfg, packed=False)["items"]["loglik"]
+    assert _max_diff(fast, slow) < 1e-4
+
+
+def test_shared_prefixes_keeps_a_scored_token_and_skips_short_or_lone_prefixes(tokenizer):
+    from dskd.evaluate import Group, shared_prefixes
+
+    a = Group(0, [0], list(range(40)), [[1]])
+    b = Group(1, [0], list(range(30)) + [99, 98], [[1]])
+    c = Group(2, [0], list(range(20)), [[1]])
+    # the prefix stops one token short of the shortest context
+    assert shared_prefixes([a, b, c], ["k"] * 3, 1 << 30) == [(19, [0, 1, 2])]
+    assert shared_prefixes([a, b], ["k", "k"], 1 << 30) == [(30, [0, 1])]
+    assert shared_prefixes([a, b], ["k", "j"], 1 << 30) == []  # one group per key: nothing to share
+    assert shared_prefixes([a, b], [None, None], 1 << 30) == []  # 0-shot: never shared
+    assert shared_prefixes([a, b], ["k", "k"], 35) == []  # a group the model would cut keeps the plain path
+    assert shared_prefixes([a, b], ["k", "k"], 1 << 30, min_length=31) == []
+
+
 def test_acc_and_acc_norm(model, tokenizer):
     task = ToyTask()
     items = task.eval_items()
