@@ -264,7 +264,7 @@ class DataConfig:
     """Distillation data.
 
     Args:
-        tasks: Tasks whose training items (see ``dskd eval --list`` and the split protocol) make prompts.
+        tasks: Tasks whose training items (see ``dskd eval --list_tasks`` and the split protocol) make prompts.
         shots: Few-shot exemplars per prompt.
         sample_frac: Share of each task's training items used.
         max_items: Cap on prompts per task (0: no cap).
@@ -374,7 +374,7 @@ class EvalConfig:
     """Evaluation.
 
     Args:
-        tasks: Tasks to evaluate (``dskd eval --list``).
+        tasks: Tasks to evaluate (``dskd eval --list_tasks``).
         shots: Few-shot exemplars per question.
         chat: Wrap prompts in the tokenizer's chat template.
         scoring: ``loglik`` (per-choice log-likelihood, acc and acc_norm), ``letter`` (log-likelihood
@@ -442,7 +442,7 @@ class EvalConfig:
 
 @dataclass
 class FidelityConfig:
-    """Held-out fidelity of students to the teacher (``dskd eval --fidelity``, the main job's ``fidelity`` stage).
+    """Held-out fidelity of students to the teacher (``dskd fidelity``, the main job's ``fidelity`` stage).
 
     Args:
         text_tasks: Tasks whose evaluation questions, as raw text, form the held-out text.
@@ -537,13 +537,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def from_dict(data: dict[str, Any], cls: type = RunConfig) -> Any:
-    """Build and validate a config dataclass from a nested dict (unknown keys are refused)."""
-    return _build(cls, data, "")
+def from_dict(data: dict[str, Any], cls: type = RunConfig, prefix: str = "") -> Any:
+    """Build and validate a config dataclass from a nested dict (unknown keys are refused); ``prefix``
+    is the dotted flag of the section when ``cls`` is one (``senses``)."""
+    return _build(cls, data, prefix)
 
 
-def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
-    """Load and validate a YAML recipe; errors name the file."""
+def load_yaml_dict(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe, not yet validated; a missing or unparsable file names ``--config``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
@@ -551,6 +552,15 @@ def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
+    """Load and validate a YAML recipe; errors name the file."""
+    path = Path(path)
+    data = load_yaml_dict(path)
     try:
         return from_dict(data, cls)
     except ConfigError as e:

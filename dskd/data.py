@@ -730,3 +730,24 @@ def ensure_cache(
     if data_dir is not None and pending is not None:
         data.save(Path(data_dir))
     return path
+
+
+def cache_build_command(cfg: RunConfig, force: bool = False) -> Path:
+    """Run the teacher once over the training set of a recipe (its 1-token answers come from the same
+    pass) and store its last hidden states, for any number of runs (KD, DSKD, seeds) of the same teacher
+    and data. A student sharing the teacher's frozen LM head (a truncated one) gets exact KD from them;
+    for a student with its own head the top-k logits are stored too (distill.cache_kd, cache_topk).
+
+    Example: dskd cache build --config configs/smollm2-135m_to_15l.yaml
+
+    Args:
+        cfg: The recipe (model, data, distill.cache_*, loss.T).
+        force: Rebuild even when the folder holds a matching cache.
+    """
+    path = build_teacher_cache(cfg, None, force=force)
+    meta = json.loads((path / "meta.json").read_text())
+    print(
+        f"teacher cache: {path} (key {meta['key']}, {meta['counts']['sequences']} sequences, "
+        f"{meta['counts']['positions']} positions)"
+    )
+    return path

@@ -840,45 +840,21 @@ def _version() -> str:
     return __version__
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command
 
 
-def main(argv: list[str]) -> int:
-    from dskd.cli import config_parser, parse_config
+def distill_command(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train a student with KD (loss.lam 0) or DSKD and export it to <out>/student.
 
-    p = config_parser(
-        "distill",
-        "Train a student with KD (loss.lam 0) or DSKD and export it to <out>/student.\n"
-        "Example: dskd distill --config configs/smollm2-135m_to_15l.yaml --loss.lam 0 --out runs/kd",
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="Continue the unfinished run in --out from its newest checkpoint."
-    )
-    cfg, extra = parse_config(p, argv)
-    out = distill(cfg, cfg.out_dir, resume=extra.resume)
+    Example: dskd distill --config configs/smollm2-135m_to_15l.yaml --loss.lam 0 --out runs/kd
+
+    Args:
+        cfg: The recipe.
+        resume: Continue the unfinished run in ``out`` from its newest checkpoint.
+    """
+    out = distill(cfg, cfg.out_dir, resume=resume)
     print(f"run folder: {out}\nstudent: {out / 'student'}")
-    return 0
+    return out
 
 
-def cache_main(argv: list[str]) -> int:
-    from dskd.cli import config_parser, parse_config
-
-    p = config_parser(
-        "cache build",
-        "Run the teacher once over the training set of a recipe (its 1-token answers come from the same\n"
-        "pass) and store its last hidden states, for any number of runs (KD, DSKD, seeds) of the same teacher\n"
-        "and data. A student sharing the teacher's frozen LM head (a truncated one) gets exact KD from them;\n"
-        "for a student with its own head the top-k logits are stored too (distill.cache_kd, cache_topk).",
-    )
-    p.add_argument("--force", action="store_true", help="Rebuild even when the folder holds a matching cache.")
-    cfg, extra = parse_config(p, argv)
-    path = D.build_teacher_cache(cfg, None, force=extra.force)
-    meta = json.loads((path / "meta.json").read_text())
-    print(
-        f"teacher cache: {path} (key {meta['key']}, {meta['counts']['sequences']} sequences, "
-        f"{meta['counts']['positions']} positions)"
-    )
-    return 0
-
-
-__all__ = ["IGNORE_INDEX", "build_sense_table", "distill", "latest_checkpoint"]
+__all__ = ["IGNORE_INDEX", "build_sense_table", "distill", "distill_command", "latest_checkpoint"]

@@ -28,7 +28,6 @@ Result files are JSON (see :func:`evaluate`) with per-item predictions and log-l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -672,120 +671,45 @@ def evaluate(
     return result
 
 
-# ---- CLI -----------------------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
-    """``dskd eval``: evaluate a model on multiple-choice benchmarks (``--fidelity``: see dskd.fidelity)."""
-    if "--fidelity" in argv:
-        from dskd.fidelity import main as fidelity_main
+# ---- command ------------------------------------------------------------------------------------
+def eval_command(
+    eval: EvalConfig,
+    model: str = "smollm2-135m-instruct",
+    out: Path | None = None,
+    name: str | None = None,
+    list_tasks: bool = False,
+) -> dict[str, Any] | None:
+    """Evaluate a causal LM on multiple-choice and extractive-QA benchmarks; writes JSON results and a
+    markdown table.
 
-        return fidelity_main([a for a in argv if a != "--fidelity"])
-    from dskd.cli import parser
+      dskd eval --model smollm2-135m-instruct --eval.tasks arc_easy,arc_challenge --eval.limit 200 --out results/t.json
+      dskd eval --model runs/x/students/dskd --eval.preset paper --eval.limit 100 --out results/paper.json
+      dskd eval --config configs/smollm2-135m_to_15l.yaml --model runs/x/students/kd/student --out results/kd.json
+      dskd eval --list_tasks
+
+    Args:
+        eval: Evaluation.
+        model: Hub id, folder, alias, or a run folder (its student/).
+        out: Result JSON file (a .md table is written next to it).
+        name: Label of this result in reports (default: the file name).
+        list_tasks: List the tasks and their split protocol, then exit.
+    """
     from dskd.tasks import TASKS
 
-    d = EvalConfig()
-    p = parser(
-        "eval",
-        "Evaluate a causal LM on multiple-choice and extractive-QA benchmarks; writes JSON results and a\n"
-        "markdown table.\n\n"
-        "  dskd eval --model smollm2-135m-instruct --tasks arc_easy,arc_challenge --limit 200 --out results/t.json\n"
-        "  dskd eval --model runs/x/students/dskd --preset paper --limit 100 --out results/paper.json\n"
-        "  dskd eval --list",
-    )
-    p.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, folder, alias, or a run folder.")
-    p.add_argument("--tasks", nargs="+", default=d.tasks, help="Task names, comma- or space-separated.")
-    p.add_argument("--shots", type=int, default=d.shots, help="Few-shot exemplars (from training items).")
-    p.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=d.chat,
-        help="Wrap prompts in the chat template (--no-chat: raw).",
-    )
-    p.add_argument(
-        "--scoring",
-        choices=("loglik", "letter", "generate"),
-        default=d.scoring,
-        help="loglik: log-likelihood of each choice; letter: of the answer letters; generate: greedy answer, "
-        "parsed letter or SQuAD F1 (docs/evaluation.md).",
-    )
-    p.add_argument(
-        "--preset",
-        choices=("paper",),
-        default=None,
-        help="The paper's protocol: ARC-C, CSQA, PIQA, MMLU 5-shot chat generate, SQuAD 1-shot F1 "
-        "(replaces --tasks/--shots/--chat/--scoring).",
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=d.max_new_tokens,
-        help="Generation budget of --scoring generate (default 8 for multiple choice, 50 for SQuAD).",
-    )
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=None,
-        help="A stop sequence of --scoring generate (repeatable; \\n is a newline; default a newline; "
-        "the end-of-sequence token always stops).",
-    )
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=d.limit,
-        help="At most N items per task (per subject for MMLU; under --preset N per task, spread over subjects).",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="Questions per forward pass.")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples for standard errors.")
-    p.add_argument("--seed", type=int, default=d.seed, help="Seed for exemplars and the bootstrap.")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default=d.dtype,
-        help="Weights dtype (auto: bfloat16 on a GPU, float32 on the CPU).",
-    )
-    p.add_argument("--device", default=d.device, help="auto (the accelerator when there is one), cpu, cuda, cuda:1 ...")
-    p.add_argument(
-        "--data", action="append", default=[], metavar="TASK=DATASET", help="Read TASK from a HF dataset or folder."
-    )
-    p.add_argument("--name", default=None, help="Label of this result in reports (default: file name).")
-    p.add_argument("--out", type=Path, default=None, help="Result JSON file (a .md table is written next to it).")
-    p.add_argument("--list", action="store_true", help="List the tasks and their split protocol, then exit.")
-    p.add_argument(
-        "--fidelity",
-        action="store_true",
-        help="Held-out KL / agreement / perplexity / sense probe against a teacher "
-        "instead (dskd eval --fidelity --help).",
-    )
-    args = p.parse_args(argv)
-    if args.list:
+    if list_tasks:
         for n, cls in TASKS.items():
             alias = f" (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""
             print(f"{n:<14} {cls.title}{alias}\n{'':<14} {cls.protocol}")
-        return 0
-    if args.out is None:
+        return None
+    if out is None:
         raise ConfigError("--out: required (a .json file)")
-    tasks = [t for entry in args.tasks for t in entry.split(",") if t]
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: the generation budget must be >= 1 (got {args.max_new_tokens})")
-    cfg = EvalConfig(
-        tasks=tasks,
-        shots=args.shots,
-        chat=args.chat,
-        scoring=args.scoring,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        data=args.data,
-        preset=args.preset or "",
-        max_new_tokens=args.max_new_tokens,
-        stop=[s.replace("\\n", "\n") for s in args.stop] if args.stop is not None else None,
-    )
-    res = evaluate(args.model, cfg, args.out, name=args.name)
+    out = Path(out)
+    if eval.stop:  # a shell passes a newline as backslash-n
+        eval = dataclasses.replace(eval, stop=[x.replace("\\n", "\n") for x in eval.stop])
+    res = evaluate(model, eval, out, name=name)
     print(markdown_table(res), end="")
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    return 0
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return res
 
 
 __all__ = [
@@ -795,7 +719,7 @@ __all__ = [
     "evaluate",
     "letter_prompt",
     "loglik_requests",
-    "main",
+    "eval_command",
     "score_groups",
     "plan_rows",
     "score_reference",

@@ -7,7 +7,7 @@ One module per stage:
 - :mod:`~dskd.senses.kmeans`: batched k-means over many small groups (pure tensor code);
 - :mod:`~dskd.senses.store`: the on-disk store, its reader and the queries on it;
 - :mod:`~dskd.senses.build`: gathering (one or several processes), merging, clustering, writing;
-- :mod:`~dskd.senses.cli`: ``dskd senses build``, ``dskd senses show``, ``dskd plot senses``.
+- :mod:`~dskd.senses.cli`: ``dskd senses build`` and ``dskd senses show`` as library functions.
 
 See :mod:`dskd.senses.build` for the pipeline and :mod:`dskd.senses.store` for the store layout.
 """
@@ -20,7 +20,7 @@ from dskd.senses.build import (
     resolve_device,
     resolve_dtype,
 )
-from dskd.senses.cli import build_main, plot_main, show_main
+from dskd.senses.cli import senses_build_command, senses_show_command
 from dskd.senses.corpus import BUILTIN_CORPORA, TokenStream, corpus_sources, iter_blocks, token_stream, windows
 from dskd.senses.kmeans import GRAM_MAX_SAMPLES, cluster_groups, kmeans_padded
 from dskd.senses.kmeans import _lloyd_batch as _lloyd_batch  # noqa: F401  (tests reach the private paths)
@@ -55,7 +55,6 @@ __all__ = [
     "SenseError",
     "SenseStore",
     "TokenStream",
-    "build_main",
     "build_senses",
     "cluster_groups",
     "compose_senses",
@@ -65,10 +64,10 @@ __all__ = [
     "kmeans_padded",
     "load_samples",
     "nearest_tokens",
-    "plot_main",
     "resolve_device",
     "resolve_dtype",
-    "show_main",
+    "senses_build_command",
+    "senses_show_command",
     "token_stream",
     "windows",
     "word_senses",
