@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from dskd.config import DskdError, RunConfig
-from dskd.io import atomic_dir, write_text_atomic
+from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_text_atomic
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
@@ -69,6 +69,11 @@ class DataError(DskdError, ValueError):
 
 class CacheError(DskdError, ValueError):
     """A teacher cache that does not belong to this run (stale, foreign, or incomplete)."""
+
+
+CACHE_ARTEFACT = Artefact(
+    CACHE_FORMAT["name"], CACHE_FORMAT["version"], "teacher cache", "dskd cache build", CacheError
+)
 
 
 def _file_sha(path: Path) -> str:
@@ -449,7 +454,9 @@ class TeacherCache:
                 f"this run needs {key}; teacher {meta.get('teacher_fingerprint')}, data {meta.get('recipe_hash')}, "
                 f"settings {meta.get('settings')}). Point --distill.cache_dir elsewhere or rebuild it."
             )
-        return cls(path, meta)
+        # the common open-check (dskd.io): whole files, and one line naming a damaged one
+        check_files(path, CACHE_ARTEFACT, ["dataset.safetensors", "recipe.json", *meta.get("shards", [])])
+        return open_artefact(path, CACHE_ARTEFACT, lambda m: cls(path, m), files=False)
 
     def get(self, idx: list[int], T: int) -> tuple[torch.Tensor | SparseTeacher | None, torch.Tensor]:
         """Teacher outputs of sequences ``idx``, right-padded to length ``T``.

@@ -214,9 +214,9 @@ def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id:
 def open_sense_sources(lexicon_dir: Path, senses_dir: Path, tokenizer, teacher_fingerprint: str):
     """The real lexicon and sense store of a run (refused when made for another tokenizer/teacher)."""
     from dskd.lexicon import Lexicon
-    from dskd.senses import SenseStore
+    from dskd.senses import open_store
 
-    return SenseStore.open(senses_dir, teacher_fingerprint), Lexicon.load(lexicon_dir, tokenizer)
+    return open_store(senses_dir, teacher_fingerprint), Lexicon.load(lexicon_dir, tokenizer)
 
 
 def _source_info(obj) -> dict[str, Any]:

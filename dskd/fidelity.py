@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from dskd.config import ConfigError, DataConfig, DskdError, EvalConfig, FidelityConfig, ModelConfig
-from dskd.io import read_json, write_text_atomic
+from dskd.io import Artefact, read_sidecar, write_text_atomic
 from dskd.models import lm_head_logits as _head
 
 FORMAT = {"name": "dskd-fidelity", "version": 1}
@@ -54,6 +54,9 @@ SETS = ("text", "prompts")
 
 class FidelityError(DskdError, ValueError):
     """A fidelity evaluation that cannot run as asked; the message names the flag or file."""
+
+
+RESULT_ARTEFACT = Artefact(FORMAT["name"], FORMAT["version"], "dskd fidelity result", "dskd fidelity", FidelityError)
 
 
 # ---- held-out documents --------------------------------------------------------------------------
@@ -425,9 +428,9 @@ def fidelity(
     probe_info = None
     if use_probe:
         from dskd.lexicon import Lexicon
-        from dskd.senses import SenseStore
+        from dskd.senses import open_store
 
-        store = SenseStore.open(senses_dir, fingerprint(teacher, tok))
+        store = open_store(senses_dir, fingerprint(teacher, tok))
         probe = SenseProbe(store, Lexicon.load(lexicon_dir, tok))
         probe_info = {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -473,11 +476,7 @@ def fidelity(
 
 def load_result(path: Path | str) -> dict[str, Any]:
     """A fidelity result file, checked for format and completeness."""
-    path = Path(path)
-    data = read_json(path, FidelityError, "fidelity result")
-    if data.get("format", {}).get("name") != FORMAT["name"] or not data.get("complete"):
-        raise FidelityError(f"{path}: not a complete dskd fidelity result")
-    return data
+    return read_sidecar(Path(path), RESULT_ARTEFACT)  # the result file is its own sidecar
 
 
 def _sums(entry: dict[str, Any]) -> dict[str, np.ndarray]:

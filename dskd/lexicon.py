@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import DskdError, LexiconConfig, ModelConfig
-from dskd.io import atomic_dir, write_text_atomic
+from dskd.io import Artefact, atomic_dir, check_files, open_artefact, read_sidecar, write_text_atomic
 from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
@@ -89,6 +89,9 @@ _KAIKKI_POS = {"adj": "a", "noun": "n", "name": "n", "verb": "v", "adv": "r"}
 
 class LexiconError(DskdError, ValueError):
     """A user-facing lexicon error; the message names the flag, source or file."""
+
+
+ARTEFACT = Artefact(FORMAT["name"], FORMAT["version"], "lexicon folder", "dskd lexicon build", LexiconError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,7 +457,7 @@ def read_source(src: SourceSpec, cfg: LexiconConfig, show_progress: bool = True)
     if r.malformed and r.malformed / max(1, r.lines) > cfg.max_malformed_share:
         raise LexiconError(
             f"--lexicon.sources {src.text!r}: {src.path}: {r.malformed} of {r.lines} lines are malformed "
-            f"(first at line {r.first_malformed}), more than --max-malformed-share {cfg.max_malformed_share}"
+            f"(first at line {r.first_malformed}), more than --lexicon.max_malformed_share {cfg.max_malformed_share}"
         )
     return r
 
@@ -899,20 +902,7 @@ class Lexicon:
             LexiconError: missing or incomplete folder, unknown format, or another tokenizer.
         """
         path = Path(path)
-        meta = _read_meta(path)
-        if meta is None:
-            raise LexiconError(
-                f"{path}: not a lexicon folder (no readable meta.json); build it with `dskd lexicon build`"
-            )
-        if meta.get("format", {}).get("name") != FORMAT["name"]:
-            raise LexiconError(f"{path}: meta.json is not a dskd lexicon sidecar (format {meta.get('format')!r})")
-        if meta["format"].get("version") != FORMAT["version"]:
-            raise LexiconError(
-                f"{path}: lexicon format version {meta['format'].get('version')} is not supported "
-                f"(this dskd reads version {FORMAT['version']}); rebuild it"
-            )
-        if meta.get("complete") is not True:
-            raise LexiconError(f"{path}: incomplete lexicon (meta.json lacks complete: true); rebuild it")
+        meta = read_sidecar(path, ARTEFACT)
         if tokenizer is not None:
             from dskd.models import tokenizer_fingerprint
 
@@ -923,11 +913,10 @@ class Lexicon:
                     f"{meta.get('tokenizer_fingerprint')}) than the one given (fingerprint {fp}); rebuild it with "
                     "`dskd lexicon build --model.teacher ...` for this teacher"
                 )
-        try:
-            data = json.loads((path / "relations.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LexiconError(f"{path / 'relations.json'}: cannot read: {e}") from e
-        return cls(path, meta, data["heads"])
+        check_files(path, ARTEFACT, ["relations.json", "words.json"])
+        return open_artefact(
+            path, ARTEFACT, lambda m: cls(path, m, json.loads((path / "relations.json").read_text())["heads"]), False
+        )
 
     def synonyms(self, token_id: int) -> list[tuple[int, ...]]:
         """Synonym tails of a head token (token-id tuples of 1..max_tail_tokens ids; [] if none)."""

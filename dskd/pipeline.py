@@ -258,9 +258,9 @@ def sense_coverage(sen_dir: Path, lex_dir: Path, tokenizer, prompts: Path | None
     import torch
 
     from dskd.lexicon import Lexicon
-    from dskd.senses import SenseStore
+    from dskd.senses import open_store
 
-    store = SenseStore.open(sen_dir)
+    store = open_store(sen_dir)
     v = store.vocab_size
     has = (store.offsets[1 : v + 1] - store.offsets[:v]) > 0  # (V,) token has senses
     heads = torch.tensor(sorted(h for h in Lexicon.load(lex_dir, tokenizer).heads() if 0 <= h < v), dtype=torch.long)
@@ -531,7 +531,7 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
             list(result["eval_paper"].values()), baseline="kd"
         )
     table += "\n" + fidelity_section(result["fidelity"], "kd")
-    (out / "report.md").write_text(table + "\n")
+    write_text_atomic(out / "report.md", table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")
     tsne_png = figures / "senses_tsne.png"

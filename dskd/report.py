@@ -18,21 +18,22 @@ import numpy as np
 
 from dskd.config import DskdError
 from dskd.evaluate import RESULT_FORMAT, bootstrap_samples, metric_value
-from dskd.io import read_json, write_text_atomic
+from dskd.io import Artefact, read_sidecar, write_text_atomic
 
 
 class ReportError(DskdError, ValueError):
     """An unreadable result file or an unknown baseline; the message names it."""
 
 
+RESULT_ARTEFACT = Artefact(
+    RESULT_FORMAT["name"], RESULT_FORMAT["version"], "dskd eval result", "dskd eval", ReportError
+)
+
+
 def load_result(path: Path | str) -> dict[str, Any]:
     """A result file written by :func:`dskd.evaluate.evaluate`, checked for format and completeness."""
     path = Path(path)
-    data = read_json(path, ReportError, "result file")
-    if data.get("format", {}).get("name") != RESULT_FORMAT["name"]:
-        raise ReportError(f"{path}: not a dskd eval result (format {data.get('format')!r})")
-    if not data.get("complete"):
-        raise ReportError(f"{path}: incomplete result (the evaluation did not finish)")
+    data = read_sidecar(path, RESULT_ARTEFACT)  # the result file is its own sidecar
     data.setdefault("name", path.stem)
     return data
 

@@ -83,7 +83,8 @@ def test_malformed_lines_fail_above_the_share_and_are_reported(
 ):
     source = spec.format(FIX / fixture)
     with pytest.raises(
-        LexiconError, match=rf"{count} of \d+ lines are malformed \(first at line {first}\).*--max-malformed-share"
+        LexiconError,
+        match=rf"{count} of \d+ lines are malformed \(first at line {first}\).*--lexicon.max_malformed_share",
     ):
         build(tokenizer, tmp_path, source)
     cfg = LexiconConfig(sources=[source], max_malformed_share=0.6)

@@ -20,7 +20,7 @@ from dskd.senses.build import (
     resolve_device,
     resolve_dtype,
 )
-from dskd.senses.cli import senses_build_command, senses_show_command
+from dskd.senses.cli import STORE_ARTEFACT, open_store, senses_build_command, senses_show_command
 from dskd.senses.corpus import BUILTIN_CORPORA, TokenStream, corpus_sources, iter_blocks, token_stream, windows
 from dskd.senses.kmeans import GRAM_MAX_SAMPLES, cluster_groups, kmeans_padded
 from dskd.senses.kmeans import _lloyd_batch as _lloyd_batch  # noqa: F401  (tests reach the private paths)
@@ -48,6 +48,7 @@ __all__ = [
     "MAX_SPAN",
     "META_FILE",
     "SAMPLES_FILE",
+    "STORE_ARTEFACT",
     "STORE_FILE",
     "MultiRowSource",
     "Reservoir",
@@ -64,6 +65,7 @@ __all__ = [
     "kmeans_padded",
     "load_samples",
     "nearest_tokens",
+    "open_store",
     "resolve_device",
     "resolve_dtype",
     "senses_build_command",

@@ -6,14 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from dskd.config import ModelConfig, SenseConfig
+from dskd.io import Artefact, open_artefact
 from dskd.senses.build import build_senses
-from dskd.senses.store import SenseError, SenseStore, nearest_tokens, word_senses
+from dskd.senses.store import FORMAT, SenseError, SenseStore, nearest_tokens, word_senses
+
+# The sense store as an artefact of the common contract (dskd.io): its sidecar and its .safetensors files
+# are checked before the store is memory-mapped, so a damaged store is one line naming the file.
+STORE_ARTEFACT = Artefact(FORMAT["name"], FORMAT["version"], "sense store", "dskd senses build", SenseError)
+
+
+def open_store(path: str | Path, teacher_fingerprint: str | None = None) -> SenseStore:
+    """:meth:`SenseStore.open` behind the artefact open-check (sidecar, whole files, one-line errors)."""
+    return open_artefact(path, STORE_ARTEFACT, lambda _meta: SenseStore.open(path, teacher_fingerprint))
 
 
 def _open_for_cli(path: str, teacher: str | None):
     from dskd.models import load_tokenizer
 
-    store = SenseStore.open(path)
+    store = open_store(path)
     spec = teacher or store.meta["teacher"]["spec"]
     return store, load_tokenizer(spec)
 
