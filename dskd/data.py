@@ -176,7 +176,7 @@ def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
     dc = cfg.data
     if not dc.tasks:
         return []
-    from dskd.evaluate import letter_prompt
+    from dskd.prompts import letter_prompt
     from dskd.tasks import get_task
 
     rng = random.Random(dc.seed)

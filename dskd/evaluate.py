@@ -45,70 +45,20 @@ from torch import nn
 
 from dskd.config import ConfigError, EvalConfig
 from dskd.io import write_text_atomic
+
+# Prompts, item selection, metrics and the result table live in their own modules (data, plan, fidelity
+# and report use them without this scorer); they are re-exported here for existing callers.
+from dskd.metrics import RESULT_FORMAT, bootstrap_samples, markdown_table, metric_value  # noqa: F401
 from dskd.models import lm_head_logits as _head
+from dskd.prompts import (  # noqa: F401
+    LETTER_INSTRUCTION,
+    _chat,
+    letter_prompt,
+    letter_requests,
+    loglik_requests,
+    select_items,
+)
 from dskd.tasks import Item, Task, get_task
-from dskd.tasks.base import LETTERS
-
-RESULT_FORMAT = {"name": "dskd-eval", "version": 1}
-LETTER_INSTRUCTION = "Answer with the letter of the correct choice."
-
-
-# ---- prompts -------------------------------------------------------------------------------------
-def _chat(tokenizer, turns: list[tuple[str, str]], last: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--chat: this tokenizer has no chat template; use --no-chat")
-    messages: list[dict[str, str]] = []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    messages.append({"role": "user", "content": last})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def letter_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> str:
-    """The lettered-choice prompt of ``item``, ending exactly where the answer letter goes.
-
-    Without chat: solved exemplars (``...Answer: B``) separated by blank lines, then the question
-    ending in ``Answer:`` (the letter follows after a space). With chat: one user/assistant turn per
-    exemplar (the assistant says the letter), the question as the last user turn, then the
-    template's generation prompt (the letter follows directly).
-
-    Args:
-        task: The task that formats the question.
-        item: The question to ask.
-        exemplars: Solved examples shown first (from ``task.train_items()``).
-        tokenizer: Needed for its chat template when ``chat`` is on.
-        chat: Wrap in the tokenizer's chat template.
-    """
-    if chat:
-        turns = [(task.letter_block(x), LETTERS[x.gold]) for x in exemplars]
-        if turns:
-            turns[0] = (f"{LETTER_INSTRUCTION}\n\n{turns[0][0]}", turns[0][1])
-            last = task.letter_block(item)
-        else:
-            last = f"{LETTER_INSTRUCTION}\n\n{task.letter_block(item)}"
-        return _chat(tokenizer, turns, last)
-    shots = [f"{task.letter_block(x)} {LETTERS[x.gold]}" for x in exemplars]
-    return "\n\n".join([*shots, task.letter_block(item)])
-
-
-def loglik_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
-    """(context, continuation) per choice for ``loglik`` scoring, few-shot exemplars included."""
-    reqs = task.loglik_requests(item)
-    if chat:
-        turns = []
-        for x in exemplars:
-            ctx, cont = task.loglik_requests(x)[x.gold]
-            turns.append((ctx, cont.strip()))
-        return [(_chat(tokenizer, turns, ctx), cont.strip()) for ctx, cont in reqs]
-    prefix = "".join(task.cloze_example(x) + "\n\n" for x in exemplars)
-    return [(prefix + ctx, cont) for ctx, cont in reqs]
-
-
-def letter_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
-    """(prompt, letter) per choice for ``letter`` scoring."""
-    prompt = letter_prompt(task, item, exemplars, tokenizer, chat)
-    sep = "" if chat else " "
-    return [(prompt, sep + LETTERS[i]) for i in range(len(item.choices))]
 
 
 # ---- tokenisation --------------------------------------------------------------------------------
@@ -385,65 +335,11 @@ def _packing_check(model: nn.Module, group: Group, pad_id: int, tol: float) -> b
     return all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(packed, ref, strict=True))
 
 
-# ---- metrics -------------------------------------------------------------------------------------
-def bootstrap_samples(
-    correct: np.ndarray, subjects: Sequence[str] | None = None, n: int = 1000, seed: int = 0
-) -> np.ndarray:
-    """Bootstrap replicates of a metric over items (resampled within each subject when given).
-
-    Args:
-        correct: (R, N) per-item scores of R paired result sets over the same N items.
-        subjects: (N,) subject per item; the metric is then the macro average over subjects.
-        n: Number of resamples.
-        seed: RNG seed.
-
-    Returns:
-        (n, R) metric of each resample for each result set.
-    """
-    rng = np.random.default_rng(seed)
-    correct = np.asarray(correct, dtype=np.float64)
-    if subjects is None:
-        idx = rng.integers(0, correct.shape[1], size=(n, correct.shape[1]))
-        return correct[:, idx].mean(axis=2).T
-    subj = np.asarray(subjects)
-    parts = []
-    for s in dict.fromkeys(subj.tolist()):
-        cols = np.flatnonzero(subj == s)
-        idx = cols[rng.integers(0, len(cols), size=(n, len(cols)))]
-        parts.append(correct[:, idx].mean(axis=2).T)  # (n, R)
-    return np.mean(parts, axis=0)
-
-
-def metric_value(correct: np.ndarray, subjects: Sequence[str] | None = None) -> float:
-    """Mean of ``correct`` (N,), or the macro average over subjects."""
-    correct = np.asarray(correct, dtype=np.float64)
-    if subjects is None:
-        return float(correct.mean())
-    subj = np.asarray(subjects)
-    return float(np.mean([correct[subj == s].mean() for s in dict.fromkeys(subj.tolist())]))
-
-
 def _argmax(xs: Sequence[float]) -> int:
     return int(max(range(len(xs)), key=lambda i: xs[i]))
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
-def select_items(task: Task, limit: int) -> list[Item]:
-    """Evaluation items, at most ``limit`` (0: all) in file order; per subject for tasks with subjects."""
-    items = task.eval_items()
-    if not limit:
-        return items
-    if not task.has_subjects:
-        return items[:limit]
-    seen: dict[str | None, int] = {}
-    out = []
-    for x in items:
-        if seen.get(x.subject, 0) < limit:
-            seen[x.subject] = seen.get(x.subject, 0) + 1
-            out.append(x)
-    return out
-
-
 def score_task(
     model: nn.Module,
     tokenizer,
@@ -567,40 +463,6 @@ def parse_sources(data: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--data: expected TASK=DATASET (got {entry!r})")
         out[get_task(name).name] = source
     return out
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    """A markdown table of a result dict: one row per task (and per MMLU subject below it)."""
-    cfg = result["config"]
-    head = f"scoring={cfg['scoring']} shots={cfg['shots']} chat={cfg['chat']} limit={cfg['limit']}"
-    if cfg.get("preset"):
-        head = f"preset={cfg['preset']} limit={cfg['limit']} (the setup column gives each task's protocol)"
-    lines = [
-        f"# {result['name']}: {result['model']}",
-        "",
-        head,
-        "",
-        "| task | n | acc | acc_norm | f1 | em | unparseable | items/s | setup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-
-    def cell(m: dict[str, float], k: str) -> str:
-        if k not in m:
-            return "-"
-        se = m.get(f"{k}_stderr")
-        return f"{100 * m[k]:.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
-
-    for name, e in result["tasks"].items():
-        m = e["metrics"]
-        unp = f"{100 * m['unparseable']:.1f}%" if "unparseable" in m else "-"
-        cells = " | ".join(cell(m, k) for k in ("acc", "acc_norm", "f1", "em"))
-        lines.append(f"| {name} | {e['n']} | {cells} | {unp} | {e['items_per_s']:.1f} | {e.get('setup', '-')} |")
-    for name, e in result["tasks"].items():
-        if "subjects" in e:
-            lines += ["", f"## {name} per subject", "", "| subject | n | acc | acc_norm |", "|---|---:|---:|---:|"]
-            for s, m in e["subjects"].items():
-                lines.append(f"| {s} | {m['n']} | {cell(m, 'acc')} | {cell(m, 'acc_norm')} |")
-    return "\n".join(lines) + "\n"
 
 
 def evaluate(

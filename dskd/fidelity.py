@@ -74,7 +74,7 @@ class Doc:
 
 
 def _items(task_name: str, limit: int):
-    from dskd.evaluate import select_items
+    from dskd.prompts import select_items
     from dskd.tasks import get_task
 
     task = get_task(task_name)
@@ -101,7 +101,7 @@ def heldout_prompts(
     The prompt ends where the answer letter goes; exemplars come from training items only. As in
     training, chat prompts carry their special tokens as text, and long prompts are cut from the left.
     """
-    from dskd.evaluate import letter_prompt
+    from dskd.prompts import letter_prompt
 
     docs = []
     for name in tasks:

@@ -210,8 +210,8 @@ class _CharTokenizer:
 def count_data(cfg: RunConfig, eval_sample: int = 100) -> DataCounts:
     """Training sequences and tokens of the recipe, and evaluation items and (estimated) tokens."""
     from dskd import data as D
-    from dskd.evaluate import letter_prompt, select_items
     from dskd.models import ALIASES, load_tokenizer
+    from dskd.prompts import letter_prompt, select_items
     from dskd.tasks import get_task
 
     spec = cfg.model.teacher

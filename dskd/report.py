@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from dskd.config import DskdError
-from dskd.evaluate import RESULT_FORMAT, bootstrap_samples, metric_value
 from dskd.io import Artefact, read_sidecar, write_text_atomic
+from dskd.metrics import RESULT_FORMAT, bootstrap_samples, metric_value
 
 
 class ReportError(DskdError, ValueError):

@@ -136,3 +136,13 @@ def test_config_errors_of_every_command_name_the_flag(tmp_path, capsys):
     bad.write_text("senses:\n  kk: 3\n")
     assert main(["senses", "build", "--config", str(bad), "--out", str(tmp_path / "s")]) == 2
     assert "--senses.kk: unknown option" in capsys.readouterr().err
+
+
+def test_data_and_report_do_not_import_the_scorer():
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, dskd.report, dskd.data, dskd.plan; print('dskd.evaluate' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
