@@ -567,6 +567,22 @@ def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
         raise ConfigError(f"{e} [in {path}]") from e
 
 
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ("out",)) -> list[str]:
+    """The dotted fields (``loss.lam``; a whole top-level key when it is not a section) whose values
+    differ between two config dicts (``to_dict`` / a saved ``config.yaml``), ``ignore`` left out."""
+    diffs: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        if key in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            diffs += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(key)
+    return diffs
+
+
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write a config as YAML (atomically)."""
     from dskd.io import write_text_atomic

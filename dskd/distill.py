@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from dskd import data as D
-from dskd.config import ConfigError, LossConfig, RunConfig, to_dict
+from dskd.config import ConfigError, LossConfig, RunConfig, config_diff, to_dict
 from dskd.losses import (
     IGNORE_INDEX,
     SenseTable,
@@ -357,17 +357,7 @@ def _seq_generator(seed: int, epoch: int, seq: int) -> torch.Generator:
 def _check_resume_config(out: Path, cfg: RunConfig) -> None:
     import yaml
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    now = to_dict(cfg)
-    diffs = []
-    for sec, val in now.items():
-        if sec in ("out",):
-            continue
-        old = saved.get(sec)
-        if isinstance(val, dict):
-            diffs += [f"{sec}.{k}" for k in val if (old or {}).get(k) != val[k]]
-        elif old != val:
-            diffs.append(sec)
+    diffs = config_diff(yaml.safe_load((out / "config.yaml").read_text()) or {}, to_dict(cfg))
     if diffs:
         raise ConfigError(
             f"--resume: the config differs from the one the run in {out} started with ({', '.join(diffs)}); "

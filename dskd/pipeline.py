@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
+from dskd.config import ConfigError, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
@@ -333,9 +333,7 @@ def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    now = to_dict(c)
-    if {k: v for k, v in old.items() if k != "out"} != {k: v for k, v in now.items() if k != "out"}:
+    if config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(c)):
         stale = run_dir.with_name(f".{run_dir.name}.stale")
         if stale.exists():
             shutil.rmtree(stale)

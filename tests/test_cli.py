@@ -146,3 +146,15 @@ def test_data_and_report_do_not_import_the_scorer():
         cwd=ROOT,
     )
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_config_diff_names_the_dotted_fields():
+    from dskd.config import config_diff, to_dict
+
+    a = to_dict(RunConfig())
+    b = to_dict(RunConfig(out="elsewhere"))
+    assert config_diff(a, b) == []
+    b["loss"]["lam"], b["name"], b["senses"]["k"] = 0.0, "other", 9
+    assert config_diff(a, b) == ["loss.lam", "name", "senses.k"]
+    del b["fidelity"]  # a config saved before a section existed differs in every field of it
+    assert "fidelity.text_limit" in config_diff(a, b)
