@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from dskd.config import DskdError, RunConfig
+from dskd.config import DataConfig, DskdError, RunConfig, TrainConfig
 from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_text_atomic
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
@@ -149,16 +149,16 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:
+def data_recipe(data: DataConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:
     """The identity of a training set: data config, fingerprints and text-file contents, plus its hash."""
     files = []
-    for f in cfg.data.text_files:
+    for f in data.text_files:
         p = Path(f).expanduser()
         if not p.is_file():
             raise DataError(f"--data.text_files: no such file: {f}")
         files.append({"path": str(p), "sha": _file_sha(p)})
     body = {
-        "data": asdict(cfg.data),
+        "data": asdict(data),
         "tokenizer_fingerprint": tokenizer_fp,
         # the continuation is the teacher's, so the data depend on it
         "teacher_fingerprint": teacher_fp,
@@ -167,13 +167,12 @@ def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str,
     return {**body, "text_files": files, "hash": _sha(body)}
 
 
-def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
+def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
     """k-shot letter prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
 
     Exemplars are other training items of the same task, of the same subject when items have one
     (MMLU-style), never the item itself.
     """
-    dc = cfg.data
     if not dc.tasks:
         return []
     from dskd.prompts import letter_prompt
@@ -300,7 +299,7 @@ def prompt_and_text_sequences(cfg: RunConfig, tokenizer) -> tuple[list[torch.Ten
     dc = cfg.data
     keep = dc.max_length - dc.continuation_tokens
     prompts = []
-    for prompt in task_prompts(cfg, tokenizer):
+    for prompt in task_prompts(dc, tokenizer):
         # chat prompts carry their special tokens as text already
         ids = torch.tensor(tokenizer(prompt, add_special_tokens=not dc.chat)["input_ids"], dtype=torch.long)
         prompts.append(ids[-keep:])  # truncate from the left: the question and answer slot are at the end
@@ -369,7 +368,7 @@ def teacher_forward(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 # ----------------------------------------------------------------------------- the teacher cache
 
 
-def cache_head(cfg: RunConfig, pair) -> str | None:
+def cache_head(distill: TrainConfig, pair) -> str | None:
     """The probe of the shared LM head when KD can be recomputed through it (see ``distill.cache_kd``), else None.
 
     Raises:
@@ -377,32 +376,33 @@ def cache_head(cfg: RunConfig, pair) -> str | None:
     """
     from dskd.models import head_probe, shared_head_problem
 
-    if cfg.distill.cache_kd == "logits":
+    if distill.cache_kd == "logits":
         return None
     problem = shared_head_problem(pair.teacher, pair.student, pair.vocab_size)
     if problem is None:
         return head_probe(pair.student)
-    if cfg.distill.cache_kd == "head":
+    if distill.cache_kd == "head":
         raise CacheError(f"--distill.cache_kd head: {problem}; use auto or logits for this student")
     return None
 
 
-def cache_settings(cfg: RunConfig, vocab_size: int, head: str | None = None) -> dict[str, Any]:
+def cache_settings(distill: TrainConfig, T: float, vocab_size: int, head: str | None = None) -> dict[str, Any]:
     """What a cache must match besides the data: what it keeps for KD, the hidden dtype and, for sparse KD, T.
 
     Args:
-        cfg: The run's config.
+        distill: The run's training section (``cache_kd``, ``cache_topk``, ``cache_hidden_dtype``).
+        T: The KD temperature (``loss.T``): sparse log-probs are stored at it.
         vocab_size: Logit columns KD compares.
         head: :func:`cache_head` of the run: the shared head's probe (no logits stored) or None.
     """
-    s: dict[str, Any] = {"vocab_size": vocab_size, "hidden_dtype": cfg.distill.cache_hidden_dtype}
+    s: dict[str, Any] = {"vocab_size": vocab_size, "hidden_dtype": distill.cache_hidden_dtype}
     if head is not None:
         return {**s, "kd": "head", "head": head}
-    k = cfg.distill.cache_topk
+    k = distill.cache_topk
     if k == 0 or k >= vocab_size:
         return {**s, "kd": "logits", "topk": vocab_size}
     # sparse log-probs are stored at the KD temperature
-    return {**s, "kd": "topk", "topk": k, "T": cfg.loss.T}
+    return {**s, "kd": "topk", "topk": k, "T": T}
 
 
 def cache_key(teacher_fp: str, recipe_hash: str, settings: dict[str, Any]) -> str:
@@ -706,8 +706,8 @@ def ensure_cache(
     """
     from dskd.models import tokenizer_fingerprint
 
-    recipe = data_recipe(cfg, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
-    settings = cache_settings(cfg, pair.vocab_size, cache_head(cfg, pair))
+    recipe = data_recipe(cfg.data, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
+    settings = cache_settings(cfg.distill, cfg.loss.T, pair.vocab_size, cache_head(cfg.distill, pair))
     key = cache_key(pair.teacher_fingerprint, recipe["hash"], settings)
     if out is None:
         out = cfg.distill.cache_dir or default_cache_dir(run_dir or cfg.out_dir, key)

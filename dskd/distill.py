@@ -595,12 +595,12 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
     pair = build_pair(cfg.model, device=acc.device)
     tok, V = pair.tokenizer, pair.vocab_size
     teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)
-    recipe = D.data_recipe(cfg, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
+    recipe = D.data_recipe(cfg.data, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
     cache = None
     with acc.main_process_first():
         if dc.teacher_cache:
             cache_path = D.ensure_cache(cfg, pair, cache_dir or dc.cache_dir, run_dir=out)
-            settings = D.cache_settings(cfg, V, D.cache_head(cfg, pair))
+            settings = D.cache_settings(dc, cfg.loss.T, V, D.cache_head(dc, pair))
             cache = D.TeacherCache.open(cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], settings))
             data = cache.data
             if acc.is_main_process:

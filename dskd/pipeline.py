@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
+from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
@@ -189,7 +189,7 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     # senses.corpus names them, and what the coverage summary measures against
     prompts = out / "prompts.jsonl"
     prompt_inputs = {"data": to_dict(cfg.data), "tok": tokenizer_fingerprint(tok)}
-    h_prompts = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg, tok, prompts))
+    h_prompts = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg.data, tok, prompts))
     if PROMPTS_CORPUS in cfg.senses.corpus:
         sen_inputs["prompts"] = h_prompts
         corpus = [str(prompts) if c == PROMPTS_CORPUS else c for c in cfg.senses.corpus]
@@ -233,12 +233,12 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 PROMPTS_CORPUS = "prompts"
 
 
-def write_prompts(cfg: RunConfig, tokenizer, path: Path) -> Path:
+def write_prompts(data: DataConfig, tokenizer, path: Path) -> Path:
     """The recipe's training prompts, formatted exactly as the distillation stage builds them (chat
     template included), one ``{"text": ...}`` line each: a corpus for the sense dictionary."""
     from dskd.data import task_prompts
 
-    lines = [json.dumps({"text": p}) for p in task_prompts(cfg, tokenizer)]
+    lines = [json.dumps({"text": p}) for p in task_prompts(data, tokenizer)]
     if not lines:
         raise ConfigError("--senses.corpus: 'prompts' needs training prompts, but data.tasks is empty")
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -64,7 +64,7 @@ def test_one_pass_fills_the_cache_and_takes_the_continuation(kd, tmp_path):
     windows = prompts(V, n=3, seed=2)
     data = TokenData([p.clone() for p in ps] + [w.clone() for w in windows], {"hash": "h"})
     cfg = from_dict({"distill": {"cache_hidden_dtype": "float32", "cache_topk": 16}})
-    settings = cache_settings(cfg, V, "probe" if kd == "head" else None)
+    settings = cache_settings(cfg.distill, cfg.loss.T, V, "probe" if kd == "head" else None)
     out = write_cache(
         tmp_path / "c",
         data,
