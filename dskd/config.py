@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+DEFAULT_TEACHER = "smollm2-135m-instruct"  # the packaged default (dskd assets exports it); one spelling
+
 
 class DskdError(Exception):
     """Base of every user-facing error: the CLI prints its message (which names the flag or file)."""
@@ -56,7 +58,7 @@ class ModelConfig:
         trust_remote_code: Allow model code from the hub (off unless you ask).
     """
 
-    teacher: str = "smollm2-135m-instruct"
+    teacher: str = DEFAULT_TEACHER
     student: str | None = None
     student_layers: int | None = None
     trainable_layers: int = 2

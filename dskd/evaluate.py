@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dskd.config import ConfigError, EvalConfig
+from dskd.config import DEFAULT_TEACHER, ConfigError, EvalConfig
 from dskd.io import write_text_atomic
 
 # Prompts, item selection, metrics and the result table live in their own modules (data, plan, fidelity
@@ -536,7 +536,7 @@ def evaluate(
 # ---- command ------------------------------------------------------------------------------------
 def eval_command(
     eval: EvalConfig,
-    model: str = "smollm2-135m-instruct",
+    model: str = DEFAULT_TEACHER,
     out: Path | None = None,
     name: str | None = None,
     list_tasks: bool = False,

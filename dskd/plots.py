@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dskd.config import DskdError
+from dskd.config import DEFAULT_TEACHER, DskdError
 
 FIGURE1_WORDS = ("red", "crimson", "scarlet", "ruby", "bus", "car")
 _MAX_CHARS = 400  # a longer sentence is cut to a window ending shortly after the word
@@ -319,7 +319,7 @@ def plot_senses_command(
         teacher = teacher or meta["teacher"]["spec"]
         corpus = corpus or meta["corpus"]["specs"]
     return senses_figure(
-        teacher or "smollm2-135m-instruct",
+        teacher or DEFAULT_TEACHER,
         list(words),
         out,
         corpus=corpus or ["default"],

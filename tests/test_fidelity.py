@@ -158,5 +158,9 @@ def test_cli_errors(tmp_path, tiny_teacher_dir, capsys):
     assert "needs both" in capsys.readouterr().err
     assert main([*base, "--fidelity.text_tasks", "arc_esay", "--out", str(tmp_path / "x.json")]) == 2
     assert "arc_esay" in capsys.readouterr().err
+    # the old spelling `dskd eval --fidelity` still runs `dskd fidelity`, with a note
+    assert main(["eval", "--fidelity", *base[1:], "--out", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is now `dskd fidelity`" in err and "dskd fidelity: error: --out" in err
     with pytest.raises(Exception, match="fidelity.text_limit"):
         FidelityConfig(text_limit=-1)
