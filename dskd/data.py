@@ -713,6 +713,8 @@ def ensure_cache(
         out = cfg.distill.cache_dir or default_cache_dir(run_dir or cfg.out_dir, key)
     out = Path(out)
     meta = out / "meta.json"
+    # a complete cache of any version or key counts here: a training run refuses (never overwrites) one
+    # that is not its own, with the error of TeacherCache.open
     if not force and meta.is_file() and json.loads(meta.read_text()).get("complete"):
         if not rebuild_foreign:
             TeacherCache.open(out, key)  # a complete cache of another teacher/recipe is refused

@@ -165,13 +165,14 @@ def read_sidecar(path: str | Path, kind: Artefact) -> dict[str, Any]:
     return meta
 
 
-def is_built(path: str | Path, kind: Artefact, inputs_hash: str | None = None) -> bool:
-    """Skip-if-built: ``path`` holds a complete artefact of this kind built from ``inputs_hash``."""
+def is_built(path: str | Path, kind: Artefact, inputs_hash: str | None = None, field: str = "inputs_hash") -> bool:
+    """Skip-if-built: ``path`` holds a complete artefact of this kind built from ``inputs_hash`` (the
+    sidecar's ``field``; the lexicon's sidecar calls it ``inputs_key``)."""
     try:
         meta = read_sidecar(path, kind)
     except Exception:
         return False
-    return inputs_hash is None or meta.get("inputs_hash") == inputs_hash
+    return inputs_hash is None or meta.get(field) == inputs_hash
 
 
 def check_files(folder: str | Path, kind: Artefact, names: Iterator[str] | list[str] | None = None) -> None:

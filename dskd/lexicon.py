@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import DskdError, LexiconConfig, ModelConfig
-from dskd.io import Artefact, atomic_dir, check_files, open_artefact, read_sidecar, write_text_atomic
+from dskd.io import Artefact, atomic_dir, check_files, is_built, open_artefact, read_sidecar, write_text_atomic
 from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
@@ -785,14 +785,7 @@ def build_lexicon(
     config = dataclasses.asdict(cfg)
     identities = [_source_identity(s) for s in specs]
     key = _sha({"format": FORMAT, "config": config, "tokenizer": tok_fp, "sources": identities})
-    meta = _read_meta(out)
-    if (
-        not force
-        and meta is not None
-        and meta.get("complete") is True
-        and meta.get("inputs_key") == key
-        and (out / "relations.json").is_file()
-    ):
+    if not force and is_built(out, ARTEFACT, key, field="inputs_key") and (out / "relations.json").is_file():
         log(f"lexicon: {out} is up to date (same sources, options and tokenizer); skipped")
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_lexicon_folder(out))):

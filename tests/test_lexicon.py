@@ -328,7 +328,7 @@ def test_load_refuses_incomplete_folder(tmp_path):
     (d / "meta.json").write_text(json.dumps({"format": {"name": "dskd-lexicon", "version": 1}, "complete": False}))
     with pytest.raises(LexiconError, match="incomplete"):
         Lexicon.load(d)
-    with pytest.raises(LexiconError, match="not a lexicon folder"):
+    with pytest.raises(LexiconError, match="lexicon folder not found"):
         Lexicon.load(tmp_path / "none")
 
 
