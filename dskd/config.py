@@ -135,6 +135,17 @@ class SenseConfig:
         store_dtype: Dtype of the stored sense matrix: float16 or bfloat16.
         checkpoint_every: Gathering batches between progress checkpoints (0: none, no resume).
         keep_samples: Also keep the gathered samples in the store folder (samples.safetensors).
+        device: Where the teacher, the reservoir and k-means run: auto (the accelerator when there is
+            one), cpu, cuda or cuda:N (under several processes, ``cuda`` is each process's own GPU).
+        dtype: Weights dtype of the teacher: auto (bfloat16 on an accelerator, float32 on the CPU),
+            float32, bfloat16 or float16 (states are gathered in float32).
+        sample_dtype: Dtype of the gathered sample rows on disk: auto (float32 on the CPU, the store
+            dtype on an accelerator), float32, bfloat16 or float16.
+        block_chars: Cut the corpus into blocks of about this many bytes of a file (this / 4000
+            documents of a dataset), taken round-robin over corpora and processes, each read only by
+            its process: the store is then the same for any number of processes (when no token
+            reaches max_samples). 0: one stream (one process only). Unset: 0 for one process,
+            65536 for several.
     """
 
     corpus: list[str] = field(default_factory=lambda: ["default"])
@@ -150,6 +161,10 @@ class SenseConfig:
     store_dtype: str = "float16"
     checkpoint_every: int = 20
     keep_samples: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    sample_dtype: str = "auto"
+    block_chars: int | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.corpus) > 0, "senses.corpus", "needs at least one corpus", self.corpus)
@@ -163,6 +178,11 @@ class SenseConfig:
         _check(self.kmeans_init >= 1, "senses.kmeans_init", "must be >= 1", self.kmeans_init)
         _choice(self.store_dtype, ("float16", "bfloat16"), "senses.store_dtype")
         _check(self.checkpoint_every >= 0, "senses.checkpoint_every", "must be >= 0", self.checkpoint_every)
+        _choice(self.dtype, ("auto", "float32", "bfloat16", "float16"), "senses.dtype")
+        _choice(self.sample_dtype, ("auto", "float32", "bfloat16", "float16"), "senses.sample_dtype")
+        _check(
+            self.block_chars is None or self.block_chars >= 0, "senses.block_chars", "must be >= 0", self.block_chars
+        )
 
 
 @dataclass
@@ -271,6 +291,10 @@ class DataConfig:
         sample_frac: Share of each task's training items used.
         max_items: Cap on prompts per task (0: no cap).
         chat: Wrap prompts in the tokenizer's chat template.
+        style: ``letter``: lettered-choice prompts ending where the answer letter goes (the paper's
+            prompts); ``cloze``: the question as log-likelihood scoring asks it (``Question: ...
+            Answer:``, exemplars solved with their answer text), so the teacher's continuation is a
+            free-text answer. Gold labels appear only in the exemplars, in both styles.
         continuation_tokens: Tokens of greedy teacher continuation appended to each prompt.
         text_files: Plain text files used as extra training sequences.
         max_length: Prompts are truncated from the left to this many tokens.
@@ -282,6 +306,7 @@ class DataConfig:
     sample_frac: float = 1.0
     max_items: int = 0
     chat: bool = True
+    style: str = "letter"
     continuation_tokens: int = 1
     text_files: list[str] = field(default_factory=list)
     max_length: int = 1024
@@ -291,6 +316,7 @@ class DataConfig:
         _check(self.shots >= 0, "data.shots", "must be >= 0", self.shots)
         _check(0.0 < self.sample_frac <= 1.0, "data.sample_frac", "must be in (0, 1]", self.sample_frac)
         _check(self.max_items >= 0, "data.max_items", "must be >= 0", self.max_items)
+        _check(self.style in ("letter", "cloze"), "data.style", "must be letter or cloze", self.style)
         _check(self.continuation_tokens >= 0, "data.continuation_tokens", "must be >= 0", self.continuation_tokens)
         _check(self.max_length >= 8, "data.max_length", "must be >= 8", self.max_length)
         _check(bool(self.tasks) or bool(self.text_files), "data.tasks", "needs tasks or data.text_files", self.tasks)

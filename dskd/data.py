@@ -2,8 +2,8 @@
 
 Training sequences (method.md section 4) are chat-formatted k-shot multiple-choice prompts built from
 the tasks' *training* items (``dskd.tasks``; gold labels unused) followed by the teacher's greedy
-continuation (``data.continuation_tokens``, 1 by default); plain text files (``data.text_files``:
-``.txt`` paragraphs separated by blank lines, or ``.jsonl`` with a ``text`` field) are added as they
+continuation (``data.continuation_tokens``, 1 by default); plain text files (``data.text_files``,
+``.txt`` or ``.jsonl``, read by :mod:`dskd.corpus` with the sense corpus's rules) are added as they
 are, cut into ``data.max_length`` windows. Targets are the next token at *every* position.
 
 A built training set is a folder::
@@ -168,14 +168,17 @@ def data_recipe(data: DataConfig, tokenizer_fp: str, teacher_fp: str) -> dict[st
 
 
 def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
-    """k-shot letter prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
+    """k-shot prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
+
+    ``data.style`` picks lettered-choice prompts or cloze prompts (the question as log-likelihood
+    scoring asks it; the exemplars solved with their answer text).
 
     Exemplars are other training items of the same task, of the same subject when items have one
     (MMLU-style), never the item itself.
     """
     if not dc.tasks:
         return []
-    from dskd.prompts import letter_prompt
+    from dskd.prompts import letter_prompt, loglik_requests
     from dskd.tasks import get_task
 
     rng = random.Random(dc.seed)
@@ -198,26 +201,27 @@ def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
             if len(pool) < dc.shots:
                 pool = [j for j in range(len(items)) if j != i]
             ex = [items[j] for j in rng.sample(pool, min(dc.shots, len(pool)))]
-            prompts.append(letter_prompt(task, item, ex, tokenizer, dc.chat))
+            if dc.style == "cloze":
+                prompts.append(loglik_requests(task, item, ex, tokenizer, dc.chat)[0][0])
+            else:
+                prompts.append(letter_prompt(task, item, ex, tokenizer, dc.chat))
     return prompts
 
 
 def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
-    """Token windows (at most ``data.max_length`` tokens) of the paragraphs of ``data.text_files``."""
+    """Token windows (at most ``data.max_length`` tokens) of the documents of ``data.text_files``,
+    read by the one corpus reader (:mod:`dskd.corpus`: each ``.txt`` paragraph, each ``.jsonl``
+    line's ``text``, ``passage`` or ``content`` field)."""
+    from dskd.corpus import CorpusError, file_documents
+
     out = []
     for f in cfg.data.text_files:
-        p = Path(f).expanduser()
-        if p.suffix == ".jsonl":
-            texts = []
-            for n, line in enumerate(p.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"--data.text_files: {p}:{n}: expected a JSON object with 'text' ({e})") from e
-        else:
-            texts = [t.strip() for t in p.read_text().split("\n\n") if t.strip()]
+        try:
+            texts = list(
+                file_documents(Path(f).expanduser(), flag="--data.text_files", max_chars=0)
+            )  # a paragraph each
+        except CorpusError as e:
+            raise DataError(str(e)) from e
         for text in texts:
             ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
             for s in range(0, len(ids), cfg.data.max_length):
@@ -315,7 +319,7 @@ def build_token_data(
     """Tokenise the prompts, append the teacher's greedy continuation (batched), add the text windows."""
     prompts, windows = prompt_and_text_sequences(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    conts = greedy_continuations(teacher, prompts, cfg.data.continuation_tokens, pad_id, batch_size)
+    conts = greedy_continuations(teacher, prompts, cfg.data.continuation_tokens, pad_id, batch_size, progress=True)
     return TokenData([torch.cat([p, c]) for p, c in zip(prompts, conts, strict=True)] + windows, recipe)
 
 
@@ -418,8 +422,9 @@ class TeacherCache:
     """A memory-mapped teacher cache; ``get`` returns a padded micro-batch of teacher outputs."""
 
     def __init__(self, path: Path, meta: dict[str, Any]):
-        from safetensors import safe_open
         from safetensors.torch import load_file
+
+        from dskd.tensorfile import TensorFile
 
         self.path, self.meta = Path(path), meta
         t = load_file(str(self.path / "dataset.safetensors"))
@@ -428,9 +433,7 @@ class TeacherCache:
         self.data = TokenData(_split(t["input_ids"], t["offsets"]), recipe)
         self.shard, self.start = t["cache_shard"].tolist(), t["cache_start"].tolist()
         self.kd = meta["settings"]["kd"]  # head | logits | topk
-        self._files = [
-            safe_open(str(self.path / name), framework="pt") for name in meta["shards"]
-        ]  # kept open: reads are lazy slices of the mapped files
+        self._files = [TensorFile(self.path / name) for name in meta["shards"]]  # kept open: lazy slices
 
     @classmethod
     def open(cls, path: Path | str, key: str | None = None, flag: str = "--distill.cache_dir") -> TeacherCache:
@@ -474,7 +477,7 @@ class TeacherCache:
         for i in idx:
             f, s, n = self._files[self.shard[i]], self.start[i], max(len(self.data.seqs[i]) - 1, 0)
             for name in ("hidden", *names):
-                x = f.get_slice(name)[s : s + n]
+                x = f.rows(name, s, s + n)
                 pad = [0, 0] * (x.dim() - 1) + [0, T - n]
                 rows.setdefault(name, []).append(torch.nn.functional.pad(x, pad))
         hidden = torch.stack(rows["hidden"]).float()

@@ -29,6 +29,7 @@ from typing import Any
 from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
+_SENSE_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")  # SenseConfig fields added later
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
 
 # Arms of the experiment: name -> (description, loss overrides).
@@ -183,7 +184,9 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     from dskd.senses import build_senses
 
     sen_dir = out / "senses"
-    sen_inputs = {"teacher": cfg.model.teacher, "cfg": to_dict(cfg.senses), "lexicon": h_lex}
+    # runtime options at their defaults are left out, so run folders made before they existed still skip
+    sen_opts = {k: v for k, v in to_dict(cfg.senses).items() if v not in ("auto", None) or k not in _SENSE_RUNTIME}
+    sen_inputs = {"teacher": cfg.model.teacher, "cfg": sen_opts, "lexicon": h_lex}
     sen_cfg = cfg.senses
     # the training prompts, written once: a corpus of the sense builder (read like any .jsonl file) when
     # senses.corpus names them, and what the coverage summary measures against

@@ -175,3 +175,26 @@ def test_a_cache_of_an_older_format_is_refused(tiny_teacher_dir, tmp_path):
     (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="format version 1"):
         TeacherCache.open(out)
+
+
+def test_prompt_styles_ask_the_same_training_questions(tokenizer):
+    """``data.style``: letter prompts end in ``Answer:`` after lettered choices; cloze prompts end in the
+    question as log-likelihood scoring asks it, the exemplar solved with its answer text."""
+    from dskd.data import task_prompts
+    from dskd.tasks import get_task
+
+    base = {"data": {"tasks": ["arc_easy"], "shots": 1, "max_items": 3, "chat": False}}
+    letter = task_prompts(from_dict(base).data, tokenizer)
+    cloze = task_prompts(from_dict({"data": {**base["data"], "style": "cloze"}}).data, tokenizer)
+    assert len(letter) == len(cloze) == 3
+    train = get_task("arc_easy").train_items()
+    for lp, cp in zip(letter, cloze, strict=True):
+        assert lp.endswith("Answer:") and "\nA. " in lp
+        assert cp.endswith("Answer:") and "\nA. " not in cp
+        # the same item (same seeded sample): the last question is the same text in both styles
+        assert lp.split("Question: ")[-1].split("\n")[0] == cp.split("Question: ")[-1].split("\n")[0]
+        # the exemplar is solved with the gold answer text, never a letter
+        exemplar = cp.split("\n\n")[0]
+        assert any(exemplar == get_task("arc_easy").cloze_example(x) for x in train)
+    with pytest.raises(Exception, match="data.style"):
+        from_dict({"data": {"style": "fill"}})

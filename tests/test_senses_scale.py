@@ -106,15 +106,88 @@ def test_streamed_windows_equal_the_sliced_stream(tokenizer, doc_corpus):
     assert sum(w.numel() - 1 for _, w in wins) == 699 and per[str(doc_corpus)] == 700
 
 
-def test_blocks_are_round_robin_and_close_at_block_chars(tmp_path):
+def test_blocks_are_round_robin_and_partition_each_file(tmp_path):
+    from dskd import corpus as C
+
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"a{i} " * 20}) for i in range(10)))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"b{i} " * 20}) for i in range(6)))
-    blocks = list(S.iter_blocks([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], 150))
-    assert [g for g, _, _ in blocks] == list(range(len(blocks)))
-    names = [Path(n).stem for _, n, _ in blocks]
-    assert names == ["a", "b", "a", "b", "a", "a"]  # 3 documents of 60 characters per block; b runs out first
-    assert all(sum(len(d) for d in docs[:-1]) < 150 for _, _, docs in blocks)
-    assert sum(len(docs) for _, _, docs in blocks) == 16
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    blocks = list(S.iter_blocks([str(f) for f in files], 150))
+    assert [g for g, _ in blocks] == list(range(len(blocks)))
+    n_a, n_b = (-(-f.stat().st_size // 150) for f in files)  # blocks are listed from the file sizes alone
+    assert n_a > n_b > 1
+    assert [Path(b.corpus).stem for _, b in blocks] == ["a", "b"] * n_b + ["a"] * (n_a - n_b)
+    for f in files:
+        mine = [b for _, b in blocks if Path(b.corpus) == f]
+        spans = [C.file_span(*b.span) for b in mine]
+        # consecutive byte ranges covering the file, each starting at a line
+        assert spans[0][0] == 0 and spans[-1][1] == f.stat().st_size
+        assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))
+        assert all(a == 0 or f.read_bytes()[a - 1 : a] == b"\n" for a, _ in spans)
+        assert [d for b in mine for d in b.read()] == list(C.file_documents(f))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_reader_reads_only_its_own_blocks(tmp_path, monkeypatch, world):
+    """The shards of N readers are disjoint, their union is the corpus, and a reader reads only its bytes."""
+    from dskd import corpus as C
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta"]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(3, 60)))) for _ in range(400)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "big.txt").write_text("\n\n".join(docs) + "\n")
+    real = C.read_span
+    for name in ("big.jsonl", "big.txt"):
+        f = tmp_path / name
+        size = f.stat().st_size
+        read: dict[int, list[tuple[int, int]]] = {}
+        got: dict[int, tuple[int, list[str]]] = {}
+        for rank in range(world):
+            log = read.setdefault(rank, [])
+            monkeypatch.setattr(C, "read_span", lambda p, a, b, log=log: log.append((a, b)) or real(p, a, b))
+            for g, blk in C.shard([str(f)], 1000, rank, world):
+                assert g % world == rank
+                got[g] = (rank, list(blk.read()))
+        spans = sorted(s for r in read for s in read[r])
+        assert spans[0][0] == 0 and spans[-1][1] == size  # the union is the whole file ...
+        assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))  # ... without overlap
+        for rank in range(world):
+            assert sum(b - a for a, b in read[rank]) < 1.5 * size / world  # nobody reads everything
+        union = [d for g in sorted(got) for d in got[g][1]]
+        # .txt: paragraphs are grouped into documents per block, so compare the paragraphs
+        assert "\n\n".join(union).split("\n\n") == docs
+
+
+def test_dataset_blocks_are_row_ranges(tmp_path):
+    import datasets
+
+    from dskd import corpus as C
+
+    texts = [f"document {i}" for i in range(23)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "ds")
+    per = C.docs_per_block(3 * C.DOC_CHARS)
+    blocks = [b for _, b in C.iter_blocks([str(tmp_path / "ds")], 3 * C.DOC_CHARS)]
+    assert per == 3 and len(blocks) == 8
+    assert [list(b.read()) for b in blocks] == [texts[a : a + per] for a in range(0, 23, per)]
+
+
+def test_streamed_dataset_blocks_are_its_shards(tmp_path, monkeypatch):
+    import datasets
+
+    from dskd import corpus as C
+
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"part{i}.jsonl"))
+        Path(files[-1]).write_text("".join(json.dumps({"text": f"doc {i}.{j}"}) + "\n" for j in range(4)))
+    streamed = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: streamed)  # stands in for a hub dataset
+    blocks = [b for _, b in C.iter_blocks(["hf:some/dataset"], 65536)]
+    assert [list(b.read()) for b in blocks] == [[f"doc {i}.{j}" for j in range(4)] for i in range(3)]
+    assert [d for b in C.shard(["hf:some/dataset"], 65536, 1, 2) for d in b[1].read()] == [
+        f"doc 1.{j}" for j in range(4)
+    ]
 
 
 def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
@@ -126,36 +199,49 @@ def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
     want += tokenizer("the blue bus")["input_ids"] + [tokenizer.eos_token_id]
     assert stream.tolist() == want
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "bad")
-    with pytest.raises(S.SenseError, match="--corpus .*text column"):
+    with pytest.raises(S.CorpusError, match="--corpus .*text column"):
         S.token_stream(tokenizer, [str(tmp_path / "bad")], 10)
-    with pytest.raises(S.SenseError, match="--corpus hf:"):
+    with pytest.raises(S.CorpusError, match="--corpus hf:"):
         S.token_stream(tokenizer, ["hf:no-such-owner/no-such-dataset"], 10)
 
 
 # ------------------------------------------------------------------------------------------------ device
 
 
-def test_device_and_dtype_resolution(monkeypatch):
-    assert S.resolve_dtype("auto", torch.device("cpu")) == "float32"
-    assert S.resolve_dtype("auto", torch.device("cuda", 0)) == "bfloat16"
-    assert S.resolve_dtype("float16", torch.device("cpu")) == "float16"
-    with pytest.raises(S.SenseError, match="--dtype"):
-        S.resolve_dtype("int8", torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert S.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(S.SenseError, match="--device cuda: no CUDA device"):
-        S.resolve_device("cuda")
-    with pytest.raises(S.SenseError, match="--device"):
-        S.resolve_device("tpu")
+def test_device_and_dtype_resolution_is_the_one_of_every_stage(monkeypatch):
+    import dskd.devices
+    import dskd.senses.build as B
+
+    assert B.resolve_device is dskd.devices.resolve_device and B.resolve_dtype is dskd.devices.resolve_dtype
+    with pytest.raises(S.SenseError, match="--sample-dtype"):
+        B._sample_dtype("int8", torch.device("cpu"), "bfloat16")
+    assert B._sample_dtype("auto", torch.device("cpu"), "bfloat16") == "float32"
+    assert B._sample_dtype("auto", torch.device("cuda", 0), "bfloat16") == "bfloat16"
+
+
+def test_sense_config_runtime_fields_are_checked():
+    from dskd.config import ConfigError, from_dict
+
+    cfg = from_dict({"senses": {"device": "cpu", "dtype": "bfloat16", "sample_dtype": "float16", "block_chars": 300}})
+    assert (cfg.senses.device, cfg.senses.dtype, cfg.senses.sample_dtype, cfg.senses.block_chars) == (
+        "cpu",
+        "bfloat16",
+        "float16",
+        300,
+    )
+    with pytest.raises(ConfigError, match="senses.dtype"):
+        SenseConfig(dtype="int8")
+    with pytest.raises(ConfigError, match="senses.block_chars"):
+        SenseConfig(block_chars=-1)
 
 
 def test_cli_device_error_names_the_flag(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
     from dskd.__main__ import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "s"), "--device", "cuda"]
-    assert main(argv) == 2
-    assert "--device cuda" in capsys.readouterr().err
+    argv = ["senses", "build", "--model.teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "s")]
+    assert main([*argv, "--senses.device", "cuda"]) == 2
+    assert "device: 'cuda'" in capsys.readouterr().err
 
 
 def test_kmeans_on_a_row_source_equals_the_tensor(tmp_path):
@@ -238,9 +324,10 @@ def _torchrun(n: int, args: list[str], tmp_path: Path) -> None:
 
 def _args(teacher: Path, corpus: Path, out: Path, cap: int) -> list[str]:
     return [
-        *("--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out), "--k", "3"),
-        *("--max-samples", str(cap), "--max-tokens", "1500", "--seq-len", "32", "--batch-size", "4"),
-        *("--block-chars", "300", "--checkpoint-every", "2", "--keep-samples"),
+        *("--model.teacher", str(teacher), "--senses.corpus", str(corpus), "--out", str(out), "--senses.k", "3"),
+        *("--senses.max_samples", str(cap), "--senses.max_tokens", "1500", "--senses.seq_len", "32"),
+        *("--senses.batch_size", "4", "--senses.block_chars", "300", "--senses.checkpoint_every", "2"),
+        "--senses.keep_samples",
     ]
 
 
@@ -288,12 +375,10 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir, doc_corpus)
 def test_corpus_streamed_twice_equals_tokens_kept(tmp_path, monkeypatch, tiny_teacher_dir, doc_corpus, block_chars):
     # A small corpus is tokenized once and kept between planning and gathering; a large one is
     # streamed (and tokenized) again. Both give the same store.
-    cfg = _cfg(doc_corpus, max_tokens=900)
-    kept = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "kept", progress=False, block_chars=block_chars)
+    cfg = _cfg(doc_corpus, max_tokens=900, block_chars=block_chars)  # a recipe's senses.block_chars
+    kept = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "kept", progress=False)
     monkeypatch.setattr(S.build, "_KEEP_TOKENS", 0)
-    again = S.build_senses(
-        str(tiny_teacher_dir), cfg, None, tmp_path / "again", progress=False, block_chars=block_chars
-    )
+    again = S.build_senses(str(tiny_teacher_dir), cfg, None, tmp_path / "again", progress=False)
     a, b = _tensors(kept), _tensors(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((again / S.META_FILE).read_text())

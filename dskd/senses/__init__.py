@@ -2,7 +2,7 @@
 
 One module per stage:
 
-- :mod:`~dskd.senses.corpus`: the corpus as a stream of documents, tokens and teacher windows;
+- :mod:`~dskd.senses.corpus`: the corpus (read by :mod:`dskd.corpus`) as tokens and teacher windows;
 - :mod:`~dskd.senses.reservoir`: per-token reservoir samples whose rows live in a file;
 - :mod:`~dskd.senses.kmeans`: batched k-means over many small groups (pure tensor code);
 - :mod:`~dskd.senses.store`: the on-disk store, its reader and the queries on it;
@@ -12,16 +12,23 @@ One module per stage:
 See :mod:`dskd.senses.build` for the pipeline and :mod:`dskd.senses.store` for the store layout.
 """
 
+from dskd.devices import resolve_device, resolve_dtype  # the one device rule, re-exported
 from dskd.senses.build import (
     DEFAULT_BLOCK_CHARS,
     build_senses,
     gather_batch,
     load_samples,
-    resolve_device,
-    resolve_dtype,
 )
 from dskd.senses.cli import STORE_ARTEFACT, open_store, senses_build_command, senses_show_command
-from dskd.senses.corpus import BUILTIN_CORPORA, TokenStream, corpus_sources, iter_blocks, token_stream, windows
+from dskd.senses.corpus import (
+    BUILTIN_CORPORA,
+    CorpusError,
+    TokenStream,
+    corpus_sources,
+    iter_blocks,
+    token_stream,
+    windows,
+)
 from dskd.senses.kmeans import GRAM_MAX_SAMPLES, cluster_groups, kmeans_padded
 from dskd.senses.kmeans import _lloyd_batch as _lloyd_batch  # noqa: F401  (tests reach the private paths)
 from dskd.senses.kmeans import _lloyd_one as _lloyd_one  # noqa: F401
@@ -42,6 +49,7 @@ from dskd.senses.store import (
 
 __all__ = [
     "BUILTIN_CORPORA",
+    "CorpusError",
     "DEFAULT_BLOCK_CHARS",
     "FORMAT",
     "GRAM_MAX_SAMPLES",

@@ -2,7 +2,8 @@
 
 Run by :func:`build_senses` and ``dskd senses build`` (method.md section 1):
 
-1. **Corpus** (:mod:`dskd.senses.corpus`): read as a stream, cut after ``max_tokens`` positions, in
+1. **Corpus** (:mod:`dskd.corpus`, :mod:`dskd.senses.corpus`): read as a stream, cut after
+   ``max_tokens`` positions, in
    the ``stream`` layout (one process) or the ``blocks`` layout (``block_chars`` > 0; required for,
    and the default under, several processes).
 
@@ -16,9 +17,9 @@ Run by :func:`build_senses` and ``dskd senses build`` (method.md section 1):
    checkpoint (bookkeeping only, not the rows) is written every ``checkpoint_every`` batches; a
    killed build rerun with the same arguments resumes from it and gives the same store, bit for bit.
 
-   Under ``torchrun`` / ``accelerate launch`` with N processes, process r gathers the blocks
-   g with g % N == r into its own reservoir and rows file (each reads only the text of the other
-   blocks, to find where blocks end, and tokenizes and runs only its own); then process 0 merges
+   Under ``torchrun`` / ``accelerate launch`` with N processes, process r reads, tokenizes and
+   gathers only the blocks g with g % N == r (blocks are listed without reading text, see
+   :mod:`dskd.corpus`), into its own reservoir and rows file; then process 0 merges
    the reservoirs and clusters while the others wait. With a per-token cap above every count, the
    store equals the one-process store of the same layout exactly; with sampling, process 0 draws a
    uniform sample of the union (a multivariate hypergeometric split of each token's cap over the
@@ -54,9 +55,11 @@ import numpy as np
 import torch
 
 from dskd.config import SenseConfig
+from dskd.corpus import iter_blocks
+from dskd.devices import DTYPES, dtype_name, resolve_device, resolve_dtype
 from dskd.io import replace_dir, write_text_atomic
 from dskd.io import stable_hash as _sha
-from dskd.senses.corpus import TokenStream, block_tokens, iter_blocks, windows
+from dskd.senses.corpus import TokenStream, block_tokens, windows
 from dskd.senses.kmeans import cluster_groups
 from dskd.senses.reservoir import MultiRowSource, Reservoir, RowFile
 from dskd.senses.store import (
@@ -66,7 +69,6 @@ from dskd.senses.store import (
     SAMPLES_FILE,
     STORE_FILE,
     SenseError,
-    _safetensors_header,
     compose_senses,
     write_safetensors,
 )
@@ -74,57 +76,18 @@ from dskd.senses.store import (
 _DIST_CAP = 100_000  # MSE values kept for the distance statistics
 _DIST_PER_BATCH = 512
 # Options that do not change the store (left out of the identity used to skip a rebuild).
-_NON_IDENTITY = ("checkpoint_every",)
+# The runtime options (device, dtypes, block size) enter the identity as resolved values instead.
+_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")
+_NON_IDENTITY = ("checkpoint_every", *_RUNTIME)
 # Options that do not change the gathered samples (a partial gather survives a change of these).
-_NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples")
+_NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples", *_RUNTIME)
 # Blocks of the ``blocks`` layout when several processes run and none was asked for (~16k tokens).
 DEFAULT_BLOCK_CHARS = 65_536
 # A stream of at most this many tokens is kept (int32, 64 MB) between planning and gathering.
 _KEEP_TOKENS = 1 << 24
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------- device and dtype
-
-
-def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
-    """The device a stage runs on: ``auto`` is the accelerator when there is one, else the CPU.
-
-    Under several processes a CUDA device is the process's own (``LOCAL_RANK``).
-
-    Raises:
-        SenseError: a device that is not there (no silent fallback to the CPU).
-    """
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    spec = spec or "auto"
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as e:
-        raise SenseError(f"--device {spec!r}: not a device (auto, cpu, cuda, cuda:N)") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SenseError(f"--device {spec}: no CUDA device is available here (use --device cpu or auto)")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        elif dev.index >= torch.cuda.device_count():
-            raise SenseError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise SenseError(f"--device {spec}: only cpu and cuda devices are supported")
-    return dev
-
-
-def resolve_dtype(spec: str, device: torch.device) -> str:
-    """The teacher's weights dtype: ``auto`` is bfloat16 on an accelerator, float32 on the CPU."""
-    if spec in (None, "", "auto"):
-        return "bfloat16" if device.type != "cpu" else "float32"
-    if spec not in _DTYPES:
-        raise SenseError(f"--dtype {spec!r}: choose auto, {', '.join(_DTYPES)}")
-    return spec
 
 
 def _sample_dtype(spec: str, device: torch.device, store_dtype: str) -> str:
@@ -132,8 +95,8 @@ def _sample_dtype(spec: str, device: torch.device, store_dtype: str) -> str:
     teacher's float32 states), the store dtype on an accelerator (half the disk at scale)."""
     if spec in (None, "", "auto"):
         return store_dtype if device.type != "cpu" else "float32"
-    if spec not in _DTYPES:
-        raise SenseError(f"--sample-dtype {spec!r}: choose auto, {', '.join(_DTYPES)}")
+    if spec not in DTYPES:
+        raise SenseError(f"--sample-dtype {spec!r}: choose auto, {', '.join(DTYPES)}")
     return spec
 
 
@@ -293,8 +256,9 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
         plan = _Plan("stream", min(cfg.max_tokens, n - 1), h.hexdigest()[:16], dict(ts.per_corpus))
         plan.tokens = kept
         return plan
-    # blocks: in rounds of one block per process, every process tokenizes its own and all learn the
-    # sizes, so each can cut the global stream at max_tokens exactly as one process would.
+    # blocks: in rounds of one block per process, every process reads and tokenizes only its own
+    # block and all learn the sizes, so each can cut the global stream at max_tokens exactly as one
+    # process would. Blocks are listed without reading text, so skipping the others' costs nothing.
     h, total, per_corpus = hashlib.sha256(), 0, {}
     mine: list[tuple[int, int, int]] = []
     kept: list[np.ndarray] | None = []
@@ -305,8 +269,9 @@ def _plan(tok, cfg: SenseConfig, block_chars: int, dist: _Dist) -> _Plan:
             nxt = next(it, None)
             if nxt is None:
                 break
-            if nxt[0] % dist.world == dist.rank:
-                own = (nxt[0], nxt[1], block_tokens(tok, nxt[2]))
+            g, blk = nxt
+            if g % dist.world == dist.rank:
+                own = (g, blk.corpus, block_tokens(tok, list(blk.read())))
         infos = dist.all_gather(None if own is None else (own[0], own[1], max(0, own[2].numel() - 1)))
         infos = sorted((x for x in infos if x is not None), key=lambda x: x[0])
         if not infos:
@@ -346,12 +311,12 @@ def _windows(tok, cfg: SenseConfig, plan: _Plan, block_chars: int) -> Iterator[t
         return
     todo = {g: (start, n) for g, start, n in plan.blocks}
     last = max(todo, default=-1)
-    for g, _, docs in iter_blocks(cfg.corpus, block_chars):
+    for g, blk in iter_blocks(cfg.corpus, block_chars):
         if g > last:
             return
-        if g in todo:
+        if g in todo:  # only this process's blocks are read
             start, n = todo[g]
-            yield from windows(iter([block_tokens(tok, docs)[: n + 1]]), cfg.seq_len, start)
+            yield from windows(iter([block_tokens(tok, list(blk.read()))[: n + 1]]), cfg.seq_len, start)
 
 
 def _batches(win: Iterator[tuple[int, torch.Tensor]], batch_size: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
@@ -563,24 +528,13 @@ class _TensorRows:
 
 def _samples_source(path: Path) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The samples a store kept: (row source, tokens (R,), seen (V,), dist (m,)), rows read from the file."""
-    from safetensors import safe_open
+    from dskd.tensorfile import TensorFile, TensorRows
 
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        if "pool" in names:  # earlier layout: the reservoir's state with its whole pool
-            pool, keys, rows = f.get_tensor("pool"), f.get_tensor("keys"), f.get_tensor("rows")
-            return None, keys, rows, pool  # resolved by the caller, which knows the cap
-        tokens, seen, dist = f.get_tensor("tokens"), f.get_tensor("seen"), f.get_tensor("dist")
-    start, header = _safetensors_header(path)
-    info = header["samples"]
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info["dtype"]]
-    rf = RowFile(path, int(info["shape"][1]), dtype, offset=start + info["data_offsets"][0], writable=False)
-    return (
-        MultiRowSource([rf], torch.zeros(tokens.numel(), dtype=torch.int64), torch.arange(tokens.numel())),
-        tokens,
-        seen,
-        dist,
-    )
+    with TensorFile(path) as f:
+        if "pool" in f:  # earlier layout: the reservoir's state with its whole pool
+            return None, f.get("keys"), f.get("rows"), f.get("pool")  # resolved by the caller, which knows the cap
+        tokens, seen, dist = f.get("tokens"), f.get("seen"), f.get("dist")
+    return TensorRows(path, "samples"), tokens, seen, dist
 
 
 def load_samples(path: str | Path, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -735,10 +689,10 @@ def build_senses(
     lexicon_dir: Path | None,
     out: Path,
     force: bool = False,
-    teacher_dtype: str = "auto",
+    teacher_dtype: str | None = None,
     progress: bool = True,
-    device: str = "auto",
-    sample_dtype: str = "auto",
+    device: str | None = None,
+    sample_dtype: str | None = None,
     block_chars: int | None = None,
 ) -> Path:
     """Build a sense store (see the module docstring), or return at once if ``out`` already matches.
@@ -752,15 +706,13 @@ def build_senses(
         lexicon_dir: Lexicon folder whose multi-token tails get composed senses (None: no spans).
         out: Output folder.
         force: Rebuild even when ``out`` matches (a partial gather is still resumed).
-        teacher_dtype: Weights dtype of the teacher: auto (bfloat16 on an accelerator, float32 on the
-            CPU), float32, bfloat16 or float16 (states are gathered in float32).
+        teacher_dtype: ``cfg.dtype`` when None (the others below likewise): the teacher's weights dtype.
         progress: Print progress bars and a summary.
-        device: Where the teacher, the reservoir and k-means run: auto (the accelerator when there is
-            one), cpu, cuda or cuda:N.
-        sample_dtype: Dtype of the gathered sample rows on disk: auto (float32 on the CPU, the store
-            dtype on an accelerator), float32, bfloat16 or float16.
-        block_chars: Characters per block of the ``blocks`` corpus layout; 0 for the one-process
-            ``stream`` layout; None: 0 for one process, ``DEFAULT_BLOCK_CHARS`` for several.
+        device: Where the teacher, the reservoir and k-means run (``cfg.device``).
+        sample_dtype: Dtype of the gathered sample rows on disk (``cfg.sample_dtype``).
+        block_chars: Block size of the ``blocks`` corpus layout; 0 for the one-process ``stream``
+            layout (``cfg.block_chars``; when both are None: 0 for one process,
+            ``DEFAULT_BLOCK_CHARS`` for several).
     Returns:
         ``out``.
     """
@@ -768,8 +720,14 @@ def build_senses(
     t_start = time.perf_counter()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
         raise SenseError(f"--out {out}: exists and is not a sense store; refusing to replace it")
-    dev = resolve_device(device)
-    t_dtype = resolve_dtype(teacher_dtype, dev)
+    teacher_dtype = cfg.dtype if teacher_dtype is None else teacher_dtype
+    device = cfg.device if device is None else device
+    sample_dtype = cfg.sample_dtype if sample_dtype is None else sample_dtype
+    block_chars = cfg.block_chars if block_chars is None else block_chars
+    dev = resolve_device(device, flag="--device")
+    if dev.type == "cuda" and dev.index is None:  # under several processes, each its own GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    t_dtype = dtype_name(resolve_dtype(teacher_dtype, dev, flag="--dtype"))
     s_dtype = _sample_dtype(sample_dtype, dev, cfg.store_dtype)
     dist = _dist_init(dev)
     try:
@@ -871,7 +829,7 @@ def _build(
             print(f"dskd senses: reusing the samples kept in {out / SAMPLES_FILE} (same teacher, corpus, options)")
     else:
         res, dist_t, timing = _gather(
-            model, tok, plan, cfg, block_chars, vocab, dim, work, gather_key, dev, _DTYPES[sample_dtype], dist, show
+            model, tok, plan, cfg, block_chars, vocab, dim, work, gather_key, dev, DTYPES[sample_dtype], dist, show
         )
         del model
         if dev.type == "cuda":
@@ -895,7 +853,7 @@ def _build(
 
             states = [load_file(str(work / f"final.rank{r}.safetensors")) for r in range(dist.world)]
             tokens, file_of, row_of, seen = _merge(states, cfg.max_samples, cfg.seed)
-            files = [RowFile(work / f"rows.rank{r}.bin", dim, _DTYPES[sample_dtype]) for r in range(dist.world)]
+            files = [RowFile(work / f"rows.rank{r}.bin", dim, DTYPES[sample_dtype]) for r in range(dist.world)]
             source = MultiRowSource(files, file_of, row_of)
             dist_t = torch.cat([s["dist"] for s in states])[:_DIST_CAP]
             timing = {

@@ -29,49 +29,29 @@ def _open_for_cli(path: str, teacher: str | None):
 
 
 def senses_build_command(
-    model: ModelConfig,
-    senses: SenseConfig,
-    out: Path,
-    lexicon_dir: Path | None = None,
-    force: bool = False,
-    sample_dtype: str = "auto",
-    block_chars: int | None = None,
+    model: ModelConfig, senses: SenseConfig, out: Path, lexicon_dir: Path | None = None, force: bool = False
 ) -> Path:
     """The sense dictionary: gather teacher states, cluster them per token, compose multi-token senses, store.
 
-    The teacher is ``--model.teacher`` on ``--model.device`` in ``--model.dtype`` (states are gathered in
-    float32). See the README for the corpus mix and the store layout. Several processes:
+    The teacher is ``--model.teacher``; where and in which dtype it runs is ``--senses.device`` /
+    ``--senses.dtype`` (states are gathered in float32). See the README for the corpus mix and the store
+    layout. Several processes:
       torchrun --nproc-per-node N -m dskd senses build ... (or accelerate launch): each process gathers
       its own blocks of the corpus, process 0 merges and clusters.
 
     Example: dskd senses build --config configs/smollm2-135m_to_15l.yaml --lexicon_dir runs/x/lexicon --out runs/x/senses
 
     Args:
-        model: Teacher (``teacher``, ``dtype``, ``device``, ``trust_remote_code``).
-        senses: Sense dictionary.
+        model: Teacher (``teacher``).
+        senses: Sense dictionary (corpus, k, gathering placement and layout, ...).
         out: Output folder of the sense store.
         lexicon_dir: Lexicon folder (``dskd lexicon build``) whose multi-token tails get composed senses.
         force: Rebuild even if ``out`` matches (a partial gather still resumes).
-        sample_dtype: Dtype of the gathered sample rows on disk: auto (float32 on the CPU, the store
-            dtype on an accelerator), float32, bfloat16 or float16.
-        block_chars: Corpus blocks of about this many characters, round-robin over corpora and
-            processes: the store is then the same for any number of processes (when no token reaches
-            ``senses.max_samples``). 0: one stream (one process only). Default: 0 for one process,
-            the built-in block size for several.
     """
     if lexicon_dir is not None and not Path(lexicon_dir).is_dir():
         raise SenseError(f"--lexicon_dir {lexicon_dir}: no such folder (build it with `dskd lexicon build`)")
-    return build_senses(
-        model.teacher,
-        senses,
-        Path(lexicon_dir) if lexicon_dir is not None else None,
-        Path(out),
-        force=force,
-        teacher_dtype=model.dtype,
-        device=model.device,
-        sample_dtype=sample_dtype,
-        block_chars=block_chars,
-    )
+    lex = Path(lexicon_dir) if lexicon_dir is not None else None
+    return build_senses(model.teacher, senses, lex, Path(out), force=force)
 
 
 def senses_show_command(store: Path, word: str, /, top: int = 5, teacher: str | None = None) -> int:

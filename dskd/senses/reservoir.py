@@ -12,7 +12,6 @@ is reused only after the next checkpoint), so the file plus any checkpoint is al
 
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,25 +19,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_NP_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16: raw bits
-
 
 class RowFile:
-    """A file of fixed-size rows (row i at byte ``offset + i * d * itemsize``), read and written
-    through a short-lived memory map per call, so its pages never stay mapped into the process
-    (resident memory holds one call's rows at most; the file's pages stay in the OS page cache).
+    """A raw file of fixed-size rows (row i at byte ``i * d * itemsize``), read and written with
+    positional system calls (``pread`` / ``pwrite``) into buffers the size of one call's rows.
+
+    The file is never memory-mapped: a mapped file's pages count as the process's resident memory
+    while mapped, and a read of scattered rows through a map brings in far more than those rows (the
+    kernel maps up to 64 KB around each page fault), so resident memory grew with the file. With
+    positional reads, resident memory holds one call's rows; the file's pages stay in the OS page
+    cache, which is not the process's.
 
     Args:
         path: The file; created (empty) when missing and ``writable``.
         dim: d, values per row.
         dtype: float32, float16 or bfloat16 (stored as raw bits).
-        offset: Byte offset of row 0 (e.g. the data of a safetensors tensor).
         writable: Open for writing (the file grows as rows are written).
     """
 
-    def __init__(self, path: str | Path, dim: int, dtype: torch.dtype, offset: int = 0, writable: bool = True) -> None:
-        self.path, self.dim, self.dtype, self.offset, self.writable = Path(path), dim, dtype, offset, writable
+    def __init__(self, path: str | Path, dim: int, dtype: torch.dtype, writable: bool = True) -> None:
+        self.path, self.dim, self.dtype, self.writable = Path(path), dim, dtype, writable
         self.row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
+        self._fd = -1
         if writable and not self.path.exists():
             self.path.touch()
         self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
@@ -46,7 +48,7 @@ class RowFile:
     @property
     def n_rows(self) -> int:
         """Rows the file has room for."""
-        return max(0, os.fstat(self._fd).st_size - self.offset) // self.row_bytes
+        return max(0, os.fstat(self._fd).st_size) // self.row_bytes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,50 +66,62 @@ class RowFile:
     def __del__(self) -> None:
         self.close()
 
-    def _map(self, hi: int) -> tuple[mmap.mmap, np.ndarray]:
-        """Map rows [0, hi): (the map, a (hi, d) numpy view of it)."""
-        length = self.offset + hi * self.row_bytes
-        mm = mmap.mmap(self._fd, length, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
-        arr = np.frombuffer(mm, dtype=_NP_VIEW[self.dtype], count=hi * self.dim, offset=self.offset)
-        return mm, arr.reshape(hi, self.dim)
-
     def reserve(self, n_rows: int) -> None:
         """Make room for ``n_rows`` rows (doubling, as a sparse file: no disk is used until written)."""
         if n_rows > self.n_rows:
-            os.ftruncate(self._fd, self.offset + max(n_rows, 2 * self.n_rows, 1024) * self.row_bytes)
+            os.ftruncate(self._fd, max(n_rows, 2 * self.n_rows, 1024) * self.row_bytes)
 
     def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``values`` (n, d) (any device, any float dtype: cast to the file's) into rows ``rows`` (n,)."""
+        """Write ``values`` (n, d) (any device, any float dtype: cast to the file's) into rows ``rows`` (n,).
+
+        A row given twice gets its last value.
+        """
         if rows.numel() == 0:
             return
         r = rows.cpu().numpy()
         self.reserve(int(r.max()) + 1)
-        v = values.detach().to(device="cpu", dtype=self.dtype).contiguous()
-        if self.dtype == torch.bfloat16:
-            v = v.view(torch.int16)
-        mm, arr = self._map(int(r.max()) + 1)
-        try:
-            arr[r] = v.numpy()
-        finally:
-            del arr
-            mm.close()
+        v = values.detach().to(device="cpu", dtype=self.dtype)
+        order = np.argsort(r, kind="stable")
+        r = r[order]
+        last = np.append(r[1:] != r[:-1], True)  # of repeated rows, the last value (stable sort) wins
+        if not last.all():
+            r, order = r[last], order[last]
+        v = v[torch.from_numpy(order)].contiguous()  # (n, d) in file order: a run of rows is one buffer
+        buf = memoryview(v.view(-1).view(torch.uint8).numpy())
+        rb = self.row_bytes
+        for a, b in _runs(r):
+            os.pwrite(self._fd, buf[a * rb : b * rb], int(r[a]) * rb)
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` ((n,) int64) as an (n, d) float32 CPU tensor."""
         return self.take_raw(rows).float()
 
     def take_raw(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` ((n,) int64) as an (n, d) CPU tensor in the file's dtype."""
+        """Rows ``rows`` ((n,) int64, repeats allowed) as an (n, d) CPU tensor in the file's dtype."""
         r = rows.cpu().numpy()
         if r.size == 0:
             return torch.zeros(0, self.dim, dtype=self.dtype)
-        mm, arr = self._map(int(r.max()) + 1)
-        try:
-            out = torch.from_numpy(arr[r])  # a copy: the map is closed below
-        finally:
-            del arr
-            mm.close()
-        return out.view(torch.bfloat16) if self.dtype == torch.bfloat16 else out
+        if r.size > 1 and bool((r[1:] > r[:-1]).all()):
+            uniq, inv = r, None  # increasing: read straight into the result
+        else:
+            uniq, inv = np.unique(r, return_inverse=True)
+        if int(uniq[0]) < 0 or int(uniq[-1]) >= self.n_rows:
+            raise IndexError(f"{self.path}: rows {int(uniq[0])}..{int(uniq[-1])} outside [0, {self.n_rows})")
+        out = torch.empty(uniq.size, self.dim, dtype=self.dtype)
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        rb = self.row_bytes
+        for a, b in _runs(uniq):
+            want, pos = (b - a) * rb, int(uniq[a]) * rb
+            if os.preadv(self._fd, [buf[a * rb : b * rb]], pos) != want:
+                raise OSError(f"{self.path}: short read of {want} bytes at byte {pos} (a truncated file?)")
+        return out if inv is None else out[torch.from_numpy(inv.reshape(-1))]
+
+
+def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) index ranges of ``sorted_rows`` (increasing) whose rows are consecutive: one system call each."""
+    cut = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    bounds = np.concatenate([[0], cut, [sorted_rows.size]]).tolist()
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 class MultiRowSource:

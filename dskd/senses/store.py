@@ -14,7 +14,8 @@ Store layout (folder ``--out``)::
     samples.safetensors  only with ``keep_samples``: the gathered samples grouped by token
                          (``samples`` (R, d), ``tokens`` (R,) int64, ``seen`` (V,) int64, ``dist``)
 
-:class:`SenseStore` opens it memory-mapped: looking up one entry reads only that entry's rows.
+:class:`SenseStore` opens it lazily (:class:`dskd.tensorfile.TensorFile`): looking up one entry reads
+only that entry's rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dskd.config import DskdError
@@ -99,12 +99,6 @@ def write_safetensors(
         os.fsync(f.fileno())
 
 
-def _safetensors_header(path: Path) -> tuple[int, dict]:
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return 8 + n, json.loads(f.read(n))
-
-
 class SenseStore:
     """A sense store opened memory-mapped: an entry's lookup reads only that entry's rows.
 
@@ -119,28 +113,16 @@ class SenseStore:
     """
 
     def __init__(self, path: Path, meta: dict) -> None:
-        from safetensors import safe_open
+        from dskd.tensorfile import TensorFile
 
         self.path = Path(path)
         self.meta = meta
-        file = self.path / STORE_FILE
-        with safe_open(str(file), framework="pt") as f:
-            self.offsets = f.get_tensor("offsets")
-            self._counts = f.get_tensor("counts")
-            self.spans = f.get_tensor("spans")
-        start, header = _safetensors_header(file)
-        info = header["senses"]
-        self.dim = int(info["shape"][1])
-        self.total = int(info["shape"][0])
-        self.dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[info["dtype"]]
-        np_dtype = np.float16 if self.dtype == torch.float16 else np.uint16  # bf16 read as raw uint16
-        self._matrix = (
-            np.memmap(
-                file, dtype=np_dtype, mode="r", offset=start + info["data_offsets"][0], shape=(self.total, self.dim)
-            )
-            if self.total
-            else np.zeros((0, self.dim), dtype=np_dtype)
-        )
+        self._file = TensorFile(self.path / STORE_FILE)  # kept open: an entry's lookup reads its rows
+        self.offsets = self._file.get("offsets")
+        self._counts = self._file.get("counts")
+        self.spans = self._file.get("spans")
+        self.total, self.dim = self._file.shape("senses")
+        self.dtype = self._file.dtype("senses")
         self.vocab_size = int(meta["vocab_size"])
         self.n_entries = self.offsets.numel() - 1
         self.teacher_fingerprint = meta["teacher"]["fingerprint"]
@@ -176,10 +158,8 @@ class SenseStore:
         return cls(path, meta)
 
     def _rows(self, a: int, b: int) -> torch.Tensor:
-        arr = np.array(self._matrix[a:b])  # reads only these rows from disk
-        if self.dtype == torch.bfloat16:
-            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(arr)
+        """Rows a:b of the sense matrix, (b - a, d) in the store dtype (only they are read)."""
+        return self._file.rows("senses", a, b)
 
     def _check(self, entry: int) -> None:
         if not 0 <= entry < self.n_entries:
@@ -204,10 +184,6 @@ class SenseStore:
         if len(tail) == 1:
             return int(tail[0]) if 0 <= tail[0] < self.vocab_size else None
         return self._span_entry.get(tuple(int(t) for t in tail))
-
-    def matrix(self) -> np.ndarray:
-        """The whole (total, d) sense matrix as a read-only memory map (float16, or raw uint16 for bf16)."""
-        return self._matrix
 
     def owner(self) -> torch.Tensor:
         """(total,) int64: the entry owning each row."""
@@ -279,7 +255,6 @@ def nearest_tokens(
         Per query, up to ``top`` (token id, MSE) pairs, nearest first.
     """
     owner = store.owner()
-    mat = store.matrix()
     n_tok_rows = int(store.offsets[store.vocab_size])
     best = torch.full((queries.shape[0], store.vocab_size), float("inf"))
     for a in range(0, n_tok_rows, chunk):
@@ -287,7 +262,6 @@ def nearest_tokens(
         rows = store._rows(a, b).float()  # (c, d)
         d2 = torch.cdist(queries, rows).pow(2) / rows.shape[1]  # (q, c) MSE
         best.scatter_reduce_(1, owner[a:b].expand(queries.shape[0], -1), d2, reduce="amin")
-    del mat
     for e in exclude:
         if 0 <= e < store.vocab_size:
             best[:, e] = float("inf")
