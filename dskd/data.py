@@ -53,8 +53,8 @@ from typing import Any
 
 import torch
 
-from dskd.config import DskdError, RunConfig
-from dskd.io import atomic_dir, write_text_atomic
+from dskd.config import DataConfig, DskdError, RunConfig, TrainConfig
+from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_text_atomic
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
@@ -69,6 +69,11 @@ class DataError(DskdError, ValueError):
 
 class CacheError(DskdError, ValueError):
     """A teacher cache that does not belong to this run (stale, foreign, or incomplete)."""
+
+
+CACHE_ARTEFACT = Artefact(
+    CACHE_FORMAT["name"], CACHE_FORMAT["version"], "teacher cache", "dskd cache build", CacheError
+)
 
 
 def _file_sha(path: Path) -> str:
@@ -144,16 +149,16 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:
+def data_recipe(data: DataConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:
     """The identity of a training set: data config, fingerprints and text-file contents, plus its hash."""
     files = []
-    for f in cfg.data.text_files:
+    for f in data.text_files:
         p = Path(f).expanduser()
         if not p.is_file():
             raise DataError(f"--data.text_files: no such file: {f}")
         files.append({"path": str(p), "sha": _file_sha(p)})
     body = {
-        "data": asdict(cfg.data),
+        "data": asdict(data),
         "tokenizer_fingerprint": tokenizer_fp,
         # the continuation is the teacher's, so the data depend on it
         "teacher_fingerprint": teacher_fp,
@@ -162,7 +167,7 @@ def data_recipe(cfg: RunConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str,
     return {**body, "text_files": files, "hash": _sha(body)}
 
 
-def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
+def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
     """k-shot prompts from the training items of ``data.tasks`` (seeded sample, seeded exemplars).
 
     ``data.style`` picks lettered-choice prompts or cloze prompts (the question as log-likelihood
@@ -171,10 +176,9 @@ def task_prompts(cfg: RunConfig, tokenizer) -> list[str]:
     Exemplars are other training items of the same task, of the same subject when items have one
     (MMLU-style), never the item itself.
     """
-    dc = cfg.data
     if not dc.tasks:
         return []
-    from dskd.evaluate import letter_prompt, loglik_requests
+    from dskd.prompts import letter_prompt, loglik_requests
     from dskd.tasks import get_task
 
     rng = random.Random(dc.seed)
@@ -299,7 +303,7 @@ def prompt_and_text_sequences(cfg: RunConfig, tokenizer) -> tuple[list[torch.Ten
     dc = cfg.data
     keep = dc.max_length - dc.continuation_tokens
     prompts = []
-    for prompt in task_prompts(cfg, tokenizer):
+    for prompt in task_prompts(dc, tokenizer):
         # chat prompts carry their special tokens as text already
         ids = torch.tensor(tokenizer(prompt, add_special_tokens=not dc.chat)["input_ids"], dtype=torch.long)
         prompts.append(ids[-keep:])  # truncate from the left: the question and answer slot are at the end
@@ -368,7 +372,7 @@ def teacher_forward(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 # ----------------------------------------------------------------------------- the teacher cache
 
 
-def cache_head(cfg: RunConfig, pair) -> str | None:
+def cache_head(distill: TrainConfig, pair) -> str | None:
     """The probe of the shared LM head when KD can be recomputed through it (see ``distill.cache_kd``), else None.
 
     Raises:
@@ -376,32 +380,33 @@ def cache_head(cfg: RunConfig, pair) -> str | None:
     """
     from dskd.models import head_probe, shared_head_problem
 
-    if cfg.distill.cache_kd == "logits":
+    if distill.cache_kd == "logits":
         return None
     problem = shared_head_problem(pair.teacher, pair.student, pair.vocab_size)
     if problem is None:
         return head_probe(pair.student)
-    if cfg.distill.cache_kd == "head":
+    if distill.cache_kd == "head":
         raise CacheError(f"--distill.cache_kd head: {problem}; use auto or logits for this student")
     return None
 
 
-def cache_settings(cfg: RunConfig, vocab_size: int, head: str | None = None) -> dict[str, Any]:
+def cache_settings(distill: TrainConfig, T: float, vocab_size: int, head: str | None = None) -> dict[str, Any]:
     """What a cache must match besides the data: what it keeps for KD, the hidden dtype and, for sparse KD, T.
 
     Args:
-        cfg: The run's config.
+        distill: The run's training section (``cache_kd``, ``cache_topk``, ``cache_hidden_dtype``).
+        T: The KD temperature (``loss.T``): sparse log-probs are stored at it.
         vocab_size: Logit columns KD compares.
         head: :func:`cache_head` of the run: the shared head's probe (no logits stored) or None.
     """
-    s: dict[str, Any] = {"vocab_size": vocab_size, "hidden_dtype": cfg.distill.cache_hidden_dtype}
+    s: dict[str, Any] = {"vocab_size": vocab_size, "hidden_dtype": distill.cache_hidden_dtype}
     if head is not None:
         return {**s, "kd": "head", "head": head}
-    k = cfg.distill.cache_topk
+    k = distill.cache_topk
     if k == 0 or k >= vocab_size:
         return {**s, "kd": "logits", "topk": vocab_size}
     # sparse log-probs are stored at the KD temperature
-    return {**s, "kd": "topk", "topk": k, "T": cfg.loss.T}
+    return {**s, "kd": "topk", "topk": k, "T": T}
 
 
 def cache_key(teacher_fp: str, recipe_hash: str, settings: dict[str, Any]) -> str:
@@ -452,7 +457,9 @@ class TeacherCache:
                 f"this run needs {key}; teacher {meta.get('teacher_fingerprint')}, data {meta.get('recipe_hash')}, "
                 f"settings {meta.get('settings')}). Point --distill.cache_dir elsewhere or rebuild it."
             )
-        return cls(path, meta)
+        # the common open-check (dskd.io): whole files, and one line naming a damaged one
+        check_files(path, CACHE_ARTEFACT, ["dataset.safetensors", "recipe.json", *meta.get("shards", [])])
+        return open_artefact(path, CACHE_ARTEFACT, lambda m: cls(path, m), files=False)
 
     def get(self, idx: list[int], T: int) -> tuple[torch.Tensor | SparseTeacher | None, torch.Tensor]:
         """Teacher outputs of sequences ``idx``, right-padded to length ``T``.
@@ -702,13 +709,15 @@ def ensure_cache(
     """
     from dskd.models import tokenizer_fingerprint
 
-    recipe = data_recipe(cfg, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
-    settings = cache_settings(cfg, pair.vocab_size, cache_head(cfg, pair))
+    recipe = data_recipe(cfg.data, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
+    settings = cache_settings(cfg.distill, cfg.loss.T, pair.vocab_size, cache_head(cfg.distill, pair))
     key = cache_key(pair.teacher_fingerprint, recipe["hash"], settings)
     if out is None:
         out = cfg.distill.cache_dir or default_cache_dir(run_dir or cfg.out_dir, key)
     out = Path(out)
     meta = out / "meta.json"
+    # a complete cache of any version or key counts here: a training run refuses (never overwrites) one
+    # that is not its own, with the error of TeacherCache.open
     if not force and meta.is_file() and json.loads(meta.read_text()).get("complete"):
         if not rebuild_foreign:
             TeacherCache.open(out, key)  # a complete cache of another teacher/recipe is refused
@@ -732,4 +741,25 @@ def ensure_cache(
     )
     if data_dir is not None and pending is not None:
         data.save(Path(data_dir))
+    return path
+
+
+def cache_build_command(cfg: RunConfig, force: bool = False) -> Path:
+    """Run the teacher once over the training set of a recipe (its 1-token answers come from the same
+    pass) and store its last hidden states, for any number of runs (KD, DSKD, seeds) of the same teacher
+    and data. A student sharing the teacher's frozen LM head (a truncated one) gets exact KD from them;
+    for a student with its own head the top-k logits are stored too (distill.cache_kd, cache_topk).
+
+    Example: dskd cache build --config configs/smollm2-135m_to_15l.yaml
+
+    Args:
+        cfg: The recipe (model, data, distill.cache_*, loss.T).
+        force: Rebuild even when the folder holds a matching cache.
+    """
+    path = build_teacher_cache(cfg, None, force=force)
+    meta = json.loads((path / "meta.json").read_text())
+    print(
+        f"teacher cache: {path} (key {meta['key']}, {meta['counts']['sequences']} sequences, "
+        f"{meta['counts']['positions']} positions)"
+    )
     return path

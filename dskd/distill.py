@@ -1,4 +1,4 @@
-"""KD and DSKD training: setup -> fit -> export, in one loop.
+"""KD and DSKD training: :func:`setup` -> :func:`fit` (the one loop; its body is in one place) -> :func:`export`.
 
 ``distill(cfg, out)`` trains the student of ``cfg.model`` on the data of ``cfg.data`` with the loss of
 ``cfg.loss`` and writes a run folder::
@@ -40,14 +40,15 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dskd import data as D
-from dskd.config import ConfigError, LossConfig, RunConfig, to_dict
+from dskd.config import ConfigError, LossConfig, RunConfig, config_diff, to_dict
+from dskd.io import Artefact, is_built, sidecar, write_sidecar
 from dskd.losses import (
     IGNORE_INDEX,
     SenseTable,
@@ -62,6 +63,7 @@ from dskd.losses import (
 )
 
 RUN_FORMAT = {"name": "dskd-run", "version": 1}
+RUN_ARTEFACT = Artefact(RUN_FORMAT["name"], RUN_FORMAT["version"], "distillation run", "dskd distill", ConfigError)
 _TERMS = ("loss", "ce", "kd", "sense", "hidden")
 _SENSE_STATS = ("pos_mse_sum", "pos_n", "neg_mse_sum", "neg_n", "hinge_active", "terms")
 
@@ -214,9 +216,9 @@ def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id:
 def open_sense_sources(lexicon_dir: Path, senses_dir: Path, tokenizer, teacher_fingerprint: str):
     """The real lexicon and sense store of a run (refused when made for another tokenizer/teacher)."""
     from dskd.lexicon import Lexicon
-    from dskd.senses import SenseStore
+    from dskd.senses import open_store
 
-    return SenseStore.open(senses_dir, teacher_fingerprint), Lexicon.load(lexicon_dir, tokenizer)
+    return open_store(senses_dir, teacher_fingerprint), Lexicon.load(lexicon_dir, tokenizer)
 
 
 def _source_info(obj) -> dict[str, Any]:
@@ -357,17 +359,7 @@ def _seq_generator(seed: int, epoch: int, seq: int) -> torch.Generator:
 def _check_resume_config(out: Path, cfg: RunConfig) -> None:
     import yaml
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    now = to_dict(cfg)
-    diffs = []
-    for sec, val in now.items():
-        if sec in ("out",):
-            continue
-        old = saved.get(sec)
-        if isinstance(val, dict):
-            diffs += [f"{sec}.{k}" for k in val if (old or {}).get(k) != val[k]]
-        elif old != val:
-            diffs.append(sec)
+    diffs = config_diff(yaml.safe_load((out / "config.yaml").read_text()) or {}, to_dict(cfg))
     if diffs:
         raise ConfigError(
             f"--resume: the config differs from the one the run in {out} started with ({', '.join(diffs)}); "
@@ -453,7 +445,39 @@ def micro_batch_loss(
     return combine(terms, lc), terms, sstats
 
 
-# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Training:
+    """What :func:`setup` makes and :func:`fit` / :func:`export` use: one run's models, data, sense
+    table, optimiser and position (fields are the loop's names)."""
+
+    cfg: RunConfig
+    out: Path
+    acc: Any  # accelerate.Accelerator
+    pair: Any  # dskd.models.Pair
+    teacher: Any  # the online teacher, or None with a cache
+    model: Any  # the student as accelerate prepared it
+    data: Any  # D.TokenData
+    cache: Any  # D.TeacherCache or None
+    head: Any  # the shared frozen LM head when the cache holds no logits
+    recipe: dict[str, Any]
+    table: SenseTable | None = None
+    sources: dict[str, Any] = field(default_factory=dict)
+    opt: Any = None
+    sched: Any = None
+    params: list[torch.Tensor] = field(default_factory=list)
+    weights_dtype: torch.dtype = torch.float32
+    autocast: Any = None
+    total: int = 0
+    steps_per_epoch: int = 1
+    start: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+    t_start: float = 0.0
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.pair.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def distill(
@@ -469,7 +493,7 @@ def distill(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train a student with KD (+ the sense loss when ``loss.lam > 0``) and export it.
+    """Train a student with KD (+ the sense loss when ``loss.lam > 0``) and export it: setup -> fit -> export.
 
     Args:
         cfg: The recipe.
@@ -488,36 +512,51 @@ def distill(
     Returns:
         The run folder.
     """
-    from accelerate import Accelerator
-    from tqdm import tqdm
+    out = Path(out or cfg.out_dir)
+    run = setup(cfg, out, lexicon_dir, senses_dir, cache_dir, resume, store=store, lexicon=lexicon)
+    if run is not None and fit(run, stop_after=stop_after, progress=progress):
+        export(run)
+    return out
 
-    from dskd.models import build_pair, keep_float32_master, tokenizer_fingerprint
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(
+    cfg: RunConfig,
+    out: Path,
+    lexicon_dir=None,
+    senses_dir=None,
+    cache_dir=None,
+    resume=True,
+    *,
+    store=None,
+    lexicon=None,
+) -> Training | None:
+    """Check the run folder, start accelerate, load models and data, build the sense table and the
+    optimiser, restore the newest checkpoint; None when ``out`` holds a finished run to keep."""
+    from accelerate import Accelerator
 
     t_start = time.time()
-    out = Path(out or cfg.out_dir)
-    dc, lc = cfg.distill, cfg.loss
-    use_sense = lc.lam > 0
+    use_sense = cfg.loss.lam > 0
     if use_sense and (store is None or lexicon is None):
         lexicon_dir, senses_dir = _sense_dirs(cfg, lexicon_dir, senses_dir)
-    meta_path = out / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("complete"):
+    if is_built(out, RUN_ARTEFACT):
         if resume:
-            return out  # finished already
+            return None  # finished already
         raise ConfigError(f"--out: {out} already holds a finished run; pick another --out")
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise ConfigError(f"--out: {out} holds checkpoints of an unfinished run; pass --resume or pick another --out")
     if ckpt is not None and (out / "config.yaml").is_file():
         _check_resume_config(out, cfg)
-
     acc = _accelerator(Accelerator, cfg.model.device)
-    W, rank = acc.num_processes, acc.process_index
-    if W == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "launched as several processes but accelerate sees one (each would write the same run folder): "
             "on CPU set ACCELERATE_USE_CPU=1 with torchrun, on GPUs use `accelerate launch`"
         )
-    torch.manual_seed(dc.seed)
+    torch.manual_seed(cfg.distill.seed)
     if acc.is_main_process:
         import yaml
 
@@ -525,16 +564,43 @@ def distill(
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     acc.wait_for_everyone()
 
-    # --- setup: models, data, teacher outputs, sense candidates
+    run = _models_and_data(cfg, out, acc, cache_dir)
+    run.t_start = t_start
+    if use_sense:
+        if store is None or lexicon is None:
+            store, lexicon = open_sense_sources(
+                lexicon_dir, senses_dir, run.pair.tokenizer, run.pair.teacher_fingerprint
+            )
+        targets = sorted({int(t) for s in run.data.seqs for t in s[1:].tolist()})
+        run.table = build_sense_table(store, lexicon, targets, cfg.loss, cfg.distill.seed).to(acc.device)
+        if cfg.loss.margin_mode == "antonym_quantile":
+            _resolve_margin(
+                run.table, cfg.loss, run.data, run.cache, run.teacher, ckpt, acc, cfg.distill.seed, run.pair.tokenizer
+            )
+        run.sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": run.table.info}
+    _optimiser(run)
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, run.model, run.opt, run.sched, acc)
+        run.start, run.tokens_seen, run.elapsed = st["step"], st["tokens"], st["seconds"]
+        if acc.is_main_process:
+            _truncate_metrics(out / "metrics.jsonl", run.start)
+    return run
+
+
+def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
+    """Teacher and student on this process's device, the training set, and the teacher cache."""
+    from dskd.models import build_pair, tokenizer_fingerprint
+
+    dc = cfg.distill
     pair = build_pair(cfg.model, device=acc.device)
     tok, V = pair.tokenizer, pair.vocab_size
     teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)
-    recipe = D.data_recipe(cfg, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
+    recipe = D.data_recipe(cfg.data, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
     cache = None
     with acc.main_process_first():
         if dc.teacher_cache:
             cache_path = D.ensure_cache(cfg, pair, cache_dir or dc.cache_dir, run_dir=out)
-            settings = D.cache_settings(cfg, V, D.cache_head(cfg, pair))
+            settings = D.cache_settings(dc, cfg.loss.T, V, D.cache_head(dc, pair))
             cache = D.TeacherCache.open(cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], settings))
             data = cache.data
             if acc.is_main_process:
@@ -549,57 +615,57 @@ def distill(
             print(f"teacher cache {cache.path}: {D.describe_cache_kd(cache.meta)}")
     # a cache without logits recomputes them through the student's frozen head (checked identical)
     head = student.get_output_embeddings() if cache is not None and cache.kd == "head" else None
+    return Training(cfg, out, acc, pair, teacher, student, data, cache, head, recipe)
 
-    table = None
-    sources: dict[str, Any] = {}
-    if use_sense:
-        if store is None or lexicon is None:
-            store, lexicon = open_sense_sources(lexicon_dir, senses_dir, tok, pair.teacher_fingerprint)
-        targets = sorted({int(t) for s in data.seqs for t in s[1:].tolist()})
-        table = build_sense_table(store, lexicon, targets, lc, dc.seed).to(acc.device)
-        if lc.margin_mode == "antonym_quantile":
-            _resolve_margin(table, lc, data, cache, teacher, ckpt, acc, dc.seed, tok)
-        sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": table.info}
 
-    # --- optimiser, schedule
-    weights_dtype = next(student.parameters()).dtype
+def _optimiser(run: Training) -> None:
+    """Float32 master weights, autocast, AdamW over the trainable parameters, the schedule's length."""
+    from dskd.models import keep_float32_master
+
+    dc, acc, student = run.cfg.distill, run.acc, run.model
+    run.weights_dtype = next(student.parameters()).dtype
     n_master = keep_float32_master(student)
-    amp = torch.bfloat16 if dc.precision == "bf16" else (None if weights_dtype == torch.float32 else weights_dtype)
-    _log_distill_placement(acc, weights_dtype, n_master, amp, cache is not None)
+    amp = (
+        torch.bfloat16
+        if dc.precision == "bf16"
+        else (None if run.weights_dtype == torch.float32 else run.weights_dtype)
+    )
+    _log_distill_placement(acc, run.weights_dtype, n_master, amp, run.cache is not None)
     student.train()
     if dc.grad_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
+    run.params = [p for p in student.parameters() if p.requires_grad]
+    if not run.params:
         raise ConfigError("--model.trainable_layers: the student has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay)
-    per_window = dc.grad_accum * W
-    micro_per_epoch = math.ceil(len(data) / dc.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / per_window)
-    total = steps_per_epoch * dc.epochs
+    run.opt = torch.optim.AdamW(run.params, lr=dc.lr, weight_decay=dc.weight_decay)
+    micro_per_epoch = math.ceil(len(run.data) / dc.batch_size)
+    run.steps_per_epoch = math.ceil(micro_per_epoch / (dc.grad_accum * acc.num_processes))
+    run.total = run.steps_per_epoch * dc.epochs
     if dc.max_steps:
-        total = min(total, dc.max_steps)
-    sched = cosine_schedule(opt, int(dc.warmup_frac * total), total)
-    model = acc.prepare_model(student)
-
-    start, tokens_seen, elapsed = 0, 0, 0.0
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, model, opt, sched, acc)
-        start, tokens_seen, elapsed = st["step"], st["tokens"], st["seconds"]
-        if acc.is_main_process:
-            _truncate_metrics(out / "metrics.jsonl", start)
-
+        run.total = min(run.total, dc.max_steps)
+    run.sched = cosine_schedule(run.opt, int(dc.warmup_frac * run.total), run.total)
+    run.model = acc.prepare_model(student)
     # float32 master weights next to lower-precision frozen ones need autocast to mix in one forward
-    autocast = torch.autocast(device_type=acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    bar = tqdm(total=total, initial=start, desc="distill", disable=not (progress and acc.is_main_process))
+    run.autocast = torch.autocast(device_type=acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> bool:
+    """The training loop from ``run.start``; True when it reached the last step (False: ``stop_after``)."""
+    from tqdm import tqdm
+
+    cfg, acc, data, table, model = run.cfg, run.acc, run.data, run.table, run.model
+    dc, lc, W, rank, pad_id = cfg.distill, cfg.loss, run.acc.num_processes, run.acc.process_index, run.pad_id
+    use_sense, V, per_window = lc.lam > 0, run.pair.vocab_size, dc.grad_accum * W
+    bar = tqdm(total=run.total, initial=run.start, desc="distill", disable=not (progress and acc.is_main_process))
     batches: list[list[int]] = []
     batches_epoch = -1
-    step = start
-    for step in range(start, total):
+    for step in range(run.start, run.total):
         t0 = time.time()
-        epoch, window = divmod(step, steps_per_epoch)
+        epoch, window = divmod(step, run.steps_per_epoch)
         if epoch != batches_epoch:
             batches, batches_epoch = D.epoch_batches(len(data), dc.batch_size, dc.seed, epoch), epoch
         win = batches[window * per_window : (window + 1) * per_window]
@@ -622,99 +688,124 @@ def distill(
                     (model(input_ids=dummy).logits.float().sum() * 0.0).backward()
                     continue
                 batch = {k: v.to(acc.device) for k, v in D.collate([data.seqs[i] for i in mb], pad_id).items()}
-                t_logits, t_h = teacher_outputs(teacher, cache, mb, batch, V, autocast, head)
+                t_logits, t_h = teacher_outputs(run.teacher, run.cache, mb, batch, V, run.autocast, run.head)
+                mb_plans = [plans[i] for i in mb if i in plans]
                 loss, terms, sstats = micro_batch_loss(
-                    model,
-                    batch,
-                    t_logits,
-                    t_h,
-                    lc,
-                    V,
-                    n_tok,
-                    n_terms,
-                    [plans[i] for i in mb if i in plans],
-                    table,
-                    autocast,
+                    model, batch, t_logits, t_h, lc, V, n_tok, n_terms, mb_plans, table, run.autocast
                 )
                 # DDP averages gradients over processes; the loss is already normalised by the global count
                 acc.backward(loss * W)
                 terms["loss"] = loss
-                with torch.no_grad():
-                    vals = [
-                        terms[k].detach().float() if k in terms else torch.zeros((), device=acc.device) for k in _TERMS
-                    ]
-                    vals += [sstats[k].float() if sstats else torch.zeros((), device=acc.device) for k in _SENSE_STATS]
-                    logged += torch.stack([v.to(acc.device) for v in vals])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, dc.max_grad_norm if dc.max_grad_norm > 0 else float("inf"))
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+                logged += _logged_values(terms, sstats, acc.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            run.params, dc.max_grad_norm if dc.max_grad_norm > 0 else float("inf")
+        )
+        lr = run.sched.get_last_lr()[0]
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
         if W > 1:
             logged = acc.reduce(logged, reduction="sum")
         dt = time.time() - t0
-        elapsed += dt
-        tokens_seen += int(n_tok)
+        run.elapsed += dt
+        run.tokens_seen += int(n_tok)
         done = step + 1
-        rec = {k: float(v) for k, v in zip(_TERMS, logged[: len(_TERMS)].tolist(), strict=True)}
-        if use_sense:
-            rec.update(summarize_sense_stats(dict(zip(_SENSE_STATS, logged[len(_TERMS) :].tolist(), strict=True))))
-        rec.update(
-            step=done,
-            epoch=epoch,
-            lr=lr,
-            grad_norm=float(grad_norm),
-            tokens=int(n_tok),
-            tokens_per_s=n_tok / max(dt, 1e-9),
-            time=round(elapsed, 3),
-        )
-        bar.update(1)
-        shown = ("loss", "ce", "kd", "sense", "hinge_active_share") if use_sense else ("loss", "ce", "kd")
-        bar.set_postfix({k: f"{rec[k]:.3g}" for k in shown} | {"tok/s": f"{rec['tokens_per_s']:.0f}"})
-        if acc.is_main_process and (done % dc.log_every == 0 or done == total):
-            with open(out / "metrics.jsonl", "a") as f:
-                # NaN (e.g. no antonym term in a window) is written as null: strict JSON readers choke on NaN
-                clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-                f.write(json.dumps(clean) + "\n")
-        if (dc.save_every and done % dc.save_every == 0) or done == total:
-            state = {"epoch": epoch, "window": window, "tokens": tokens_seen, "seconds": elapsed, "total_steps": total}
-            if table is not None and lc.margin_mode == "antonym_quantile":
-                # a resumed run keeps the margin it started with
-                state["margin"] = {"value": table.margin, "calibration": table.info.get("margin_calibration")}
-            save_checkpoint(out, done, model, opt, sched, acc, state, dc.keep_checkpoints)
-        if stop_after is not None and done >= stop_after and done < total:
+        rec = _step_record(logged, use_sense, done, epoch, lr, grad_norm, n_tok, dt, run.elapsed)
+        _show_and_log(run, bar, rec, done)
+        if (dc.save_every and done % dc.save_every == 0) or done == run.total:
+            _save(run, done, epoch, window)
+        if stop_after is not None and done >= stop_after and done < run.total:
             bar.close()
-            return out
+            return False
     bar.close()
+    return True
 
-    # --- export: a plain Hugging Face folder, loadable without dskd
+
+def _logged_values(terms: dict[str, torch.Tensor], sstats, device) -> torch.Tensor:
+    """One micro-batch's loss terms and sense diagnostics as a vector (_TERMS then _SENSE_STATS)."""
+    with torch.no_grad():
+        vals = [terms[k].detach().float() if k in terms else torch.zeros((), device=device) for k in _TERMS]
+        vals += [sstats[k].float() if sstats else torch.zeros((), device=device) for k in _SENSE_STATS]
+        return torch.stack([v.to(device) for v in vals])
+
+
+def _step_record(logged, use_sense, done, epoch, lr, grad_norm, n_tok, dt, elapsed) -> dict[str, Any]:
+    """The metrics line of one optimiser step."""
+    rec = {k: float(v) for k, v in zip(_TERMS, logged[: len(_TERMS)].tolist(), strict=True)}
+    if use_sense:
+        rec.update(summarize_sense_stats(dict(zip(_SENSE_STATS, logged[len(_TERMS) :].tolist(), strict=True))))
+    rec.update(
+        step=done,
+        epoch=epoch,
+        lr=lr,
+        grad_norm=float(grad_norm),
+        tokens=int(n_tok),
+        tokens_per_s=n_tok / max(dt, 1e-9),
+        time=round(elapsed, 3),
+    )
+    return rec
+
+
+def _show_and_log(run: Training, bar, rec: dict[str, Any], done: int) -> None:
+    """Progress bar postfix, and the metrics line every ``log_every`` steps and at the end."""
+    use_sense = run.cfg.loss.lam > 0
+    bar.update(1)
+    shown = ("loss", "ce", "kd", "sense", "hinge_active_share") if use_sense else ("loss", "ce", "kd")
+    bar.set_postfix({k: f"{rec[k]:.3g}" for k in shown} | {"tok/s": f"{rec['tokens_per_s']:.0f}"})
+    if run.acc.is_main_process and (done % run.cfg.distill.log_every == 0 or done == run.total):
+        with open(run.out / "metrics.jsonl", "a") as f:
+            # NaN (e.g. no antonym term in a window) is written as null: strict JSON readers choke on NaN
+            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+            f.write(json.dumps(clean) + "\n")
+
+
+def _save(run: Training, done: int, epoch: int, window: int) -> None:
+    state = {
+        "epoch": epoch,
+        "window": window,
+        "tokens": run.tokens_seen,
+        "seconds": run.elapsed,
+        "total_steps": run.total,
+    }
+    if run.table is not None and run.cfg.loss.margin_mode == "antonym_quantile":
+        # a resumed run keeps the margin it started with
+        state["margin"] = {"value": run.table.margin, "calibration": run.table.info.get("margin_calibration")}
+    save_checkpoint(run.out, done, run.model, run.opt, run.sched, run.acc, state, run.cfg.distill.keep_checkpoints)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(run: Training) -> Path:
+    """The student as a plain Hugging Face folder (loadable without dskd), then the run's sidecar."""
+    acc, out, cfg, pair, data, cache, table = run.acc, run.out, run.cfg, run.pair, run.data, run.cache, run.table
     acc.wait_for_everyone()
     if acc.is_main_process:
-        final = acc.unwrap_model(model)
-        if dc.grad_checkpointing:
+        final = acc.unwrap_model(run.model)
+        if cfg.distill.grad_checkpointing:
             final.gradient_checkpointing_disable()
         final.config.use_cache = True
-        final.to(weights_dtype)  # the master weights go back to the model's dtype for export
+        final.to(run.weights_dtype)  # the master weights go back to the model's dtype for export
         final.eval()
         tmp = out / ".student.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         final.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        pair.tokenizer.save_pretrained(tmp)
         shutil.rmtree(out / "student", ignore_errors=True)
         os.replace(tmp, out / "student")
-        meta = {
-            "format": RUN_FORMAT,
-            "dskd_version": _version(),
-            "config": to_dict(cfg),
-            "teacher_fingerprint": pair.teacher_fingerprint,
-            "student_fingerprint": pair.student_fingerprint,
-            "model": pair.info,
-            "data": {
-                "recipe_hash": recipe["hash"],
+        meta = sidecar(
+            RUN_ARTEFACT,
+            fingerprint=pair.student_fingerprint,
+            config=to_dict(cfg),
+            teacher_fingerprint=pair.teacher_fingerprint,
+            student_fingerprint=pair.student_fingerprint,
+            model=pair.info,
+            data={
+                "recipe_hash": run.recipe["hash"],
                 "sequences": len(data),
                 "tokens_per_epoch": data.num_targets(range(len(data))),
             },
-            "teacher_cache": {
+            teacher_cache={
                 "path": str(cache.path),
                 "key": cache.meta["key"],
                 "settings": cache.meta["settings"],
@@ -723,17 +814,16 @@ def distill(
             }
             if cache is not None
             else None,
-            "senses": sources or None,
-            "sense_summary": _sense_summary(out / "metrics.jsonl", table.margin) if table is not None else None,
-            "processes": W,
-            "steps": total,
-            "tokens": tokens_seen,
-            "train_seconds": round(elapsed, 2),
-            "wall_seconds": round(time.time() - t_start, 2),
-            "loss": asdict(lc),
-            "complete": True,
-        }
-        D._write_json(out / "meta.json", meta)
+            senses=run.sources or None,
+            sense_summary=_sense_summary(out / "metrics.jsonl", table.margin) if table is not None else None,
+            processes=acc.num_processes,
+            steps=run.total,
+            tokens=run.tokens_seen,
+            train_seconds=round(run.elapsed, 2),
+            wall_seconds=round(time.time() - run.t_start, 2),
+            loss=asdict(cfg.loss),
+        )
+        write_sidecar(out, meta)
     acc.wait_for_everyone()
     return out
 
@@ -840,45 +930,21 @@ def _version() -> str:
     return __version__
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command
 
 
-def main(argv: list[str]) -> int:
-    from dskd.cli import config_parser, parse_config
+def distill_command(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train a student with KD (loss.lam 0) or DSKD and export it to <out>/student.
 
-    p = config_parser(
-        "distill",
-        "Train a student with KD (loss.lam 0) or DSKD and export it to <out>/student.\n"
-        "Example: dskd distill --config configs/smollm2-135m_to_15l.yaml --loss.lam 0 --out runs/kd",
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="Continue the unfinished run in --out from its newest checkpoint."
-    )
-    cfg, extra = parse_config(p, argv)
-    out = distill(cfg, cfg.out_dir, resume=extra.resume)
+    Example: dskd distill --config configs/smollm2-135m_to_15l.yaml --loss.lam 0 --out runs/kd
+
+    Args:
+        cfg: The recipe.
+        resume: Continue the unfinished run in ``out`` from its newest checkpoint.
+    """
+    out = distill(cfg, cfg.out_dir, resume=resume)
     print(f"run folder: {out}\nstudent: {out / 'student'}")
-    return 0
+    return out
 
 
-def cache_main(argv: list[str]) -> int:
-    from dskd.cli import config_parser, parse_config
-
-    p = config_parser(
-        "cache build",
-        "Run the teacher once over the training set of a recipe (its 1-token answers come from the same\n"
-        "pass) and store its last hidden states, for any number of runs (KD, DSKD, seeds) of the same teacher\n"
-        "and data. A student sharing the teacher's frozen LM head (a truncated one) gets exact KD from them;\n"
-        "for a student with its own head the top-k logits are stored too (distill.cache_kd, cache_topk).",
-    )
-    p.add_argument("--force", action="store_true", help="Rebuild even when the folder holds a matching cache.")
-    cfg, extra = parse_config(p, argv)
-    path = D.build_teacher_cache(cfg, None, force=extra.force)
-    meta = json.loads((path / "meta.json").read_text())
-    print(
-        f"teacher cache: {path} (key {meta['key']}, {meta['counts']['sequences']} sequences, "
-        f"{meta['counts']['positions']} positions)"
-    )
-    return 0
-
-
-__all__ = ["IGNORE_INDEX", "build_sense_table", "distill", "latest_checkpoint"]
+__all__ = ["IGNORE_INDEX", "build_sense_table", "distill", "distill_command", "latest_checkpoint"]

@@ -31,7 +31,6 @@ Result files are JSON (see :func:`evaluate`) with per-item predictions and log-l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -47,72 +46,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from dskd.config import ConfigError, EvalConfig
+from dskd.config import DEFAULT_TEACHER, ConfigError, EvalConfig
 from dskd.io import write_text_atomic
+
+# Prompts, item selection, metrics and the result table live in their own modules (data, plan, fidelity
+# and report use them without this scorer); they are re-exported here for existing callers.
+from dskd.metrics import RESULT_FORMAT, bootstrap_samples, markdown_table, metric_value  # noqa: F401
 from dskd.models import lm_head_logits as _head
+from dskd.prompts import (  # noqa: F401
+    LETTER_INSTRUCTION,
+    _chat,
+    letter_prompt,
+    letter_requests,
+    loglik_requests,
+    select_items,
+)
 from dskd.tasks import Item, Task, get_task
-from dskd.tasks.base import LETTERS
-
-RESULT_FORMAT = {"name": "dskd-eval", "version": 1}
-LETTER_INSTRUCTION = "Answer with the letter of the correct choice."
-
-
-# ---- prompts -------------------------------------------------------------------------------------
-def _chat(tokenizer, turns: list[tuple[str, str]], last: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--chat: this tokenizer has no chat template; use --no-chat")
-    messages: list[dict[str, str]] = []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    messages.append({"role": "user", "content": last})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def letter_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> str:
-    """The lettered-choice prompt of ``item``, ending exactly where the answer letter goes.
-
-    Without chat: solved exemplars (``...Answer: B``) separated by blank lines, then the question
-    ending in ``Answer:`` (the letter follows after a space). With chat: one user/assistant turn per
-    exemplar (the assistant says the letter), the question as the last user turn, then the
-    template's generation prompt (the letter follows directly).
-
-    Args:
-        task: The task that formats the question.
-        item: The question to ask.
-        exemplars: Solved examples shown first (from ``task.train_items()``).
-        tokenizer: Needed for its chat template when ``chat`` is on.
-        chat: Wrap in the tokenizer's chat template.
-    """
-    if chat:
-        turns = [(task.letter_block(x), LETTERS[x.gold]) for x in exemplars]
-        if turns:
-            turns[0] = (f"{LETTER_INSTRUCTION}\n\n{turns[0][0]}", turns[0][1])
-            last = task.letter_block(item)
-        else:
-            last = f"{LETTER_INSTRUCTION}\n\n{task.letter_block(item)}"
-        return _chat(tokenizer, turns, last)
-    shots = [f"{task.letter_block(x)} {LETTERS[x.gold]}" for x in exemplars]
-    return "\n\n".join([*shots, task.letter_block(item)])
-
-
-def loglik_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
-    """(context, continuation) per choice for ``loglik`` scoring, few-shot exemplars included."""
-    reqs = task.loglik_requests(item)
-    if chat:
-        turns = []
-        for x in exemplars:
-            ctx, cont = task.loglik_requests(x)[x.gold]
-            turns.append((ctx, cont.strip()))
-        return [(_chat(tokenizer, turns, ctx), cont.strip()) for ctx, cont in reqs]
-    prefix = "".join(task.cloze_example(x) + "\n\n" for x in exemplars)
-    return [(prefix + ctx, cont) for ctx, cont in reqs]
-
-
-def letter_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
-    """(prompt, letter) per choice for ``letter`` scoring."""
-    prompt = letter_prompt(task, item, exemplars, tokenizer, chat)
-    sep = "" if chat else " "
-    return [(prompt, sep + LETTERS[i]) for i in range(len(item.choices))]
 
 
 # ---- tokenisation --------------------------------------------------------------------------------
@@ -557,65 +506,11 @@ def _packing_check(model: nn.Module, group: Group, pad_id: int, tol: float) -> b
     return all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(packed, ref, strict=True))
 
 
-# ---- metrics -------------------------------------------------------------------------------------
-def bootstrap_samples(
-    correct: np.ndarray, subjects: Sequence[str] | None = None, n: int = 1000, seed: int = 0
-) -> np.ndarray:
-    """Bootstrap replicates of a metric over items (resampled within each subject when given).
-
-    Args:
-        correct: (R, N) per-item scores of R paired result sets over the same N items.
-        subjects: (N,) subject per item; the metric is then the macro average over subjects.
-        n: Number of resamples.
-        seed: RNG seed.
-
-    Returns:
-        (n, R) metric of each resample for each result set.
-    """
-    rng = np.random.default_rng(seed)
-    correct = np.asarray(correct, dtype=np.float64)
-    if subjects is None:
-        idx = rng.integers(0, correct.shape[1], size=(n, correct.shape[1]))
-        return correct[:, idx].mean(axis=2).T
-    subj = np.asarray(subjects)
-    parts = []
-    for s in dict.fromkeys(subj.tolist()):
-        cols = np.flatnonzero(subj == s)
-        idx = cols[rng.integers(0, len(cols), size=(n, len(cols)))]
-        parts.append(correct[:, idx].mean(axis=2).T)  # (n, R)
-    return np.mean(parts, axis=0)
-
-
-def metric_value(correct: np.ndarray, subjects: Sequence[str] | None = None) -> float:
-    """Mean of ``correct`` (N,), or the macro average over subjects."""
-    correct = np.asarray(correct, dtype=np.float64)
-    if subjects is None:
-        return float(correct.mean())
-    subj = np.asarray(subjects)
-    return float(np.mean([correct[subj == s].mean() for s in dict.fromkeys(subj.tolist())]))
-
-
 def _argmax(xs: Sequence[float]) -> int:
     return int(max(range(len(xs)), key=lambda i: xs[i]))
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
-def select_items(task: Task, limit: int) -> list[Item]:
-    """Evaluation items, at most ``limit`` (0: all) in file order; per subject for tasks with subjects."""
-    items = task.eval_items()
-    if not limit:
-        return items
-    if not task.has_subjects:
-        return items[:limit]
-    seen: dict[str | None, int] = {}
-    out = []
-    for x in items:
-        if seen.get(x.subject, 0) < limit:
-            seen[x.subject] = seen.get(x.subject, 0) + 1
-            out.append(x)
-    return out
-
-
 def score_task(
     model: nn.Module,
     tokenizer,
@@ -797,40 +692,6 @@ def parse_sources(data: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """A markdown table of a result dict: one row per task (and per MMLU subject below it)."""
-    cfg = result["config"]
-    head = f"scoring={cfg['scoring']} shots={cfg['shots']} chat={cfg['chat']} limit={cfg['limit']}"
-    if cfg.get("preset"):
-        head = f"preset={cfg['preset']} limit={cfg['limit']} (the setup column gives each task's protocol)"
-    lines = [
-        f"# {result['name']}: {result['model']}",
-        "",
-        head,
-        "",
-        "| task | n | acc | acc_norm | f1 | em | unparseable | items/s | setup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-
-    def cell(m: dict[str, float], k: str) -> str:
-        if k not in m:
-            return "-"
-        se = m.get(f"{k}_stderr")
-        return f"{100 * m[k]:.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
-
-    for name, e in result["tasks"].items():
-        m = e["metrics"]
-        unp = f"{100 * m['unparseable']:.1f}%" if "unparseable" in m else "-"
-        cells = " | ".join(cell(m, k) for k in ("acc", "acc_norm", "f1", "em"))
-        lines.append(f"| {name} | {e['n']} | {cells} | {unp} | {e['items_per_s']:.1f} | {e.get('setup', '-')} |")
-    for name, e in result["tasks"].items():
-        if "subjects" in e:
-            lines += ["", f"## {name} per subject", "", "| subject | n | acc | acc_norm |", "|---|---:|---:|---:|"]
-            for s, m in e["subjects"].items():
-                lines.append(f"| {s} | {m['n']} | {cell(m, 'acc')} | {cell(m, 'acc_norm')} |")
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(
     model_spec: str,
     cfg: EvalConfig,
@@ -899,120 +760,45 @@ def evaluate(
     return result
 
 
-# ---- CLI -----------------------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
-    """``dskd eval``: evaluate a model on multiple-choice benchmarks (``--fidelity``: see dskd.fidelity)."""
-    if "--fidelity" in argv:
-        from dskd.fidelity import main as fidelity_main
+# ---- command ------------------------------------------------------------------------------------
+def eval_command(
+    eval: EvalConfig,
+    model: str = DEFAULT_TEACHER,
+    out: Path | None = None,
+    name: str | None = None,
+    list_tasks: bool = False,
+) -> dict[str, Any] | None:
+    """Evaluate a causal LM on multiple-choice and extractive-QA benchmarks; writes JSON results and a
+    markdown table.
 
-        return fidelity_main([a for a in argv if a != "--fidelity"])
-    from dskd.cli import parser
+      dskd eval --model smollm2-135m-instruct --eval.tasks arc_easy,arc_challenge --eval.limit 200 --out results/t.json
+      dskd eval --model runs/x/students/dskd --eval.preset paper --eval.limit 100 --out results/paper.json
+      dskd eval --config configs/smollm2-135m_to_15l.yaml --model runs/x/students/kd/student --out results/kd.json
+      dskd eval --list_tasks
+
+    Args:
+        eval: Evaluation.
+        model: Hub id, folder, alias, or a run folder (its student/).
+        out: Result JSON file (a .md table is written next to it).
+        name: Label of this result in reports (default: the file name).
+        list_tasks: List the tasks and their split protocol, then exit.
+    """
     from dskd.tasks import TASKS
 
-    d = EvalConfig()
-    p = parser(
-        "eval",
-        "Evaluate a causal LM on multiple-choice and extractive-QA benchmarks; writes JSON results and a\n"
-        "markdown table.\n\n"
-        "  dskd eval --model smollm2-135m-instruct --tasks arc_easy,arc_challenge --limit 200 --out results/t.json\n"
-        "  dskd eval --model runs/x/students/dskd --preset paper --limit 100 --out results/paper.json\n"
-        "  dskd eval --list",
-    )
-    p.add_argument("--model", default="smollm2-135m-instruct", help="Hub id, folder, alias, or a run folder.")
-    p.add_argument("--tasks", nargs="+", default=d.tasks, help="Task names, comma- or space-separated.")
-    p.add_argument("--shots", type=int, default=d.shots, help="Few-shot exemplars (from training items).")
-    p.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=d.chat,
-        help="Wrap prompts in the chat template (--no-chat: raw).",
-    )
-    p.add_argument(
-        "--scoring",
-        choices=("loglik", "letter", "generate"),
-        default=d.scoring,
-        help="loglik: log-likelihood of each choice; letter: of the answer letters; generate: greedy answer, "
-        "parsed letter or SQuAD F1 (docs/evaluation.md).",
-    )
-    p.add_argument(
-        "--preset",
-        choices=("paper",),
-        default=None,
-        help="The paper's protocol: ARC-C, CSQA, PIQA, MMLU 5-shot chat generate, SQuAD 1-shot F1 "
-        "(replaces --tasks/--shots/--chat/--scoring).",
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=d.max_new_tokens,
-        help="Generation budget of --scoring generate (default 8 for multiple choice, 50 for SQuAD).",
-    )
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=None,
-        help="A stop sequence of --scoring generate (repeatable; \\n is a newline; default a newline; "
-        "the end-of-sequence token always stops).",
-    )
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=d.limit,
-        help="At most N items per task (per subject for MMLU; under --preset N per task, spread over subjects).",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="Questions per forward pass.")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples for standard errors.")
-    p.add_argument("--seed", type=int, default=d.seed, help="Seed for exemplars and the bootstrap.")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default=d.dtype,
-        help="Weights dtype (auto: bfloat16 on a GPU, float32 on the CPU).",
-    )
-    p.add_argument("--device", default=d.device, help="auto (the accelerator when there is one), cpu, cuda, cuda:1 ...")
-    p.add_argument(
-        "--data", action="append", default=[], metavar="TASK=DATASET", help="Read TASK from a HF dataset or folder."
-    )
-    p.add_argument("--name", default=None, help="Label of this result in reports (default: file name).")
-    p.add_argument("--out", type=Path, default=None, help="Result JSON file (a .md table is written next to it).")
-    p.add_argument("--list", action="store_true", help="List the tasks and their split protocol, then exit.")
-    p.add_argument(
-        "--fidelity",
-        action="store_true",
-        help="Held-out KL / agreement / perplexity / sense probe against a teacher "
-        "instead (dskd eval --fidelity --help).",
-    )
-    args = p.parse_args(argv)
-    if args.list:
+    if list_tasks:
         for n, cls in TASKS.items():
             alias = f" (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""
             print(f"{n:<14} {cls.title}{alias}\n{'':<14} {cls.protocol}")
-        return 0
-    if args.out is None:
+        return None
+    if out is None:
         raise ConfigError("--out: required (a .json file)")
-    tasks = [t for entry in args.tasks for t in entry.split(",") if t]
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: the generation budget must be >= 1 (got {args.max_new_tokens})")
-    cfg = EvalConfig(
-        tasks=tasks,
-        shots=args.shots,
-        chat=args.chat,
-        scoring=args.scoring,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        data=args.data,
-        preset=args.preset or "",
-        max_new_tokens=args.max_new_tokens,
-        stop=[s.replace("\\n", "\n") for s in args.stop] if args.stop is not None else None,
-    )
-    res = evaluate(args.model, cfg, args.out, name=args.name)
+    out = Path(out)
+    if eval.stop:  # a shell passes a newline as backslash-n
+        eval = dataclasses.replace(eval, stop=[x.replace("\\n", "\n") for x in eval.stop])
+    res = evaluate(model, eval, out, name=name)
     print(markdown_table(res), end="")
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    return 0
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return res
 
 
 __all__ = [
@@ -1022,7 +808,7 @@ __all__ = [
     "evaluate",
     "letter_prompt",
     "loglik_requests",
-    "main",
+    "eval_command",
     "score_groups",
     "plan_rows",
     "score_reference",

@@ -1,7 +1,7 @@
 """Held-out fidelity of students to their teacher, and a sense probe.
 
 Accuracy on 4-way benchmarks moves little at the demo's scale; how closely a student reproduces its
-teacher's next-token distribution on text it never trained on moves a lot. ``dskd eval --fidelity``
+teacher's next-token distribution on text it never trained on moves a lot. ``dskd fidelity``
 (and the ``fidelity`` stage of ``dskd run``) measures, on two held-out sets:
 
 * **text**: the evaluation questions of ``fidelity.text_tasks`` (ARC-Easy test by default) as raw
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dskd.config import ConfigError, DskdError, FidelityConfig
-from dskd.io import read_json, write_text_atomic
+from dskd.config import ConfigError, DataConfig, DskdError, EvalConfig, FidelityConfig, ModelConfig
+from dskd.io import Artefact, read_sidecar, write_text_atomic
 from dskd.models import lm_head_logits as _head
 
 FORMAT = {"name": "dskd-fidelity", "version": 1}
@@ -54,6 +54,9 @@ SETS = ("text", "prompts")
 
 class FidelityError(DskdError, ValueError):
     """A fidelity evaluation that cannot run as asked; the message names the flag or file."""
+
+
+RESULT_ARTEFACT = Artefact(FORMAT["name"], FORMAT["version"], "dskd fidelity result", "dskd fidelity", FidelityError)
 
 
 # ---- held-out documents --------------------------------------------------------------------------
@@ -71,7 +74,7 @@ class Doc:
 
 
 def _items(task_name: str, limit: int):
-    from dskd.evaluate import select_items
+    from dskd.prompts import select_items
     from dskd.tasks import get_task
 
     task = get_task(task_name)
@@ -98,7 +101,7 @@ def heldout_prompts(
     The prompt ends where the answer letter goes; exemplars come from training items only. As in
     training, chat prompts carry their special tokens as text, and long prompts are cut from the left.
     """
-    from dskd.evaluate import letter_prompt
+    from dskd.prompts import letter_prompt
 
     docs = []
     for name in tasks:
@@ -340,9 +343,9 @@ def _parse_models(entries: Sequence[str]) -> dict[str, str]:
             p = Path(e.rstrip("/"))
             name, spec = (p.parent.name if p.name == "student" else p.name) or e, e
         if not name or not spec:
-            raise ConfigError(f"--model: expected NAME=SPEC or SPEC (got {e!r})")
+            raise ConfigError(f"--students: expected NAME=SPEC or SPEC (got {e!r})")
         if name in out or name == "teacher":
-            raise ConfigError(f"--model: name {name!r} given twice or reserved; use NAME=SPEC")
+            raise ConfigError(f"--students: name {name!r} given twice or reserved; use NAME=SPEC")
         out[name] = spec
     return out
 
@@ -425,9 +428,9 @@ def fidelity(
     probe_info = None
     if use_probe:
         from dskd.lexicon import Lexicon
-        from dskd.senses import SenseStore
+        from dskd.senses import open_store
 
-        store = SenseStore.open(senses_dir, fingerprint(teacher, tok))
+        store = open_store(senses_dir, fingerprint(teacher, tok))
         probe = SenseProbe(store, Lexicon.load(lexicon_dir, tok))
         probe_info = {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -473,11 +476,7 @@ def fidelity(
 
 def load_result(path: Path | str) -> dict[str, Any]:
     """A fidelity result file, checked for format and completeness."""
-    path = Path(path)
-    data = read_json(path, FidelityError, "fidelity result")
-    if data.get("format", {}).get("name") != FORMAT["name"] or not data.get("complete"):
-        raise FidelityError(f"{path}: not a complete dskd fidelity result")
-    return data
+    return read_sidecar(Path(path), RESULT_ARTEFACT)  # the result file is its own sidecar
 
 
 def _sums(entry: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -538,82 +537,62 @@ def markdown(result: dict[str, Any], baseline: str | None = None, n_boot: int | 
     return "\n".join(lines) + "\n"
 
 
-# ---- CLI -----------------------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
-    """``dskd eval --fidelity``: held-out KL, agreement, perplexity and the sense probe against the teacher."""
-    from dskd.cli import parser
+_fidelity = fidelity  # the command's section parameter is called `fidelity` too
 
-    d = FidelityConfig()
-    p = parser(
-        "eval --fidelity",
-        "Held-out fidelity of students to the teacher: per-token KL(teacher || student) at T = 1, top-1\n"
-        "agreement, perplexity, each with a bootstrap error over documents, and (with --senses and\n"
-        "--lexicon) the sense probe. Held-out text: evaluation questions of --text-tasks as raw text;\n"
-        "held-out prompts: evaluation items of --prompt-tasks as chat-formatted letter prompts.\n\n"
-        "  dskd eval --fidelity --teacher smollm2-135m-instruct --model untrained=runs/x/students/untrained \\\n"
-        "      --model kd=runs/x/students/kd --model dskd=runs/x/students/dskd --baseline untrained \\\n"
-        "      --senses runs/x/senses --lexicon runs/x/lexicon --out runs/x/eval/fidelity.json",
-    )
-    p.add_argument("--teacher", default="smollm2-135m-instruct", help="Teacher model spec.")
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="[NAME=]SPEC",
-        help="A model to compare with the teacher (repeat); a run folder means its student/.",
-    )
-    p.add_argument("--baseline", default=None, help="Name of the model the others are compared with.")
-    p.add_argument(
-        "--text-tasks", default=",".join(d.text_tasks), help="Tasks whose evaluation questions are the held-out text."
-    )
-    p.add_argument(
-        "--prompt-tasks", default="arc_easy,arc_challenge", help="Tasks whose evaluation items make held-out prompts."
-    )
-    p.add_argument("--text-limit", type=int, default=d.text_limit, help="Questions per text task (0: all).")
-    p.add_argument("--prompt-limit", type=int, default=d.prompt_limit, help="Prompts per prompt task (0: all).")
-    p.add_argument("--shots", type=int, default=1, help="Exemplars per prompt, from training items (default 1).")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="Tokens per document (cut from the left).")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="Tokens per forward batch.")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="Bootstrap resamples over documents.")
-    p.add_argument("--seed", type=int, default=d.seed, help="Seed of exemplars and the bootstrap.")
-    p.add_argument("--senses", default=None, help="Sense store folder for the sense probe.")
-    p.add_argument("--lexicon", default=None, help="Lexicon folder for the sense probe.")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="Weights dtype.")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--out", type=Path, required=True, help="Result JSON (a .md table is written next to it).")
-    a = p.parse_args(argv)
-    if (a.senses is None) != (a.lexicon is None):
-        raise ConfigError("--senses / --lexicon: the sense probe needs both")
 
-    def split(x: str) -> list[str]:
-        return [t for t in x.split(",") if t]
+# ---- command ------------------------------------------------------------------------------------
+def fidelity_command(
+    model: ModelConfig,
+    fidelity: FidelityConfig,
+    eval: EvalConfig,
+    data: DataConfig,
+    students: list[str],
+    out: Path,
+    baseline: str | None = None,
+    senses_dir: Path | None = None,
+    lexicon_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Held-out fidelity of students to the teacher: per-token KL(teacher || student) at T = 1, top-1
+    agreement, perplexity, each with a bootstrap error over documents, and (with --senses_dir and
+    --lexicon_dir) the sense probe. Held-out text: evaluation questions of fidelity.text_tasks as raw
+    text; held-out prompts: evaluation items of fidelity.prompt_tasks (empty: eval.tasks) as
+    chat-formatted letter prompts with fidelity.shots (None: data.shots) exemplars. Models run on
+    eval.device in eval.dtype, as in the main job's ``fidelity`` stage.
 
-    cfg = FidelityConfig(
-        text_tasks=split(a.text_tasks),
-        prompt_tasks=split(a.prompt_tasks),
-        text_limit=a.text_limit,
-        prompt_limit=a.prompt_limit,
-        shots=a.shots,
-        max_length=a.max_length,
-        batch_tokens=a.batch_tokens,
-        bootstrap=a.bootstrap,
-        seed=a.seed,
-        probe=a.senses is not None,
+      dskd fidelity --config configs/smollm2-135m_to_15l.yaml --baseline untrained \\
+          --students untrained=runs/x/students/untrained,kd=runs/x/students/kd,dskd=runs/x/students/dskd \\
+          --senses_dir runs/x/senses --lexicon_dir runs/x/lexicon --out runs/x/eval/fidelity.json
+
+    Args:
+        model: The teacher (``teacher``).
+        fidelity: Held-out sets, limits, bootstrap and the probe switch.
+        eval: Prompt tasks when ``fidelity.prompt_tasks`` is empty; device and dtype.
+        data: Exemplars per prompt when ``fidelity.shots`` is unset.
+        students: Models to compare with the teacher, ``[NAME=]SPEC`` each; a run folder means its student/.
+        out: Result JSON (a .md table is written next to it).
+        baseline: Name of the model the others are compared with.
+        senses_dir: Sense store folder for the sense probe.
+        lexicon_dir: Lexicon folder for the sense probe.
+    """
+    if (senses_dir is None) != (lexicon_dir is None):
+        raise ConfigError("--senses_dir / --lexicon_dir: the sense probe needs both")
+    probe = fidelity.probe and senses_dir is not None
+    res = _fidelity(
+        model.teacher,
+        _parse_models(students),
+        dataclasses.replace(fidelity, probe=probe),
+        out,
+        prompt_tasks=eval.tasks,
+        shots=data.shots,
+        senses_dir=senses_dir if probe else None,
+        lexicon_dir=lexicon_dir if probe else None,
+        dtype=eval.dtype,
+        device=eval.device,
+        baseline=baseline,
     )
-    res = fidelity(
-        a.teacher,
-        _parse_models(a.model),
-        cfg,
-        a.out,
-        senses_dir=a.senses,
-        lexicon_dir=a.lexicon,
-        dtype=a.dtype,
-        device=a.device,
-        baseline=a.baseline,
-    )
-    print(markdown(res, a.baseline), end="")
-    print(f"wrote {a.out} and {a.out.with_suffix('.md')}")
-    return 0
+    print(markdown(res, baseline), end="")
+    print(f"wrote {out} and {Path(out).with_suffix('.md')}")
+    return res
 
 
 __all__ = ["Doc", "SenseProbe", "fidelity", "heldout_prompts", "heldout_text", "markdown", "measure", "paired_diff"]

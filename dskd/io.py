@@ -1,5 +1,7 @@
-"""Small pieces every stage needs: a stable short hash of JSON-able data, and atomic writes of text
-files and of whole folders (a kill or an error never leaves a half-written output in place)."""
+"""Small pieces every stage needs: a stable short hash of JSON-able data, atomic writes of text files
+and of whole folders (a kill or an error never leaves a half-written output in place), and the one
+artefact contract (format tag, sidecar with fingerprint and inputs hash, open-check with a one-line
+error naming the file and the command that rebuilds it, skip-if-built)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def stable_hash(obj: Any) -> str:
@@ -74,3 +79,166 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The artefact contract: every stage's output (lexicon, sense store, teacher cache, student run folder,
+# evaluation and fidelity results) is a folder with a ``meta.json`` sidecar, or a JSON file, that says
+# what it is (``format``), what it was built from (``fingerprint``, ``inputs_hash``) and that it is
+# whole (``complete: true``, written last). A builder skips when :func:`is_built` says so and writes
+# into :func:`atomic_dir`; a reader opens through :func:`open_artefact`, which turns a missing,
+# foreign, incomplete or damaged file into one line naming the file and the command that rebuilds it.
+
+META_FILE = "meta.json"
+
+
+class ArtefactError(Exception):
+    """Raised by :func:`open_artefact` when a stage gives no error class of its own."""
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One kind of artefact.
+
+    Args:
+        name: The ``format.name`` tag in its sidecar (``dskd-lexicon``).
+        version: The ``format.version`` readers accept.
+        what: Words for messages (``lexicon``, ``sense store``).
+        rebuild: The command that (re)builds it (``dskd lexicon build``).
+        error: The stage's error class (a :class:`dskd.config.DskdError`, printed as one line by the CLI).
+    """
+
+    name: str
+    version: int
+    what: str
+    rebuild: str
+    error: type[Exception] = ArtefactError
+
+    @property
+    def format(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+    def fail(self, where: Path | str, why: str) -> Exception:
+        return self.error(f"{where}: {why}; rebuild it with `{self.rebuild}`")
+
+
+def sidecar(kind: Artefact, *, fingerprint: str | None = None, inputs_hash: str | None = None, **fields: Any) -> dict:
+    """A sidecar dict: format tag, dskd version, fingerprint, inputs hash, the fields, ``complete`` last."""
+    from dskd import __version__
+
+    meta: dict[str, Any] = {"format": kind.format, "dskd_version": __version__}
+    if fingerprint is not None:
+        meta["fingerprint"] = fingerprint
+    if inputs_hash is not None:
+        meta["inputs_hash"] = inputs_hash
+    meta.update({k: v for k, v in fields.items() if k != "complete"})
+    meta["complete"] = True
+    return meta
+
+
+def write_sidecar(folder: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``meta`` (from :func:`sidecar`) as ``folder/meta.json`` atomically; returns its path."""
+    path = Path(folder) / META_FILE
+    write_text_atomic(path, json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def read_sidecar(path: str | Path, kind: Artefact) -> dict[str, Any]:
+    """The sidecar of an artefact (a folder's ``meta.json``, or a JSON result file itself), checked:
+    present, valid JSON, this kind's format and version, complete. Errors are one line naming the file."""
+    path = Path(path)
+    meta_file = path / META_FILE if path.is_dir() or not path.suffix else path
+    if not meta_file.is_file():
+        raise kind.fail(path, f"{kind.what} not found" if not path.exists() else f"not a {kind.what} (no {META_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise kind.fail(meta_file, f"damaged {kind.what} sidecar ({_why(e)})") from e
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != kind.name:
+        got = fmt.get("name") if isinstance(fmt, dict) else fmt
+        raise kind.fail(meta_file, f"not a {kind.what} (format {got!r}, expected {kind.name!r})")
+    if fmt.get("version") != kind.version:
+        raise kind.fail(meta_file, f"{kind.what} format version {fmt.get('version')} (this dskd reads {kind.version})")
+    if not meta.get("complete"):
+        raise kind.fail(path, f"incomplete {kind.what} (no complete: true)")
+    return meta
+
+
+def is_built(path: str | Path, kind: Artefact, inputs_hash: str | None = None, field: str = "inputs_hash") -> bool:
+    """Skip-if-built: ``path`` holds a complete artefact of this kind built from ``inputs_hash`` (the
+    sidecar's ``field``; the lexicon's sidecar calls it ``inputs_key``)."""
+    try:
+        meta = read_sidecar(path, kind)
+    except Exception:
+        return False
+    return inputs_hash is None or meta.get(field) == inputs_hash
+
+
+def check_files(folder: str | Path, kind: Artefact, names: Iterator[str] | list[str] | None = None) -> None:
+    """Check the data files of an artefact folder without reading their tensors: each ``.safetensors``
+    file's header parses and the file is as long as the header says; each ``.json`` file parses.
+
+    Args:
+        folder: The artefact folder.
+        kind: Its kind (for the error).
+        names: Files to check (default: every ``.safetensors`` and ``.json`` file directly in ``folder``).
+    """
+    folder = Path(folder)
+    files = [folder / n for n in names] if names is not None else sorted(folder.glob("*.safetensors"))
+    if names is None:
+        files += sorted(p for p in folder.glob("*.json") if p.name != META_FILE)
+    for f in files:
+        if not f.is_file():
+            raise kind.fail(f, f"missing file of the {kind.what}")
+        if f.suffix == ".safetensors":
+            why = safetensors_problem(f)
+            if why:
+                raise kind.fail(f, f"damaged {kind.what} file ({why})")
+        elif f.suffix == ".json":
+            try:
+                json.loads(f.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise kind.fail(f, f"damaged {kind.what} file ({_why(e)})") from e
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (None when it is): the 8-byte header length, the
+    JSON header, and the data length the header's offsets need, checked against the file's size."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"truncated: header of {n} bytes, file of {size}"
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"unreadable header: {_why(e)}"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"truncated: {size} of {need} bytes"
+    return None
+
+
+def open_artefact(path: str | Path, kind: Artefact, opener: Callable[[dict[str, Any]], T], files: bool = True) -> T:
+    """Open an artefact: check its sidecar and (``files``) its data files, then ``opener(meta)``; an
+    error of an unexpected kind while opening becomes the same one-line error naming ``path``."""
+    meta = read_sidecar(path, kind)
+    if files and Path(path).is_dir():
+        check_files(path, kind)
+    try:
+        return opener(meta)
+    except kind.error:
+        raise
+    except Exception as e:  # a damage the checks above cannot see (safetensors, numpy, json)
+        if type(e).__module__.startswith("dskd"):
+            raise
+        raise kind.fail(path, f"cannot open the {kind.what} ({_why(e)})") from e
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]

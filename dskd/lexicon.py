@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dskd.config import DskdError, LexiconConfig
-from dskd.io import atomic_dir, write_text_atomic
+from dskd.config import DskdError, LexiconConfig, ModelConfig
+from dskd.io import Artefact, atomic_dir, check_files, is_built, open_artefact, read_sidecar, write_text_atomic
 from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
@@ -89,6 +89,9 @@ _KAIKKI_POS = {"adj": "a", "noun": "n", "name": "n", "verb": "v", "adv": "r"}
 
 class LexiconError(DskdError, ValueError):
     """A user-facing lexicon error; the message names the flag, source or file."""
+
+
+ARTEFACT = Artefact(FORMAT["name"], FORMAT["version"], "lexicon folder", "dskd lexicon build", LexiconError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,14 +134,14 @@ def parse_source(spec: str) -> SourceSpec:
         try:
             return SourceSpec(spec, "mythes", assets.mythes_file())
         except assets.AssetError as e:
-            raise LexiconError(f"--source mythes: {e}") from e
+            raise LexiconError(f"--lexicon.sources mythes: {e}") from e
     kind, _, rest = spec.partition(":")
     relation = None
     if kind == "pairs":
         path_text, _, relation = rest.rpartition(":")
         if relation not in KINDS or not path_text:
             raise LexiconError(
-                f"--source {spec!r}: a pairs source is pairs:FILE:syn or pairs:FILE:ant (valid sources: {_valid_list()})"
+                f"--lexicon.sources {spec!r}: a pairs source is pairs:FILE:syn or pairs:FILE:ant (valid sources: {_valid_list()})"
             )
         rest = path_text
     elif kind not in ("kaikki", "mythes") or not rest:
@@ -146,10 +149,10 @@ def parse_source(spec: str) -> SourceSpec:
 
         near = difflib.get_close_matches(kind, ["wordnet", "mythes", "kaikki", "pairs"], n=1)
         hint = f"; did you mean {near[0]!r}?" if near and near[0] != kind else ""
-        raise LexiconError(f"--source {spec!r}: unknown source{hint} Valid sources: {_valid_list()}")
+        raise LexiconError(f"--lexicon.sources {spec!r}: unknown source{hint} Valid sources: {_valid_list()}")
     path = Path(rest).expanduser()
     if not path.is_file():
-        raise LexiconError(f"--source {spec!r}: file not found: {path}")
+        raise LexiconError(f"--lexicon.sources {spec!r}: file not found: {path}")
     return SourceSpec(spec, kind, path, relation)
 
 
@@ -231,7 +234,7 @@ def _wordnet_identity() -> list[dict[str, Any]]:
     try:
         return [_file_identity(p) for p in _wordnet_files()]
     except DskdError as e:
-        raise LexiconError(f"--source wordnet: {e}") from e
+        raise LexiconError(f"--lexicon.sources wordnet: {e}") from e
 
 
 def wordnet_scan(show_progress: bool = True) -> dict[str, Any]:
@@ -453,8 +456,8 @@ def read_source(src: SourceSpec, cfg: LexiconConfig, show_progress: bool = True)
         r = read_pairs(src.path, src.relation)
     if r.malformed and r.malformed / max(1, r.lines) > cfg.max_malformed_share:
         raise LexiconError(
-            f"--source {src.text!r}: {src.path}: {r.malformed} of {r.lines} lines are malformed "
-            f"(first at line {r.first_malformed}), more than --max-malformed-share {cfg.max_malformed_share}"
+            f"--lexicon.sources {src.text!r}: {src.path}: {r.malformed} of {r.lines} lines are malformed "
+            f"(first at line {r.first_malformed}), more than --lexicon.max_malformed_share {cfg.max_malformed_share}"
         )
     return r
 
@@ -688,7 +691,7 @@ def _sources(cfg: LexiconConfig) -> list[SourceSpec]:
     seen: set[str] = set()
     for s in specs:
         if s.text in seen:
-            raise LexiconError(f"--source {s.text!r} is given twice")
+            raise LexiconError(f"--lexicon.sources {s.text!r} is given twice")
         seen.add(s.text)
     return specs
 
@@ -782,14 +785,7 @@ def build_lexicon(
     config = dataclasses.asdict(cfg)
     identities = [_source_identity(s) for s in specs]
     key = _sha({"format": FORMAT, "config": config, "tokenizer": tok_fp, "sources": identities})
-    meta = _read_meta(out)
-    if (
-        not force
-        and meta is not None
-        and meta.get("complete") is True
-        and meta.get("inputs_key") == key
-        and (out / "relations.json").is_file()
-    ):
+    if not force and is_built(out, ARTEFACT, key, field="inputs_key") and (out / "relations.json").is_file():
         log(f"lexicon: {out} is up to date (same sources, options and tokenizer); skipped")
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_lexicon_folder(out))):
@@ -899,20 +895,7 @@ class Lexicon:
             LexiconError: missing or incomplete folder, unknown format, or another tokenizer.
         """
         path = Path(path)
-        meta = _read_meta(path)
-        if meta is None:
-            raise LexiconError(
-                f"{path}: not a lexicon folder (no readable meta.json); build it with `dskd lexicon build`"
-            )
-        if meta.get("format", {}).get("name") != FORMAT["name"]:
-            raise LexiconError(f"{path}: meta.json is not a dskd lexicon sidecar (format {meta.get('format')!r})")
-        if meta["format"].get("version") != FORMAT["version"]:
-            raise LexiconError(
-                f"{path}: lexicon format version {meta['format'].get('version')} is not supported "
-                f"(this dskd reads version {FORMAT['version']}); rebuild it"
-            )
-        if meta.get("complete") is not True:
-            raise LexiconError(f"{path}: incomplete lexicon (meta.json lacks complete: true); rebuild it")
+        meta = read_sidecar(path, ARTEFACT)
         if tokenizer is not None:
             from dskd.models import tokenizer_fingerprint
 
@@ -921,13 +904,12 @@ class Lexicon:
                 raise LexiconError(
                     f"{path}: built for another tokenizer ({meta.get('tokenizer', {}).get('spec')!r}, fingerprint "
                     f"{meta.get('tokenizer_fingerprint')}) than the one given (fingerprint {fp}); rebuild it with "
-                    "`dskd lexicon build --teacher ...` for this teacher"
+                    "`dskd lexicon build --model.teacher ...` for this teacher"
                 )
-        try:
-            data = json.loads((path / "relations.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LexiconError(f"{path / 'relations.json'}: cannot read: {e}") from e
-        return cls(path, meta, data["heads"])
+        check_files(path, ARTEFACT, ["relations.json", "words.json"])
+        return open_artefact(
+            path, ARTEFACT, lambda m: cls(path, m, json.loads((path / "relations.json").read_text())["heads"]), False
+        )
 
     def synonyms(self, token_id: int) -> list[tuple[int, ...]]:
         """Synonym tails of a head token (token-id tuples of 1..max_tail_tokens ids; [] if none)."""
@@ -977,111 +959,55 @@ class Lexicon:
 # CLI
 
 
-def build_main(argv: list[str]) -> int:
-    """``dskd lexicon build``."""
-    from dskd.cli import parser
-    from dskd.config import ModelConfig
+def lexicon_build_command(
+    model: ModelConfig, lexicon: LexiconConfig, out: Path, force: bool = False, quiet: bool = False
+) -> Path:
+    """Build synonym/antonym relations for a teacher's tokenizer.
 
-    d = LexiconConfig()
-    p = parser(
-        "lexicon build",
-        "Build synonym/antonym relations for a teacher's tokenizer.\n\n"
-        "Reads the lexical sources, makes relations symmetric, drops self-pairs and pairs that are both\n"
-        "synonyms and antonyms, normalises negations (syn(sad, unhappy) -> ant(sad, happy)), then maps\n"
-        "words to tokens: heads are single tokens written with a leading space, tails 1..3 tokens.\n"
-        "Writes DIR/relations.json, DIR/words.json and DIR/meta.json atomically; a rebuild with the\n"
-        "same inputs returns at once.\n\n"
-        "Sources: wordnet | mythes[:FILE] | kaikki:FILE (Wiktextract JSONL) | pairs:FILE:syn|ant\n"
-        "example: dskd lexicon build --source wordnet --source mythes --out lexicons/smollm2",
-    )
-    p.add_argument(
-        "--teacher",
-        default=ModelConfig().teacher,
-        help=f"Teacher model spec whose tokenizer is used (default {ModelConfig().teacher}).",
-    )
-    p.add_argument(
-        "--source",
-        action="append",
-        dest="sources",
-        metavar="S",
-        help=f"A lexical source; repeat to combine (default: {' '.join(d.sources)}). One of {_valid_list()}.",
-    )
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="Output folder (replaced atomically).")
-    p.add_argument(
-        "--no-normalize-negation",
-        dest="normalize_negation",
-        action="store_false",
-        help="Keep negated words (unhappy) as they are instead of mapping them to their base with a flipped relation.",
-    )
-    p.add_argument(
-        "--no-near-synonyms",
-        dest="near_synonyms",
-        action="store_false",
-        help="Use only words sharing a WordNet synset / plain mythes terms as synonyms (drop similar-to and "
-        "also-see links).",
-    )
-    p.add_argument(
-        "--max-tail-tokens",
-        type=int,
-        default=d.max_tail_tokens,
-        help=f"Drop synonyms/antonyms longer than this many tokens (default {d.max_tail_tokens}).",
-    )
-    p.add_argument(
-        "--min-head-chars",
-        type=int,
-        default=d.min_head_chars,
-        help=f"Drop head words shorter than this (default {d.min_head_chars}).",
-    )
-    p.add_argument(
-        "--max-malformed-share",
-        type=float,
-        default=d.max_malformed_share,
-        help=f"Fail when more than this share of a file's lines is malformed (default {d.max_malformed_share}).",
-    )
-    p.add_argument("--force", action="store_true", help="Rebuild even when DIR is up to date.")
-    p.add_argument("--trust-remote-code", action="store_true", help="Allow tokenizer code from the hub.")
-    p.add_argument("--quiet", action="store_true", help="Print nothing but errors.")
-    args = p.parse_args(argv)
-    cfg = LexiconConfig(
-        sources=args.sources or list(d.sources),
-        normalize_negation=args.normalize_negation,
-        near_synonyms=args.near_synonyms,
-        max_tail_tokens=args.max_tail_tokens,
-        min_head_chars=args.min_head_chars,
-        max_malformed_share=args.max_malformed_share,
-    )
-    _sources(cfg)  # bad sources are reported before the tokenizer loads
+    Reads the lexical sources, makes relations symmetric, drops self-pairs and pairs that are both
+    synonyms and antonyms, normalises negations (syn(sad, unhappy) -> ant(sad, happy)), then maps
+    words to tokens: heads are single tokens written with a leading space, tails 1..3 tokens.
+    Writes OUT/relations.json, OUT/words.json and OUT/meta.json atomically; a rebuild with the
+    same inputs returns at once.
+
+    Sources (--lexicon.sources): wordnet | mythes[:FILE] | kaikki:FILE (Wiktextract JSONL) | pairs:FILE:syn|ant
+    Example: dskd lexicon build --lexicon.sources wordnet,mythes --out lexicons/smollm2
+
+    Args:
+        model: Teacher whose tokenizer is used (``teacher``, ``trust_remote_code``).
+        lexicon: Lexical relations.
+        out: Output folder (replaced atomically).
+        force: Rebuild even when ``out`` is up to date.
+        quiet: Print nothing but errors.
+    """
+    _sources(lexicon)  # bad sources are reported before the tokenizer loads
     from dskd.models import load_tokenizer
 
     t0 = time.time()
-    tokenizer = load_tokenizer(args.teacher, args.trust_remote_code)
-    if not args.quiet:
-        print(f"lexicon: tokenizer of {args.teacher} ({len(tokenizer)} tokens) loaded in {time.time() - t0:.1f}s")
-    build_lexicon(tokenizer, args.teacher, cfg, args.out, force=args.force, quiet=args.quiet)
-    return 0
+    tokenizer = load_tokenizer(model.teacher, model.trust_remote_code)
+    if not quiet:
+        print(f"lexicon: tokenizer of {model.teacher} ({len(tokenizer)} tokens) loaded in {time.time() - t0:.1f}s")
+    return build_lexicon(tokenizer, model.teacher, lexicon, Path(out), force=force, quiet=quiet)
 
 
 def _fmt_tails(ids: list[tuple[int, ...]], words: list[str]) -> str:
     return ", ".join(f"{w} {list(t)}" for t, w in zip(ids, words, strict=True)) or "-"
 
 
-def show_main(argv: list[str]) -> int:
-    """``dskd lexicon show``."""
-    from dskd.cli import parser
+def lexicon_show_command(path: Path, word: str, /, as_json: bool = False) -> int:
+    """Print a word's synonyms and antonyms with their token ids.
 
-    p = parser(
-        "lexicon show",
-        "Print a word's synonyms and antonyms with their token ids.\n\n"
-        "For a head (a single-token word) the token-level relations are shown; for any other word the\n"
-        "word-level relations it has in the lexicon.\n"
-        "example: dskd lexicon show lexicons/smollm2 hot",
-    )
-    p.add_argument("dir", type=Path, help="A lexicon folder written by `dskd lexicon build`.")
-    p.add_argument("word", help="The word to look up (lower-cased as the lexicon stores words).")
-    p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-    args = p.parse_args(argv)
-    lex = Lexicon.load(args.dir)
-    word = clean_word(args.word) or args.word.lower()
+    For a head (a single-token word) the token-level relations are shown; for any other word the
+    word-level relations it has in the lexicon.
+    Example: dskd lexicon show lexicons/smollm2 hot
+
+    Args:
+        path: A lexicon folder written by ``dskd lexicon build``.
+        word: The word to look up (lower-cased as the lexicon stores words).
+        as_json: Print JSON instead of text.
+    """
+    lex = Lexicon.load(path)
+    word = clean_word(word) or word.lower()
     hid = lex.head_of(word)
     if hid is not None:
         res = {
@@ -1090,7 +1016,7 @@ def show_main(argv: list[str]) -> int:
             "synonyms": [[w, list(t)] for t, w in zip(lex.synonyms(hid), lex.tail_words(hid, "syn"), strict=True)],
             "antonyms": [[w, list(t)] for t, w in zip(lex.antonyms(hid), lex.tail_words(hid, "ant"), strict=True)],
         }
-        if args.json:
+        if as_json:
             print(json.dumps(res, indent=2))
         else:
             print(f"{word}: head token {hid}")
@@ -1099,9 +1025,9 @@ def show_main(argv: list[str]) -> int:
         return 0
     rel = lex.word_relations(word)
     if not rel["syn"] and not rel["ant"]:
-        print(f"{word!r} has no relations in {args.dir}", file=sys.stderr)
+        print(f"{word!r} has no relations in {path}", file=sys.stderr)
         return 1
-    if args.json:
+    if as_json:
         res = {"word": word, "token_id": None, "tokens": rel["tokens"], "synonyms": rel["syn"], "antonyms": rel["ant"]}
         print(json.dumps(res, indent=2))
     else:

@@ -76,6 +76,20 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
+def check_weights(path: str | Path) -> None:
+    """A local model folder's ``.safetensors`` files are whole (the artefact open-check of dskd.io);
+    a damaged one is one line naming it and, for a dskd student, the command that rebuilds it."""
+    from dskd.io import Artefact, check_files
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: transformers reads its own cache
+    run_meta = folder.parent / "meta.json"
+    rebuild = "dskd distill" if folder.name == "student" and run_meta.is_file() else "a fresh export of the model"
+    files = [p.name for p in sorted(folder.glob("*.safetensors"))]
+    check_files(folder, Artefact("hf-model", 0, "model folder", rebuild, ModelError), files)
+
+
 def load_model(
     spec: str,
     dtype: str | torch.dtype = "float32",
@@ -100,6 +114,7 @@ def load_model(
     if dev.type != "cpu":
         kwargs["device_map"] = {"": str(dev)}
     path = resolve_spec(spec)
+    check_weights(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
+from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
 from dskd.io import atomic_dir, stable_hash, write_text_atomic
 
 _SENSE_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")  # SenseConfig fields added later
@@ -49,7 +49,7 @@ DEFAULT_ARMS = ("kd", "dskd", "hidden_mse")
 LOSS_KEYS = ("loss", "ce", "kd", "sense", "hidden", "hinge_active_share")
 
 
-def quick(cfg: RunConfig) -> RunConfig:
+def quick_config(cfg: RunConfig) -> RunConfig:
     """The ``--quick`` variant: same stages, budgets small enough for a few minutes on 2 cores."""
     q = copy.deepcopy(cfg)
     q.name = f"{cfg.name}-quick"
@@ -192,7 +192,7 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     # senses.corpus names them, and what the coverage summary measures against
     prompts = out / "prompts.jsonl"
     prompt_inputs = {"data": to_dict(cfg.data), "tok": tokenizer_fingerprint(tok)}
-    h_prompts = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg, tok, prompts))
+    h_prompts = pipe.stage("prompts", prompt_inputs, prompts, lambda: write_prompts(cfg.data, tok, prompts))
     if PROMPTS_CORPUS in cfg.senses.corpus:
         sen_inputs["prompts"] = h_prompts
         corpus = [str(prompts) if c == PROMPTS_CORPUS else c for c in cfg.senses.corpus]
@@ -236,12 +236,12 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 PROMPTS_CORPUS = "prompts"
 
 
-def write_prompts(cfg: RunConfig, tokenizer, path: Path) -> Path:
+def write_prompts(data: DataConfig, tokenizer, path: Path) -> Path:
     """The recipe's training prompts, formatted exactly as the distillation stage builds them (chat
     template included), one ``{"text": ...}`` line each: a corpus for the sense dictionary."""
     from dskd.data import task_prompts
 
-    lines = [json.dumps({"text": p}) for p in task_prompts(cfg, tokenizer)]
+    lines = [json.dumps({"text": p}) for p in task_prompts(data, tokenizer)]
     if not lines:
         raise ConfigError("--senses.corpus: 'prompts' needs training prompts, but data.tasks is empty")
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -261,9 +261,9 @@ def sense_coverage(sen_dir: Path, lex_dir: Path, tokenizer, prompts: Path | None
     import torch
 
     from dskd.lexicon import Lexicon
-    from dskd.senses import SenseStore
+    from dskd.senses import open_store
 
-    store = SenseStore.open(sen_dir)
+    store = open_store(sen_dir)
     v = store.vocab_size
     has = (store.offsets[1 : v + 1] - store.offsets[:v]) > 0  # (V,) token has senses
     heads = torch.tensor(sorted(h for h in Lexicon.load(lex_dir, tokenizer).heads() if 0 <= h < v), dtype=torch.long)
@@ -336,9 +336,7 @@ def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    now = to_dict(c)
-    if {k: v for k, v in old.items() if k != "out"} != {k: v for k, v in now.items() if k != "out"}:
+    if config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(c)):
         stale = run_dir.with_name(f".{run_dir.name}.stale")
         if stale.exists():
             shutil.rmtree(stale)
@@ -534,7 +532,7 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
             list(result["eval_paper"].values()), baseline="kd"
         )
     table += "\n" + fidelity_section(result["fidelity"], "kd")
-    (out / "report.md").write_text(table + "\n")
+    write_text_atomic(out / "report.md", table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")
     tsne_png = figures / "senses_tsne.png"
@@ -615,60 +613,55 @@ def experiment(
     return out / f"{report_name}.md"
 
 
-def main_run(argv: list[str]) -> int:
-    """``dskd run``."""
-    from dskd.cli import config_parser, parse_config
+def run_command(cfg: RunConfig, quick: bool = False, until: str = "report", force: bool = False) -> dict[str, Any]:
+    """The main job: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students ->
+    evaluation of teacher, untrained student, KD and DSKD -> held-out fidelity -> report table and pictures.
+    Stages whose outputs exist and match their inputs are skipped; an interrupted run continues.
 
-    p = config_parser(
-        "run",
-        "The main job: assets -> lexicon -> sense dictionary -> teacher cache -> KD and DSKD students ->\n"
-        "evaluation of teacher, untrained student, KD and DSKD -> held-out fidelity -> report table and pictures.\n"
-        "Stages whose outputs exist and match their inputs are skipped; an interrupted run continues.\n"
-        "Example: dskd run --config configs/smollm2-135m_to_15l.yaml [--quick] [--loss.lam 1.5]",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="Small budgets (a few minutes on 2 cores); output in <out>-quick."
-    )
-    p.add_argument("--until", default="report", choices=STAGES, help="Stop after this stage.")
-    p.add_argument("--force", action="store_true", help="Rebuild every stage even when up to date.")
-    cfg, extra = parse_config(p, argv)
-    if extra.quick:
-        cfg = quick(cfg)
-    run(cfg, until=extra.until, force=extra.force)
-    return 0
+    Example: dskd run --config configs/smollm2-135m_to_15l.yaml [--quick] [--loss.lam 1.5]
+
+    Args:
+        cfg: The recipe.
+        quick: Small budgets (a few minutes on 2 cores); output in <out>-quick.
+        until: Stop after this stage: assets, lexicon, senses, cache, students, eval, fidelity, report.
+        force: Rebuild every stage even when up to date.
+    """
+    return run(quick_config(cfg) if quick else cfg, until=until, force=force)
 
 
-def main_experiment(argv: list[str]) -> int:
-    """``dskd experiment``."""
-    from dskd.cli import config_parser, parse_config
+def experiment_command(
+    cfg: RunConfig,
+    seeds: int = 3,
+    arms: list[str] = list(DEFAULT_ARMS),  # noqa: B006  (read only; the parser shows it as the default)
+    report_name: str = "experiment",
+    baseline: str = "kd",
+    quick: bool = False,
+    force: bool = False,
+) -> Path:
+    """Paired arms over seeds, sharing the lexicon, sense store and teacher cache; reports per task the
+    mean of each arm and the paired difference against KD with its bootstrap confidence interval.
 
-    arms_help = "; ".join(f"{k}: {v[0]}" for k, v in ARMS.items())
-    p = config_parser(
-        "experiment",
-        "Paired arms over seeds, sharing the lexicon, sense store and teacher cache; reports per task the\n"
-        "mean of each arm and the paired difference against KD with its bootstrap confidence interval.\n"
-        "Example: dskd experiment --config configs/smollm2-135m_to_15l.yaml --seeds 3",
+    Arms: kd (logit KD + CE, lambda = 0), dskd (KD + CE + sense loss), hidden_mse (KD + CE + direct MSE
+    to the teacher's last hidden state), dskd_no_ant, dskd_no_syn, dskd_no_self, dskd_ref. Any arm takes
+    overrides, e.g. dskd@margin_quantile=0.1@lam=2 or kd@distill.epochs=6 (a bare key is a loss field).
+
+    Example: dskd experiment --config configs/smollm2-135m_to_15l.yaml --seeds 3 --arms kd,dskd,hidden_mse
+
+    Args:
+        cfg: The recipe.
+        seeds: Seeds per arm.
+        arms: The arms, with optional @key=value overrides; the baseline arm is always included.
+        report_name: Stem of the table and JSON written in the run folder; use another for a sweep.
+        baseline: Arm the others are compared with (always run).
+        quick: Small budgets, for a smoke test.
+        force: Rebuild every stage even when up to date.
+    """
+    arms = [a.strip() for a in arms if a.strip()]
+    return experiment(
+        quick_config(cfg) if quick else cfg,
+        seeds=seeds,
+        arms=arms,
+        force=force,
+        report_name=report_name,
+        baseline=baseline,
     )
-    p.add_argument("--seeds", type=int, default=3, help="Seeds per arm (default 3).")
-    p.add_argument(
-        "--arms",
-        default=",".join(DEFAULT_ARMS),
-        help=f"Comma-separated arms. {arms_help}. Any arm takes overrides, e.g. dskd@margin_quantile=0.1@lam=2 or "
-        "kd@distill.epochs=6 (a bare key is a loss field); the --baseline arm is always included.",
-    )
-    p.add_argument(
-        "--report-name",
-        default="experiment",
-        help="Stem of the table and JSON written in the run folder (default experiment); use another for a sweep.",
-    )
-    p.add_argument("--baseline", default="kd", help="Arm the others are compared with (default kd; always run).")
-    p.add_argument("--quick", action="store_true", help="Small budgets, for a smoke test.")
-    p.add_argument("--force", action="store_true", help="Rebuild every stage even when up to date.")
-    cfg, extra = parse_config(p, argv)
-    if extra.quick:
-        cfg = quick(cfg)
-    arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
-    experiment(
-        cfg, seeds=extra.seeds, arms=arms, force=extra.force, report_name=extra.report_name, baseline=extra.baseline
-    )
-    return 0

@@ -210,8 +210,8 @@ class _CharTokenizer:
 def count_data(cfg: RunConfig, eval_sample: int = 100) -> DataCounts:
     """Training sequences and tokens of the recipe, and evaluation items and (estimated) tokens."""
     from dskd import data as D
-    from dskd.evaluate import letter_prompt, select_items
     from dskd.models import ALIASES, load_tokenizer
+    from dskd.prompts import letter_prompt, select_items
     from dskd.tasks import get_task
 
     spec = cfg.model.teacher
@@ -223,7 +223,7 @@ def count_data(cfg: RunConfig, eval_sample: int = 100) -> DataCounts:
         tok, exact = _CharTokenizer(), False
     dc = cfg.data
     lengths = []
-    for prompt in D.task_prompts(cfg, tok):
+    for prompt in D.task_prompts(cfg.data, tok):
         n = len(tok(prompt, add_special_tokens=not dc.chat)["input_ids"])
         lengths.append(min(n, dc.max_length - dc.continuation_tokens) + dc.continuation_tokens)
     lengths += [len(w) for w in D.text_windows(cfg, tok)]
@@ -541,40 +541,37 @@ def render(plan: dict[str, Any], gpu_memory_gb: float = 80.0) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """``dskd plan``."""
-    from dskd.cli import config_parser, parse_config
+def plan_command(
+    cfg: RunConfig,
+    gpus: int = 1,
+    gpu_memory: float = 80.0,
+    peak_tflops: float = 989.0,
+    mfu: float = 0.35,
+    as_json: bool = False,
+    recipe_argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Resolve a recipe without loading weights and print, per stage: devices, parameters, a per-GPU
+    memory estimate with its parts, disk, tokens, optimiser steps, a time estimate and the command.
 
-    p = config_parser(
-        "plan",
-        "Resolve a recipe without loading weights and print, per stage: devices, parameters, a per-GPU\n"
-        "memory estimate with its parts, disk, tokens, optimiser steps, a time estimate and the command.\n"
-        "Example: dskd plan --config configs/llama3-8b-instruct_to_16l.yaml --gpus 3",
-    )
-    p.add_argument("--gpus", type=int, default=1, help="GPUs the training stage uses (one process each).")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU; stages over it are flagged.")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="Dense bf16 TFLOP/s of one GPU (H100/H200).")
-    p.add_argument("--mfu", type=float, default=0.35, help="Share of the peak assumed for the time estimates.")
-    p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
-    cfg, extra = parse_config(p, argv)
-    plan_only = {"--gpus", "--gpu-memory", "--peak-tflops", "--mfu", "--json"}
-    config_args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        key = a.split("=", 1)[0]
-        if key in plan_only:
-            skip = "=" not in a and key != "--json"
-            continue
-        config_args.append(a)
-    plan = make_plan(cfg, config_args, extra.gpus, extra.peak_tflops, extra.mfu)
-    if extra.json:
+    Example: dskd plan --config configs/llama3-8b-instruct_to_16l.yaml --gpus 3
+
+    Args:
+        cfg: The recipe.
+        gpus: GPUs the training stage uses (one process each).
+        gpu_memory: GB per GPU; stages over it are flagged.
+        peak_tflops: Dense bf16 TFLOP/s of one GPU (H100/H200).
+        mfu: Share of the peak assumed for the time estimates.
+        as_json: Print the plan as JSON.
+        recipe_argv: The flags that set the recipe (``--config`` and dotted flags), repeated in the
+            printed commands.
+    """
+    plan = make_plan(cfg, list(recipe_argv or []), gpus, peak_tflops, mfu)
+    if as_json:
         print(json.dumps(plan, indent=1))
     else:
-        print(render(plan, extra.gpu_memory))
+        print(render(plan, gpu_memory))
     sys.stdout.flush()
-    return 0
+    return plan
 
 
 __all__ = ["KNOWN_ARCHITECTURES", "architecture", "count_data", "make_plan", "model_config", "render"]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dskd.config import DskdError
+from dskd.config import DEFAULT_TEACHER, DskdError
 
 FIGURE1_WORDS = ("red", "crimson", "scarlet", "ruby", "bus", "car")
 _MAX_CHARS = 400  # a longer sentence is cut to a window ending shortly after the word
@@ -179,7 +179,7 @@ def senses_figure(
     if not words:
         raise PlotError("--words: give at least one word")
     if per_word < 1 or k < 1:
-        raise PlotError(f"--per-word / --k: must be >= 1 (got {per_word}, {k})")
+        raise PlotError(f"--per_word / --k: must be >= 1 (got {per_word}, {k})")
     out = Path(out)
     sources = corpus_sources(list(corpus))  # bad corpus specs fail before the model loads
     tok = load_tokenizer(teacher_spec)
@@ -283,53 +283,48 @@ def _draw(
     plt.close(fig)
 
 
-def senses_main(argv: list[str]) -> int:
-    """``dskd plot senses``: the paper's Figure 1 from the teacher's contextual states."""
-    from dskd.cli import parser
+def plot_senses_command(
+    out: Path,
+    store: Path | None = None,
+    words: list[str] = list(FIGURE1_WORDS),  # noqa: B006  (read only; the parser shows it as the default)
+    teacher: str | None = None,
+    corpus: list[str] | None = None,
+    per_word: int = 40,
+    k: int = 3,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Draw the paper's Figure 1: the teacher's contextual states of some words (sentences containing them
+    from a corpus; multi-token words as the mean of the states predicting their tokens), their k-means
+    centroids (senses) marked, embedded together with t-SNE. Also writes the numbers as <out>.json.
 
-    p = parser(
-        "plot senses",
-        "Draw the paper's Figure 1: the teacher's contextual states of some words (sentences containing them\n"
-        "from a corpus; multi-token words as the mean of the states predicting their tokens), their k-means\n"
-        "centroids (senses) marked, embedded together with t-SNE. Also writes the numbers as <out>.json.\n\n"
-        "  dskd plot senses --teacher smollm2-135m-instruct --words red,crimson,scarlet,ruby,bus,car --out fig.png",
-    )
-    p.add_argument(
-        "store",
-        nargs="?",
-        default=None,
-        help="Optional sense store folder: its teacher and corpus become the defaults of --teacher / --corpus.",
-    )
-    p.add_argument("--words", default=",".join(FIGURE1_WORDS), help="Comma-separated words (default: %(default)s).")
-    p.add_argument("--out", required=True, help="Output image (.png, .pdf or .svg).")
-    p.add_argument("--teacher", default=None, help="Teacher spec (default: the store's, else smollm2-135m-instruct).")
-    p.add_argument(
-        "--corpus",
-        action="append",
-        default=None,
-        help="Where sentences come from, as dskd senses build --corpus (repeat; default: the store's, else default).",
-    )
-    p.add_argument("--per-word", type=int, default=40, help="Sentences per word at most (default 40).")
-    p.add_argument("--k", type=int, default=3, help="k-means centroids per word at most (default 3).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of k-means and t-SNE.")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
-    a = p.parse_args(argv)
-    teacher, corpus = a.teacher, a.corpus
-    if a.store is not None:
-        meta_file = Path(a.store) / "meta.json"
+    Example: dskd plot senses --teacher smollm2-135m-instruct --words red,crimson,scarlet,ruby,bus,car --out fig.png
+
+    Args:
+        out: Output image (.png, .pdf or .svg).
+        store: Optional sense store folder: its teacher and corpus become the defaults of ``teacher`` / ``corpus``.
+        words: The words.
+        teacher: Teacher spec (default: the store's, else smollm2-135m-instruct).
+        corpus: Where sentences come from, as ``senses.corpus`` (default: the store's, else default).
+        per_word: Sentences per word at most.
+        k: k-means centroids per word at most.
+        seed: Seed of k-means and t-SNE.
+        device: auto, cpu, cuda ...
+    """
+    if store is not None:
+        meta_file = Path(store) / "meta.json"
         if not meta_file.is_file():
-            raise PlotError(f"store {a.store}: no meta.json (not a sense store)")
+            raise PlotError(f"--store {store}: no meta.json (not a sense store)")
         meta = json.loads(meta_file.read_text())
         teacher = teacher or meta["teacher"]["spec"]
         corpus = corpus or meta["corpus"]["specs"]
-    senses_figure(
-        teacher or "smollm2-135m-instruct",
-        a.words.split(","),
-        a.out,
+    return senses_figure(
+        teacher or DEFAULT_TEACHER,
+        list(words),
+        out,
         corpus=corpus or ["default"],
-        per_word=a.per_word,
-        k=a.k,
-        seed=a.seed,
-        device=a.device,
+        per_word=per_word,
+        k=k,
+        seed=seed,
+        device=device,
     )
-    return 0

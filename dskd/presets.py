@@ -1,6 +1,6 @@
 """Evaluation presets: a named protocol fixing tasks, shots, prompt style and scoring per task.
 
-``dskd eval --preset paper`` (or ``eval: {preset: paper}`` in a recipe) reproduces the paper's
+``dskd eval --eval.preset paper`` (or ``eval: {preset: paper}`` in a recipe) reproduces the paper's
 evaluation (method.md section 6) with the data that ships offline:
 
 ============== ===== ===== ========================================================================

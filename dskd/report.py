@@ -17,22 +17,23 @@ from typing import Any
 import numpy as np
 
 from dskd.config import DskdError
-from dskd.evaluate import RESULT_FORMAT, bootstrap_samples, metric_value
-from dskd.io import read_json
+from dskd.io import Artefact, read_sidecar, write_text_atomic
+from dskd.metrics import RESULT_FORMAT, bootstrap_samples, metric_value
 
 
 class ReportError(DskdError, ValueError):
     """An unreadable result file or an unknown baseline; the message names it."""
 
 
+RESULT_ARTEFACT = Artefact(
+    RESULT_FORMAT["name"], RESULT_FORMAT["version"], "dskd eval result", "dskd eval", ReportError
+)
+
+
 def load_result(path: Path | str) -> dict[str, Any]:
     """A result file written by :func:`dskd.evaluate.evaluate`, checked for format and completeness."""
     path = Path(path)
-    data = read_json(path, ReportError, "result file")
-    if data.get("format", {}).get("name") != RESULT_FORMAT["name"]:
-        raise ReportError(f"{path}: not a dskd eval result (format {data.get('format')!r})")
-    if not data.get("complete"):
-        raise ReportError(f"{path}: incomplete result (the evaluation did not finish)")
+    data = read_sidecar(path, RESULT_ARTEFACT)  # the result file is its own sidecar
     data.setdefault("name", path.stem)
     return data
 
@@ -271,7 +272,7 @@ def _avg_ci(parts: list[tuple[np.ndarray, np.ndarray, list[str] | None]], n_boot
 
 
 def fidelity_section(path: Path | str, baseline: str | None = None) -> str:
-    """The held-out fidelity tables of a ``dskd eval --fidelity`` result (see :mod:`dskd.fidelity`):
+    """The held-out fidelity tables of a ``dskd fidelity`` result (see :mod:`dskd.fidelity`):
     KL to the teacher, top-1 agreement, perplexity and the sense probe of each student, with paired
     bootstrap 95% intervals over documents against ``baseline``."""
     from dskd.fidelity import load_result, markdown
@@ -286,35 +287,39 @@ def _is_fidelity(path: Path) -> bool:
         return False
 
 
-def main(argv: list[str]) -> int:
-    """``dskd report``: one markdown table from several result files."""
-    from dskd.cli import parser
+def report_command(
+    files: list[Path],
+    /,
+    baseline: str | None = None,
+    metric: str = "acc",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    out: Path | None = None,
+) -> str:
+    """Combine dskd eval result files into one markdown table, with the paired bootstrap 95% CI of each
+    difference against a baseline (fidelity result files get their own section).
 
-    p = parser(
-        "report",
-        "Combine dskd eval result files into one markdown table, with the paired bootstrap 95% CI of each\n"
-        "difference against a baseline.\n\n"
-        "  dskd report results/teacher.json results/student.json results/kd.json results/dskd.json "
-        "--baseline kd",
-    )
-    p.add_argument(
-        "files", nargs="+", type=Path, help="Result JSON files written by dskd eval (and dskd eval --fidelity)."
-    )
-    p.add_argument("--baseline", default=None, help="Name, file or model of the result to compare against.")
-    p.add_argument("--metric", choices=("acc", "acc_norm"), default="acc", help="Metric shown in the table.")
-    p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the intervals.")
-    p.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
-    p.add_argument("--out", type=Path, default=None, help="Also write the table to this markdown file.")
-    args = p.parse_args(argv)
-    if args.bootstrap < 1:
-        raise ReportError(f"--bootstrap: must be >= 1 (got {args.bootstrap})")
-    fid = [f for f in args.files if _is_fidelity(f)]
-    acc = [f for f in args.files if f not in fid]
-    parts = [report(acc, args.baseline, args.metric, args.bootstrap, args.seed)] if acc else []
-    parts += [fidelity_section(f, args.baseline) for f in fid]
+      dskd report results/teacher.json results/student.json results/kd.json results/dskd.json --baseline kd
+
+    Args:
+        files: Result JSON files written by ``dskd eval`` (and ``dskd fidelity``).
+        baseline: Name, file or model of the result to compare against.
+        metric: Metric shown in the table: acc or acc_norm.
+        bootstrap: Bootstrap resamples for the intervals.
+        seed: Bootstrap seed.
+        out: Also write the table to this markdown file.
+    """
+    if metric not in ("acc", "acc_norm"):
+        raise ReportError(f"--metric: must be acc or acc_norm (got {metric!r})")
+    if bootstrap < 1:
+        raise ReportError(f"--bootstrap: must be >= 1 (got {bootstrap})")
+    files = [Path(f) for f in files]
+    fid = [f for f in files if _is_fidelity(f)]
+    acc = [f for f in files if f not in fid]
+    parts = [report(acc, baseline, metric, bootstrap, seed)] if acc else []
+    parts += [fidelity_section(f, baseline) for f in fid]
     text = "\n".join(parts)
     print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return 0
+    if out:
+        write_text_atomic(Path(out), text)
+    return text

@@ -64,7 +64,7 @@ def test_one_pass_fills_the_cache_and_takes_the_continuation(kd, tmp_path):
     windows = prompts(V, n=3, seed=2)
     data = TokenData([p.clone() for p in ps] + [w.clone() for w in windows], {"hash": "h"})
     cfg = from_dict({"distill": {"cache_hidden_dtype": "float32", "cache_topk": 16}})
-    settings = cache_settings(cfg, V, "probe" if kd == "head" else None)
+    settings = cache_settings(cfg.distill, cfg.loss.T, V, "probe" if kd == "head" else None)
     out = write_cache(
         tmp_path / "c",
         data,
@@ -184,8 +184,8 @@ def test_prompt_styles_ask_the_same_training_questions(tokenizer):
     from dskd.tasks import get_task
 
     base = {"data": {"tasks": ["arc_easy"], "shots": 1, "max_items": 3, "chat": False}}
-    letter = task_prompts(from_dict(base), tokenizer)
-    cloze = task_prompts(from_dict({"data": {**base["data"], "style": "cloze"}}), tokenizer)
+    letter = task_prompts(from_dict(base).data, tokenizer)
+    cloze = task_prompts(from_dict({"data": {**base["data"], "style": "cloze"}}).data, tokenizer)
     assert len(letter) == len(cloze) == 3
     train = get_task("arc_easy").train_items()
     for lp, cp in zip(letter, cloze, strict=True):

@@ -82,3 +82,79 @@ def test_missing_package_gives_pip_command():
 
     with pytest.raises(AssetError, match="pip install --no-deps no-such-pkg"):
         package_dir("no_such_pkg_module", "no-such-pkg")
+
+
+def test_no_stage_module_imports_the_cli():
+    for path in (ROOT / "dskd").rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py") and path.parent.name == "dskd":
+            continue
+        text = path.read_text()
+        assert "from dskd.cli" not in text and "import dskd.cli" not in text, path
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_is_a_typed_function_taking_config(name):
+    """The parser of every command comes from its function: --config and the field docs' help."""
+    import importlib
+
+    from dskd.cli import build_parser
+
+    module, func = COMMANDS[name][0].split(":")
+    fn = getattr(importlib.import_module(module), func)
+    help_text = build_parser(name, fn).format_help()
+    assert "--config CONFIG" in help_text
+    if name == "senses build":  # a field doc of SenseConfig is the flag's help
+        assert "--senses.k K" in help_text and "Senses (k-means centroids) per token." in help_text
+        assert "--senses.max_samples" in help_text and "Per-token reservoir sample cap." in help_text
+
+
+def test_a_recipe_drives_a_section_command_and_flags_win(tmp_path):
+    """`senses build --config RECIPE` reads the recipe's model and senses sections (and ignores the rest);
+    dotted flags win over the file; a comma list is a list; a bare bool flag is true."""
+    from dskd.cli import parse_command
+    from dskd.senses import senses_build_command
+
+    recipe = ROOT / "configs" / "smollm2-135m_to_15l.yaml"
+    cfg = load_yaml(recipe)
+    kw = parse_command("senses build", senses_build_command, ["--config", str(recipe), "--out", str(tmp_path)])
+    assert kw["senses"] == cfg.senses and kw["model"] == cfg.model and kw["force"] is False
+    argv = ["--config", str(recipe), "--senses.k", "7", "--senses.corpus", "a.txt,b.txt", "--force", "--out", "o"]
+    kw = parse_command("senses build", senses_build_command, argv)
+    assert kw["senses"].k == 7 and kw["senses"].corpus == ["a.txt", "b.txt"] and kw["force"] is True
+    assert kw["senses"].max_tokens == cfg.senses.max_tokens
+
+
+def test_config_errors_of_every_command_name_the_flag(tmp_path, capsys):
+    assert main(["senses", "build", "--senses.k", "0", "--out", str(tmp_path)]) == 2
+    assert "--senses.k: must be >= 1" in capsys.readouterr().err
+    assert main(["senses", "build", "--k", "3", "--out", str(tmp_path)]) == 2  # the old spelling
+    assert "--k: unknown option; did you mean --senses.k?" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval:\n  limit: -1\n")
+    assert main(["eval", "--config", str(bad), "--out", str(tmp_path / "x.json")]) == 2
+    assert "--eval.limit: must be >= 0" in capsys.readouterr().err
+    bad.write_text("senses:\n  kk: 3\n")
+    assert main(["senses", "build", "--config", str(bad), "--out", str(tmp_path / "s")]) == 2
+    assert "--senses.kk: unknown option" in capsys.readouterr().err
+
+
+def test_data_and_report_do_not_import_the_scorer():
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, dskd.report, dskd.data, dskd.plan; print('dskd.evaluate' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_config_diff_names_the_dotted_fields():
+    from dskd.config import config_diff, to_dict
+
+    a = to_dict(RunConfig())
+    b = to_dict(RunConfig(out="elsewhere"))
+    assert config_diff(a, b) == []
+    b["loss"]["lam"], b["name"], b["senses"]["k"] = 0.0, "other", 9
+    assert config_diff(a, b) == ["loss.lam", "name", "senses.k"]
+    del b["fidelity"]  # a config saved before a section existed differs in every field of it
+    assert "fidelity.text_limit" in config_diff(a, b)

@@ -180,12 +180,12 @@ def test_distill_in_bfloat16_trains_float32_masters_and_exports_bfloat16(tiny_te
 
 
 def test_cache_build_and_eval_say_where_they_run(tiny_teacher_dir, text_file, tmp_path, capsys):
-    from dskd.cli import config_parser, parse_config
-    from dskd.data import build_teacher_cache
+    from dskd.cli import parse_command
+    from dskd.data import build_teacher_cache, cache_build_command
     from dskd.evaluate import evaluate
 
-    p = config_parser("cache build", "x")
-    cfg, _ = parse_config(p, ["--model.teacher", str(tiny_teacher_dir), "--device", "cpu", "--dtype", "bfloat16"])
+    argv = ["--model.teacher", str(tiny_teacher_dir), "--device", "cpu", "--dtype", "bfloat16"]
+    cfg = parse_command("cache build", cache_build_command, argv)["cfg"]
     assert (cfg.model.device, cfg.model.dtype, cfg.eval.dtype) == ("cpu", "bfloat16", "bfloat16")
     cfg = _cfg(tiny_teacher_dir, text_file, device="cpu", dtype="bfloat16")
     path = build_teacher_cache(cfg, tmp_path / "cache")

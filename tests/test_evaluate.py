@@ -258,15 +258,15 @@ def test_evaluate_writes_results_and_cli(tiny_teacher_dir, tmp_path, capsys):
     run.mkdir()
     (run / "student").symlink_to(tiny_teacher_dir)
     rc = dskd_main(
-        ["eval", "--model", str(run), "--tasks", "piqa,csqa", "--limit", "2", "--scoring", "letter", "--chat",
-         "--shots", "1", "--bootstrap", "10", "--out", str(tmp_path / "cli.json")]
+        ["eval", "--model", str(run), "--eval.tasks", "piqa,csqa", "--eval.limit", "2", "--eval.scoring", "letter",
+         "--eval.chat", "--eval.shots", "1", "--eval.bootstrap", "10", "--out", str(tmp_path / "cli.json")]
     )  # fmt: skip
     assert rc == 0
     cli = json.loads((tmp_path / "cli.json").read_text())
     assert cli["model_path"].endswith("student") and cli["config"]["chat"] is True
     assert set(cli["tasks"]) == {"piqa", "csqa"}
-    assert dskd_main(["eval", "--tasks", "piqa", "--out", str(tmp_path / "x.txt")]) == 2
-    assert dskd_main(["eval", "--tasks", "pika", "--out", str(tmp_path / "x.json")]) == 2
+    assert dskd_main(["eval", "--eval.tasks", "piqa", "--out", str(tmp_path / "x.txt")]) == 2
+    assert dskd_main(["eval", "--eval.tasks", "pika", "--out", str(tmp_path / "x.json")]) == 2
     assert "did you mean piqa" in capsys.readouterr().err
 
 

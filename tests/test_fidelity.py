@@ -114,17 +114,25 @@ def test_cli_end_to_end_with_probe(tmp_path, tiny_teacher_dir, tokenizer, capsys
     lex, store = tmp_path / "lex", tmp_path / "store"
     assert (
         main(
-            ["lexicon", "build", "--teacher", str(tiny_teacher_dir), "--source", f"pairs:{ant}:ant"]
+            ["lexicon", "build", "--model.teacher", str(tiny_teacher_dir), "--lexicon.sources", f"pairs:{ant}:ant"]
             + ["--out", str(lex)]
         )
         == 0
     )
-    argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus), "--out", str(store)]
-    assert main([*argv, "--k", "2", "--max-tokens", "1500", "--seq-len", "64", "--key", "actual"]) == 0
+    argv = ["senses", "build", "--model.teacher", str(tiny_teacher_dir), "--senses.corpus", str(corpus)]
+    argv += ["--out", str(store), "--senses.k", "2", "--senses.max_tokens", "1500", "--senses.seq_len", "64"]
+    assert main([*argv, "--senses.key", "actual"]) == 0
     out = tmp_path / "fid.json"
-    argv = ["eval", "--fidelity", "--teacher", str(tiny_teacher_dir), "--model", str(tmp_path / "run")]
-    argv += ["--model", f"self={tiny_teacher_dir}", "--baseline", "self", "--text-limit", "5", "--prompt-tasks"]
-    argv += ["arc_easy", "--prompt-limit", "3", "--bootstrap", "50", "--senses", str(store), "--lexicon", str(lex)]
+    argv = [
+        "fidelity",
+        "--model.teacher",
+        str(tiny_teacher_dir),
+        "--students",
+        f"{tmp_path / 'run'},self={tiny_teacher_dir}",
+    ]
+    argv += ["--baseline", "self", "--fidelity.text_limit", "5", "--fidelity.prompt_tasks", "arc_easy"]
+    argv += ["--fidelity.prompt_limit", "3", "--fidelity.shots", "1", "--fidelity.bootstrap", "50"]
+    argv += ["--senses_dir", str(store), "--lexicon_dir", str(lex)]
     assert main([*argv, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["complete"] and set(res["sets"]) == {"text", "prompts"}
@@ -143,12 +151,16 @@ def test_cli_end_to_end_with_probe(tmp_path, tiny_teacher_dir, tokenizer, capsys
 def test_cli_errors(tmp_path, tiny_teacher_dir, capsys):
     from dskd.__main__ import main
 
-    base = ["eval", "--fidelity", "--teacher", str(tiny_teacher_dir), "--model", str(tiny_teacher_dir)]
+    base = ["fidelity", "--model.teacher", str(tiny_teacher_dir), "--students", str(tiny_teacher_dir)]
     assert main([*base, "--out", str(tmp_path / "x.txt")]) == 2
     assert "--out" in capsys.readouterr().err
-    assert main([*base, "--senses", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert main([*base, "--senses_dir", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
     assert "needs both" in capsys.readouterr().err
-    assert main([*base, "--text-tasks", "arc_esay", "--out", str(tmp_path / "x.json")]) == 2
+    assert main([*base, "--fidelity.text_tasks", "arc_esay", "--out", str(tmp_path / "x.json")]) == 2
     assert "arc_esay" in capsys.readouterr().err
+    # the old spelling `dskd eval --fidelity` still runs `dskd fidelity`, with a note
+    assert main(["eval", "--fidelity", *base[1:], "--out", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is now `dskd fidelity`" in err and "dskd fidelity: error: --out" in err
     with pytest.raises(Exception, match="fidelity.text_limit"):
         FidelityConfig(text_limit=-1)

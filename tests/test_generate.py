@@ -243,11 +243,12 @@ def test_errors_name_the_flag_before_any_model_loads(tiny_teacher_dir, tmp_path,
     monkeypatch.setattr(dskd.models, "load_model", no_load)
     with pytest.raises(ConfigError, match="--eval.preset: unknown preset"):
         EvalConfig(preset="papr")
-    with pytest.raises(SystemExit):
-        dskd_main(["eval", "--preset", "papr", "--out", str(tmp_path / "x.json")])
-    assert "--preset" in capsys.readouterr().err
-    assert dskd_main(["eval", "--max-new-tokens", "0", "--out", str(tmp_path / "x.json")]) != 0
-    assert "--max-new-tokens: the generation budget must be >= 1" in capsys.readouterr().err
+    assert dskd_main(["eval", "--eval.preset", "papr", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--eval.preset: unknown preset" in capsys.readouterr().err
+    assert dskd_main(["eval", "--eval.max_new_tokens", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--eval.max_new_tokens: the generation budget must be >= 1" in capsys.readouterr().err
+    assert dskd_main(["eval", "--max-new-tokens", "3", "--out", str(tmp_path / "x.json")]) == 2
+    assert "did you mean --eval.max_new_tokens" in capsys.readouterr().err  # the old spelling points to the new
     with pytest.raises(ConfigError, match="--scoring: squad is extractive QA"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["squad"]), tmp_path / "x.json")
     with pytest.raises(Exception, match="--tasks: unknown task 'squda'; did you mean squad"):
@@ -277,8 +278,9 @@ def test_errors_name_the_flag_before_any_model_loads(tiny_teacher_dir, tmp_path,
 
 def test_eval_cli_with_the_paper_preset(tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "paper.json"
-    args = ["eval", "--model", str(tiny_teacher_dir), "--preset", "paper", "--limit", "2", "--max-new-tokens", "3"]
-    assert dskd_main([*args, "--bootstrap", "10", "--out", str(out)]) == 0
+    args = ["eval", "--model", str(tiny_teacher_dir), "--eval.preset", "paper", "--eval.limit", "2"]
+    args += ["--eval.max_new_tokens", "3"]
+    assert dskd_main([*args, "--eval.bootstrap", "10", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert list(res["tasks"]) == ["arc_challenge", "csqa", "piqa", "mmlu", "squad"]
     assert res["tasks"]["squad"]["primary"] == "f1" and res["tasks"]["mmlu"]["n"] == 2

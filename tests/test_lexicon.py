@@ -83,7 +83,8 @@ def test_malformed_lines_fail_above_the_share_and_are_reported(
 ):
     source = spec.format(FIX / fixture)
     with pytest.raises(
-        LexiconError, match=rf"{count} of \d+ lines are malformed \(first at line {first}\).*--max-malformed-share"
+        LexiconError,
+        match=rf"{count} of \d+ lines are malformed \(first at line {first}\).*--lexicon.max_malformed_share",
     ):
         build(tokenizer, tmp_path, source)
     cfg = LexiconConfig(sources=[source], max_malformed_share=0.6)
@@ -327,7 +328,7 @@ def test_load_refuses_incomplete_folder(tmp_path):
     (d / "meta.json").write_text(json.dumps({"format": {"name": "dskd-lexicon", "version": 1}, "complete": False}))
     with pytest.raises(LexiconError, match="incomplete"):
         Lexicon.load(d)
-    with pytest.raises(LexiconError, match="not a lexicon folder"):
+    with pytest.raises(LexiconError, match="lexicon folder not found"):
         Lexicon.load(tmp_path / "none")
 
 
@@ -336,7 +337,7 @@ def test_load_refuses_incomplete_folder(tmp_path):
 
 def test_cli_build_and_show(tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "lex"
-    argv = ["lexicon", "build", "--teacher", str(tiny_teacher_dir), "--source", KAIKKI, "--source", ANTONYMS]
+    argv = ["lexicon", "build", "--model.teacher", str(tiny_teacher_dir), "--lexicon.sources", f"{KAIKKI},{ANTONYMS}"]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "heads" in printed and "negation normalisation" in printed
@@ -350,12 +351,24 @@ def test_cli_build_and_show(tiny_teacher_dir, tmp_path, capsys):
 
 def test_cli_bad_source_is_reported_before_loading(capsys, tmp_path):
     assert (
-        main(["lexicon", "build", "--teacher", "no/such/model", "--source", "wiktionary", "--out", str(tmp_path)]) == 2
+        main(
+            [
+                "lexicon",
+                "build",
+                "--model.teacher",
+                "no/such/model",
+                "--lexicon.sources",
+                "wiktionary",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
     )
     err = capsys.readouterr().err
     assert "unknown source" in err and "kaikki:FILE" in err
     missing = tmp_path / "x.txt"
-    assert main(["lexicon", "build", "--source", f"pairs:{missing}:syn", "--out", str(tmp_path / "o")]) == 2
+    assert main(["lexicon", "build", "--lexicon.sources", f"pairs:{missing}:syn", "--out", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
 
 

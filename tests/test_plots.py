@@ -44,7 +44,7 @@ def test_cli_figure_with_six_words(tmp_path, tiny_teacher_dir, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text(TOY_TEXT)
     png = tmp_path / "fig.png"
-    argv = ["plot", "senses", "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus), "--per-word", "12"]
+    argv = ["plot", "senses", "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus), "--per_word", "12"]
     assert main([*argv, "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000
     info = json.loads(png.with_suffix(".json").read_text())

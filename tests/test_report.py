@@ -69,7 +69,7 @@ def test_report_errors(tmp_path):
     with pytest.raises(ReportError, match="--baseline"):
         report([f], baseline="nope")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"format": {"name": "dskd-eval"}, "complete": False, "tasks": {}}))
+    bad.write_text(json.dumps({"format": {"name": "dskd-eval", "version": 1}, "complete": False, "tasks": {}}))
     with pytest.raises(ReportError, match="incomplete"):
         report([bad])
     with pytest.raises(ReportError, match="not found"):

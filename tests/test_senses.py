@@ -333,14 +333,17 @@ def test_cli_build_show_plot(tmp_path, tiny_teacher_dir, toy_corpus, capsys):
     from dskd.__main__ import main
 
     out = tmp_path / "store"
-    argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--corpus", str(toy_corpus / "a.txt")]
-    argv += ["--out", str(out), "--k", "3", "--max-tokens", "1500", "--seq-len", "64", "--key", "actual"]
+    argv = ["senses", "build", "--model.teacher", str(tiny_teacher_dir), "--senses.corpus", str(toy_corpus / "a.txt")]
+    argv += ["--out", str(out), "--senses.k", "3", "--senses.max_tokens", "1500", "--senses.seq_len", "64"]
+    argv += ["--senses.key", "actual"]
     assert main(argv) == 0
     assert main(["senses", "show", str(out), "red"]) == 0
     text = capsys.readouterr().out
     assert "'red'" in text and "sense 0" in text and "nearest" in text
     png = tmp_path / "fig.png"
-    assert main(["plot", "senses", str(out), "--words", "red,blue,car,bus,opposite", "--out", str(png)]) == 0
+    assert main(["plot", "senses", "--store", str(out), "--words", "red,blue,car,bus,opposite", "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
-    assert main(["senses", "build", "--teacher", str(tiny_teacher_dir), "--out", str(out), "--k", "0"]) == 2
+    assert (
+        main(["senses", "build", "--model.teacher", str(tiny_teacher_dir), "--out", str(out), "--senses.k", "0"]) == 2
+    )
     assert "--senses.k" in capsys.readouterr().err

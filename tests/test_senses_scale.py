@@ -239,9 +239,9 @@ def test_cli_device_error_names_the_flag(tiny_teacher_dir, tmp_path, capsys, mon
     from dskd.__main__ import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["senses", "build", "--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "s"), "--device", "cuda"]
-    assert main(argv) == 2
-    assert "--device: 'cuda'" in capsys.readouterr().err
+    argv = ["senses", "build", "--model.teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "s")]
+    assert main([*argv, "--senses.device", "cuda"]) == 2
+    assert "device: 'cuda'" in capsys.readouterr().err
 
 
 def test_kmeans_on_a_row_source_equals_the_tensor(tmp_path):
@@ -324,9 +324,10 @@ def _torchrun(n: int, args: list[str], tmp_path: Path) -> None:
 
 def _args(teacher: Path, corpus: Path, out: Path, cap: int) -> list[str]:
     return [
-        *("--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out), "--k", "3"),
-        *("--max-samples", str(cap), "--max-tokens", "1500", "--seq-len", "32", "--batch-size", "4"),
-        *("--block-chars", "300", "--checkpoint-every", "2", "--keep-samples"),
+        *("--model.teacher", str(teacher), "--senses.corpus", str(corpus), "--out", str(out), "--senses.k", "3"),
+        *("--senses.max_samples", str(cap), "--senses.max_tokens", "1500", "--senses.seq_len", "32"),
+        *("--senses.batch_size", "4", "--senses.block_chars", "300", "--senses.checkpoint_every", "2"),
+        "--senses.keep_samples",
     ]
 
 

@@ -7,7 +7,7 @@ One module per stage:
 - :mod:`~dskd.senses.kmeans`: batched k-means over many small groups (pure tensor code);
 - :mod:`~dskd.senses.store`: the on-disk store, its reader and the queries on it;
 - :mod:`~dskd.senses.build`: gathering (one or several processes), merging, clustering, writing;
-- :mod:`~dskd.senses.cli`: ``dskd senses build``, ``dskd senses show``, ``dskd plot senses``.
+- :mod:`~dskd.senses.cli`: ``dskd senses build`` and ``dskd senses show`` as library functions.
 
 See :mod:`dskd.senses.build` for the pipeline and :mod:`dskd.senses.store` for the store layout.
 """
@@ -19,7 +19,7 @@ from dskd.senses.build import (
     gather_batch,
     load_samples,
 )
-from dskd.senses.cli import build_main, plot_main, show_main
+from dskd.senses.cli import STORE_ARTEFACT, open_store, senses_build_command, senses_show_command
 from dskd.senses.corpus import (
     BUILTIN_CORPORA,
     CorpusError,
@@ -56,6 +56,7 @@ __all__ = [
     "MAX_SPAN",
     "META_FILE",
     "SAMPLES_FILE",
+    "STORE_ARTEFACT",
     "STORE_FILE",
     "MultiRowSource",
     "Reservoir",
@@ -63,7 +64,6 @@ __all__ = [
     "SenseError",
     "SenseStore",
     "TokenStream",
-    "build_main",
     "build_senses",
     "cluster_groups",
     "compose_senses",
@@ -73,10 +73,11 @@ __all__ = [
     "kmeans_padded",
     "load_samples",
     "nearest_tokens",
-    "plot_main",
+    "open_store",
     "resolve_device",
     "resolve_dtype",
-    "show_main",
+    "senses_build_command",
+    "senses_show_command",
     "token_stream",
     "windows",
     "word_senses",
