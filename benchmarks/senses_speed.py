@@ -5,7 +5,7 @@
    so that load from other processes hits both alike; the first pair is a warm-up. The reservoir is a
    build's: its rows go to a file.
 2. Batched k-means (``dskd.senses.cluster_groups``) vs a per-token scikit-learn ``KMeans`` loop (what
-   the reference code does) on the samples of a real store built with ``--keep-samples``
+   the reference code does) on the samples of a real store built with ``--senses.keep_samples true``
    (target: >= 10x faster at <= 2% higher total inertia).
 
 Usage::
@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument(
         "--store",
         default="/tmp/senses_200k",
-        help="A store built with --keep-samples (or a progress-*.safetensors checkpoint, cap 2000).",
+        help="A store built with --senses.keep_samples true (or a progress-*.safetensors checkpoint, cap 2000).",
     )
     p.add_argument("--k", type=int, default=5, help="Senses per token.")
     p.add_argument("--iters", type=int, default=25, help="Lloyd iterations of the batched k-means.")
