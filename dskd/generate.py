@@ -174,11 +174,13 @@ def generate_texts(
         The generated text of each prompt, in the order of ``prompts``.
     """
     if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: the generation budget must be >= 1 (got {max_new_tokens})")
+        raise ConfigError(f"--eval.max_new_tokens: the generation budget must be >= 1 (got {max_new_tokens})")
     ids = [list(x) for x in (token_ids if token_ids is not None else encode_prompts(tokenizer, prompts))]
     room = max_positions(model) - max_new_tokens
     if room < 1:
-        raise ConfigError(f"--max-new-tokens: {max_new_tokens} leaves no room for the prompt ({max_positions(model)})")
+        raise ConfigError(
+            f"--eval.max_new_tokens: {max_new_tokens} leaves no room for the prompt ({max_positions(model)})"
+        )
     ids = [x[-room:] for x in ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = 0 if pad is None else pad

@@ -60,7 +60,7 @@ def task_configs(cfg: EvalConfig) -> list[tuple[str, EvalConfig]]:
     if not cfg.preset:
         return [(t, cfg) for t in cfg.tasks]
     if cfg.preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
+        raise ConfigError(f"--eval.preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
     return [
         (p.task, dataclasses.replace(cfg, tasks=[p.task], shots=p.shots, chat=p.chat, scoring=p.scoring))
         for p in PRESETS[cfg.preset]
@@ -106,7 +106,7 @@ def plan(cfg: EvalConfig) -> list[tuple[Task, list[Item], EvalConfig]]:
         task = get_task(name, sources.get(get_task(name).name))
         if task.kind == "qa" and c.scoring != "generate":
             raise ConfigError(
-                f"--scoring: {task.name} is extractive QA, scored only by generation; use --scoring generate"
+                f"--eval.scoring: {task.name} is extractive QA, scored only by generation; use --eval.scoring generate"
             )
         items = preset_items(task, c.limit) if cfg.preset else select_items(task, c.limit)
         out.append((task, items, c))
@@ -119,10 +119,10 @@ def check_chat(tokenizer, work: list[tuple[Task, list[Item], EvalConfig]], prese
         return
     chat = [t.name for t, _, c in work if c.chat]
     if chat:
-        why = f"--preset {preset} uses chat prompts" if preset else "--chat asks for chat prompts"
+        why = f"--eval.preset {preset} uses chat prompts" if preset else "--eval.chat asks for chat prompts"
         raise ConfigError(
-            f"--chat: this tokenizer has no chat template, but {why} (tasks: {', '.join(chat)}); "
-            + ("evaluate a chat model" if preset else "use --no-chat")
+            f"--eval.chat: this tokenizer has no chat template, but {why} (tasks: {', '.join(chat)}); "
+            + ("evaluate a chat model" if preset else "use --eval.chat false")
         )
 
 

@@ -17,7 +17,7 @@ LETTER_INSTRUCTION = "Answer with the letter of the correct choice."
 
 def _chat(tokenizer, turns: list[tuple[str, str]], last: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--chat: this tokenizer has no chat template; use --no-chat")
+        raise ConfigError("--eval.chat / --data.chat: this tokenizer has no chat template; set it to false")
     messages: list[dict[str, str]] = []
     for user, assistant in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]

@@ -160,7 +160,7 @@ def test_stages_refuse_an_absent_gpu_before_loading(tiny_teacher_dir, text_file,
         distill(cfg, tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="--model.device: 'cuda'"):
         build_teacher_cache(cfg, tmp_path / "cache")
-    with pytest.raises(ConfigError, match="--device: 'cuda'"):
+    with pytest.raises(ConfigError, match="--eval.device: 'cuda'"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["arc_easy"], limit=2, device="cuda"), tmp_path / "e.json")
 
 

@@ -249,7 +249,7 @@ def test_errors_name_the_flag_before_any_model_loads(tiny_teacher_dir, tmp_path,
     assert "--eval.max_new_tokens: the generation budget must be >= 1" in capsys.readouterr().err
     assert dskd_main(["eval", "--max-new-tokens", "3", "--out", str(tmp_path / "x.json")]) == 2
     assert "did you mean --eval.max_new_tokens" in capsys.readouterr().err  # the old spelling points to the new
-    with pytest.raises(ConfigError, match="--scoring: squad is extractive QA"):
+    with pytest.raises(ConfigError, match="--eval.scoring: squad is extractive QA"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["squad"]), tmp_path / "x.json")
     with pytest.raises(Exception, match="--tasks: unknown task 'squda'; did you mean squad"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["squda"], scoring="generate"), tmp_path / "x.json")
@@ -264,14 +264,14 @@ def test_errors_name_the_flag_before_any_model_loads(tiny_teacher_dir, tmp_path,
         if f.name in ("config.json", "model.safetensors"):
             (plain / f.name).write_bytes(f.read_bytes())
     (plain / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(ConfigError, match="--chat: this tokenizer has no chat template, but --preset paper"):
+    with pytest.raises(ConfigError, match="--eval.chat: this tokenizer has no chat template, but --eval.preset paper"):
         evaluate(str(plain), EvalConfig(preset="paper", limit=1), tmp_path / "x.json")
     # the main job refuses before any stage runs, naming the field that skips the protocol
-    with pytest.raises(ConfigError, match="--eval.paper_limit: --chat: this tokenizer has no chat template"):
+    with pytest.raises(ConfigError, match="--eval.paper_limit: --eval.chat: this tokenizer has no chat template"):
         check_paper(EvalConfig(paper_limit=3), str(plain))
     check_paper(EvalConfig(paper_limit=-1), str(plain))
     check_paper(EvalConfig(paper_limit=3), str(tiny_teacher_dir))
-    with pytest.raises(ConfigError, match="use --no-chat"):
+    with pytest.raises(ConfigError, match="use --eval.chat false"):
         check_chat(tok, [(ToyMc(), [], EvalConfig(chat=True))])
     assert not (tmp_path / "x.json").exists()
 

@@ -178,7 +178,7 @@ def _lexicon(lexicon_dir: Path | None, tokenizer):
     from dskd.lexicon import Lexicon
 
     if not Path(lexicon_dir).exists():
-        raise SenseError(f"--lexicon {lexicon_dir}: no such folder (build it with `dskd lexicon build`)")
+        raise SenseError(f"--lexicon_dir {lexicon_dir}: no such folder (build it with `dskd lexicon build`)")
     return Lexicon.load(lexicon_dir, tokenizer)
 
 
@@ -724,7 +724,7 @@ def build_senses(
     device = cfg.device if device is None else device
     sample_dtype = cfg.sample_dtype if sample_dtype is None else sample_dtype
     block_chars = cfg.block_chars if block_chars is None else block_chars
-    dev = resolve_device(device, flag="--device")
+    dev = resolve_device(device, flag="--senses.device")
     if dev.type == "cuda" and dev.index is None:  # under several processes, each its own GPU
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     t_dtype = dtype_name(resolve_dtype(teacher_dtype, dev, flag="--dtype"))
