@@ -53,6 +53,93 @@ def test_row_file_round_trip(tmp_path, dtype):
     assert torch.equal(rf.take_raw(torch.tensor([120])), x[:1].to(dtype))
 
 
+def test_row_file_row_given_twice_gets_its_last_value(tmp_path):
+    rf = S.RowFile(tmp_path / "rows.bin", 4, torch.float32)
+    x = torch.arange(20.0).view(5, 4)
+    rf.write(torch.tensor([3, 1, 3, 2, 3]), x)  # row 3 three times in one call: the last (x[4]) wins
+    assert torch.equal(rf.take(torch.tensor([1, 2, 3])), x[[1, 3, 4]])
+    rf.write(torch.tensor([1]), -x[:1])  # a later call overwrites
+    assert torch.equal(rf.take(torch.tensor([1, 3])), torch.stack([-x[0], x[4]]))
+
+
+def test_row_file_persists_after_flush_and_close(tmp_path):
+    path = tmp_path / "rows.bin"
+    rf = S.RowFile(path, 6, torch.bfloat16)
+    x = torch.randn(30, 6)
+    rf.write(torch.arange(10, 40), x)
+    rf.flush()
+    rf.close()
+    rf.close()  # twice is harmless
+    back = S.RowFile(path, 6, torch.bfloat16, writable=False)
+    assert back.n_rows >= 40
+    assert torch.equal(back.take_raw(torch.arange(10, 40)), x.to(torch.bfloat16))
+    with pytest.raises(FileNotFoundError):
+        S.RowFile(tmp_path / "missing.bin", 6, torch.float32, writable=False)
+
+
+def test_row_file_reads_any_order_and_refuses_rows_outside(tmp_path):
+    rf = S.RowFile(tmp_path / "rows.bin", 3, torch.float16)
+    x = torch.randn(8, 3)
+    rf.write(torch.arange(8), x)
+    rows = torch.tensor([5, 0, 5, 2, 7, 0])  # unsorted, with repeats
+    assert torch.equal(rf.take(rows), x.half().float()[rows])
+    assert rf.take(torch.zeros(0, dtype=torch.int64)).shape == (0, 3)
+    for bad in ([rf.n_rows], [-1], [0, rf.n_rows + 5]):
+        with pytest.raises(IndexError, match="rows.bin"):
+            rf.take(torch.tensor(bad))
+
+
+def test_row_file_writes_and_reads_a_run_of_rows_in_one_call(tmp_path, monkeypatch):
+    # One system call per run of consecutive rows, whatever order the rows come in: a reservoir's new
+    # samples go to consecutive fresh rows, so a batch is a few calls, not one per row.
+    calls = {"pwrite": 0, "preadv": 0}
+    for name in calls:
+        real = getattr(os, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(os, name, counted)
+    rf = S.RowFile(tmp_path / "rows.bin", 4, torch.float32)
+    x = torch.randn(100, 4)
+    rows = torch.cat([torch.arange(60, 100), torch.arange(0, 50)])[torch.randperm(90)]  # two runs, shuffled
+    rf.write(rows, x[:90])
+    assert calls["pwrite"] == 2
+    assert torch.equal(rf.take(rows), x[:90])
+    assert calls["preadv"] == 2
+
+
+def test_senses_rows_benchmark_runs_at_tiny_size(capsys):
+    import importlib.util
+
+    from dskd.senses import reservoir
+
+    spec = importlib.util.spec_from_file_location("senses_rows", ROOT / "benchmarks" / "senses_rows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(
+        [
+            "--positions",
+            "3000",
+            "--batch",
+            "256",
+            "--cap",
+            "20",
+            "--dim",
+            "8",
+            "--vocab",
+            "300",
+            "--checkpoint-every",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "same samples as the file: True" in out
+    assert "pwrite" in out and "preadv" in out and "fsync" in out  # counted while the benchmark ran
+    assert reservoir.os is os  # the counting patch is undone
+
+
 def test_file_reservoir_equals_memory_reservoir(tmp_path):
     # Copy-on-write (checkpointing) moves replaced samples to fresh rows; the samples stay the same.
     g = torch.Generator().manual_seed(0)
