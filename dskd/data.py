@@ -184,7 +184,7 @@ def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
     rng = random.Random(dc.seed)
     prompts = []
     for name in dc.tasks:
-        task = get_task(name)
+        task = get_task(name, flag="--data.tasks")
         items = list(task.train_items())
         if not items:
             raise DataError(f"--data.tasks: task {name!r} has no training items")

@@ -688,7 +688,7 @@ def parse_sources(data: Sequence[str]) -> dict[str, str]:
         name, sep, source = entry.partition("=")
         if not sep or not name or not source:
             raise ConfigError(f"--eval.data: expected TASK=DATASET (got {entry!r})")
-        out[get_task(name).name] = source
+        out[get_task(name, flag="--eval.data").name] = source
     return out
 
 
