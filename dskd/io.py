@@ -44,6 +44,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+    """Write ``obj`` as JSON atomically (:func:`write_text_atomic`); values JSON cannot hold become strings."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
+
+
 def replace_dir(src: str | Path, dst: str | Path) -> None:
     """Move the finished folder ``src`` to ``dst``, replacing any folder there whole or not at all.
 
@@ -139,7 +144,7 @@ def sidecar(kind: Artefact, *, fingerprint: str | None = None, inputs_hash: str 
 def write_sidecar(folder: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``meta`` (from :func:`sidecar`) as ``folder/meta.json`` atomically; returns its path."""
     path = Path(folder) / META_FILE
-    write_text_atomic(path, json.dumps(meta, indent=2, default=str))
+    write_json(path, meta)
     return path
 
 

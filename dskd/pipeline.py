@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
-from dskd.io import atomic_dir, stable_hash, write_text_atomic
+from dskd.io import atomic_dir, stable_hash, write_json, write_text_atomic
 
 _SENSE_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")  # SenseConfig fields added later
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
@@ -75,10 +75,6 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     return q
 
 
-def _write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
-
-
 class Pipeline:
     """Runs stages into one folder and remembers what each was built from."""
 
@@ -104,7 +100,7 @@ class Pipeline:
         dt = time.time() - t0
         self.timings[key] = dt
         self.state[key] = {"hash": h, "path": str(path), "complete": True, "seconds": round(dt, 1)}
-        _write_json(self.state_file, self.state)
+        write_json(self.state_file, self.state)
         self.log(f"[done] {key:<24} {dt:7.1f}s")
         return h
 
@@ -200,7 +196,7 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 
     def do_senses() -> None:
         build_senses(cfg.model.teacher, sen_cfg, lex_dir, sen_dir)
-        _write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
+        write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
 
     h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses)
     if (out / "senses_coverage.json").is_file():
@@ -224,7 +220,12 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     }
     h_cache = h_lex
     if cfg.distill.teacher_cache:
-        h_cache = pipe.stage("cache", cache_inputs, cache_dir, lambda: build_teacher_cache(cfg, cache_dir))
+        h_cache = pipe.stage(
+            "cache",
+            cache_inputs,
+            cache_dir,
+            lambda: build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, cache_dir),
+        )
     return {
         "lexicon": lex_dir,
         "senses": sen_dir,
@@ -595,7 +596,7 @@ def experiment(
 
     table = experiment_table(files, refs, baseline=baseline, descriptions={a: parse_arm(a)[2] for a in arms})
     write_text_atomic(out / f"{report_name}.md", table + "\n")
-    _write_json(
+    write_json(
         out / f"{report_name}.json",
         {
             "arms": arms,
