@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
+from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
 from dskd.io import (
     Artefact,
     atomic_dir,
@@ -390,12 +390,9 @@ def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
     """A run folder started with another config is moved out of the way (resume needs the same one)."""
     import shutil
 
-    import yaml
+    from dskd.distill import config_changes
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    if config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(c)):
+    if config_changes(run_dir, c):
         stale = run_dir.with_name(f".{run_dir.name}.stale")
         if stale.exists():
             shutil.rmtree(stale)
