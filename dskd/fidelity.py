@@ -29,7 +29,6 @@ compared with a paired bootstrap over the same documents, and a markdown table n
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from dskd.config import ConfigError, DataConfig, DskdError, EvalConfig, FidelityConfig, ModelConfig
-from dskd.io import Artefact, read_sidecar, write_text_atomic
+from dskd.io import Artefact, read_sidecar, write_json, write_text_atomic
 from dskd.models import lm_head_logits as _head
 
 FORMAT = {"name": "dskd-fidelity", "version": 1}
@@ -489,7 +488,7 @@ def fidelity(
         }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["complete"] = True
-    write_text_atomic(out, json.dumps(result, indent=1))
+    write_json(out, result, indent=1)
     write_text_atomic(out.with_suffix(".md"), markdown(result, baseline))
     return result
 

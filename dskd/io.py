@@ -44,7 +44,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
     """Write ``obj`` as JSON atomically (:func:`write_text_atomic`); values JSON cannot hold become strings."""
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
 
