@@ -143,10 +143,10 @@ class Pipeline:
         """A run folder written before the sidecars held the inputs hash kept it in ``pipeline.json``
         (``hash``, ``complete``): a whole artefact built from the same inputs is stamped and kept."""
         old = self.state.get(key, {})
-        if old.get("hash") != h or not old.get("complete") or not Path(old.get("path", path)).exists():
+        if old.get("hash") != h or not old.get("complete"):
             return False
-        if own:
-            if sidecar_file(path).exists() or not path.exists():
+        if own:  # no sidecar to check: the output must be there (a folder not empty)
+            if sidecar_file(path).exists() or not path.exists() or (path.is_dir() and not any(path.iterdir())):
                 return False
         else:
             try:
@@ -155,6 +155,8 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - an incomplete or damaged artefact is rebuilt
                 return False
         record_inputs(path, kind, h, create=own)
+        self.state[key] = {"path": str(path), "seconds": old.get("seconds")}  # the hash lives in the sidecar now
+        write_json(self.state_file, self.state)
         return True
 
 

@@ -139,6 +139,7 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     sixth = capsys.readouterr().out
     assert "[run ]" not in sixth, sixth
     assert all("inputs_hash" in json.loads(sidecar_file(r["path"]).read_text()) for r in state.values())
+    assert not any("hash" in r for r in json.loads((out / "pipeline.json").read_text()).values())
     # a legacy stage built from other inputs is rebuilt, one built from the same is adopted
     for key in ("eval:kd", "eval:dskd"):
         meta = json.loads(sidecar_file(legacy[key]["path"]).read_text())
