@@ -104,7 +104,10 @@ def main() -> int:
             mod = old if name == "old" else new
             shutil.rmtree(folders[name], ignore_errors=True)
             t = time.perf_counter()
-            mod.ensure_cache(cfg, pair, folders[name], force=True)
+            if mod is new:
+                mod.ensure_cache(cfg.data, cfg.distill, cfg.loss.T, pair, folders[name], force=True)
+            else:  # the old module's signature took the whole recipe
+                mod.ensure_cache(cfg, pair, folders[name], force=True)
             times[name].append(time.perf_counter() - t)
             print(f"repeat {r}: {name} path {times[name][-1]:.1f} s", flush=True)
 

@@ -215,7 +215,7 @@ def main() -> int:
     from dskd.data import TeacherCache, build_teacher_cache
 
     print(f"building the teacher cache (and the training set) in {cache_dir} ...", flush=True)
-    build_teacher_cache(cfg, cache_dir)
+    build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, cache_dir)
     data = TeacherCache.open(cache_dir).data
     lens = [len(s) for s in data.seqs]
     print(f"{len(data)} sequences, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f})")

@@ -181,11 +181,26 @@ class Bench:
             )
         return t["dskd"], t["lmeval"], res["dskd"], res["lmeval"]
 
+    def race(self, tag: str, task, items: list, cfg, chunks: list) -> tuple[float, float, list, list]:
+        """dskd's ``score_task`` on ``items`` and lm-eval on the same items written as ``chunks`` (one
+        task folder each, ``args.chunk`` items), chunk by chunk (:meth:`alternate`)."""
+        from dskd.evaluate import score_task
+
+        manager, size = self.manager_for(), self.args.chunk
+
+        def ours(k):
+            return _timed(score_task, self.model, self.tok, task, items[k * size : (k + 1) * size], cfg)
+
+        def theirs(k):
+            return run_lmeval(self.lm, manager, chunks[k])
+
+        return self.alternate(tag, len(chunks), ours, theirs)
+
 
 # ---- log-likelihood rows -------------------------------------------------------------------------
 def loglik_row(b: Bench, name: str, shots: int) -> dict:
     from dskd.config import EvalConfig
-    from dskd.evaluate import loglik_requests, score_task, select_items
+    from dskd.evaluate import loglik_requests, select_items
     from dskd.tasks import get_task
 
     task = get_task(name)
@@ -205,16 +220,8 @@ def loglik_row(b: Bench, name: str, shots: int) -> dict:
         text = CLOZE
     tag = f"{name}_{shots}shot"
     chunks = write_chunks(b.folder, tag, docs, chunk, YAML_MC, text=text)
-    manager = b.manager_for()
     cfg = EvalConfig(tasks=[name], shots=shots, batch_size=b.args.batch_size, bootstrap=0)
-
-    def ours(k):
-        return _timed(score_task, b.model, b.tok, task, items[k * chunk : (k + 1) * chunk], cfg)
-
-    def theirs(k):
-        return run_lmeval(b.lm, manager, chunks[k])
-
-    t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
+    t_ours, t_theirs, r_ours, r_theirs = b.race(tag, task, items, cfg, chunks)
     pred = [p for e in r_ours for p in e["items"]["pred"]]
     pred_norm = [p for e in r_ours for p in e["items"]["pred_norm"]]
     ll_ours = [v for e in r_ours for v in e["items"]["loglik"]]
@@ -271,7 +278,6 @@ def generate_row(b: Bench, name: str, shots: int) -> dict:
     docs = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
     tag = f"{name}_{shots}shot_gen"
     chunks = write_chunks(b.folder, tag, docs, chunk, YAML_GEN, until=json.dumps(stop), budget=budget)
-    manager = b.manager_for()
     cfg = EvalConfig(
         tasks=[name],
         shots=shots,
@@ -282,15 +288,7 @@ def generate_row(b: Bench, name: str, shots: int) -> dict:
         max_new_tokens=budget,
         stop=stop,
     )
-    from dskd.evaluate import score_task
-
-    def ours(k):
-        return _timed(score_task, b.model, b.tok, task, items[k * chunk : (k + 1) * chunk], cfg)
-
-    def theirs(k):
-        return run_lmeval(b.lm, manager, chunks[k])
-
-    t_ours, t_theirs, r_ours, r_theirs = b.alternate(tag, len(chunks), ours, theirs)
+    t_ours, t_theirs, r_ours, r_theirs = b.race(tag, task, items, cfg, chunks)
     gen_ours = [g for e in r_ours for g in e["items"]["generation"]]
     gen_theirs = [s["resps"][0][0] for samples in r_theirs for s in samples]
     n = len(items)

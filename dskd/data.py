@@ -53,8 +53,8 @@ from typing import Any
 
 import torch
 
-from dskd.config import DataConfig, DskdError, RunConfig, TrainConfig
-from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_text_atomic
+from dskd.config import DataConfig, DskdError, ModelConfig, RunConfig, TrainConfig
+from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_json
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
 
@@ -128,7 +128,7 @@ class TokenData:
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.tensors(), str(folder / "dataset.safetensors"))
-        _write_json(folder / "recipe.json", {"format": DATA_FORMAT, **self.recipe})
+        write_recipe(folder, self.recipe)
 
     @classmethod
     def load(cls, folder: Path) -> TokenData:
@@ -144,9 +144,9 @@ def _split(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
     return [flat[offsets[i] : offsets[i + 1]].long() for i in range(len(offsets) - 1)]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+def write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
+    """Write a training set's ``recipe.json`` (format tag + :func:`data_recipe`) into ``folder``, atomically."""
+    write_json(folder / "recipe.json", {"format": DATA_FORMAT, **recipe}, sort_keys=True)
 
 
 def data_recipe(data: DataConfig, tokenizer_fp: str, teacher_fp: str) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
     rng = random.Random(dc.seed)
     prompts = []
     for name in dc.tasks:
-        task = get_task(name)
+        task = get_task(name, flag="--data.tasks")
         items = list(task.train_items())
         if not items:
             raise DataError(f"--data.tasks: task {name!r} has no training items")
@@ -208,14 +208,14 @@ def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
     return prompts
 
 
-def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
+def text_windows(dc: DataConfig, tokenizer) -> list[torch.Tensor]:
     """Token windows (at most ``data.max_length`` tokens) of the documents of ``data.text_files``,
     read by the one corpus reader (:mod:`dskd.corpus`: each ``.txt`` paragraph, each ``.jsonl``
     line's ``text``, ``passage`` or ``content`` field)."""
     from dskd.corpus import CorpusError, file_documents
 
     out = []
-    for f in cfg.data.text_files:
+    for f in dc.text_files:
         try:
             texts = list(
                 file_documents(Path(f).expanduser(), flag="--data.text_files", max_chars=0)
@@ -224,8 +224,8 @@ def text_windows(cfg: RunConfig, tokenizer) -> list[torch.Tensor]:
             raise DataError(str(e)) from e
         for text in texts:
             ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-            for s in range(0, len(ids), cfg.data.max_length):
-                w = ids[s : s + cfg.data.max_length]
+            for s in range(0, len(ids), dc.max_length):
+                w = ids[s : s + dc.max_length]
                 if len(w) >= 2:
                     out.append(w)
     return out
@@ -298,38 +298,37 @@ def greedy_continuations(
     return out
 
 
-def prompt_and_text_sequences(cfg: RunConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def prompt_and_text_sequences(dc: DataConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The tokenised prompts (truncated from the left to leave room for the continuation) and text windows."""
-    dc = cfg.data
     keep = dc.max_length - dc.continuation_tokens
     prompts = []
     for prompt in task_prompts(dc, tokenizer):
         # chat prompts carry their special tokens as text already
         ids = torch.tensor(tokenizer(prompt, add_special_tokens=not dc.chat)["input_ids"], dtype=torch.long)
         prompts.append(ids[-keep:])  # truncate from the left: the question and answer slot are at the end
-    windows = text_windows(cfg, tokenizer)
+    windows = text_windows(dc, tokenizer)
     if not prompts and not windows:
         raise DataError("--data.tasks / --data.text_files: no training sequences")
     return prompts, windows
 
 
 def build_token_data(
-    cfg: RunConfig, tokenizer, teacher: torch.nn.Module, recipe: dict[str, Any], batch_size: int = 8
+    dc: DataConfig, tokenizer, teacher: torch.nn.Module, recipe: dict[str, Any], batch_size: int = 8
 ) -> TokenData:
     """Tokenise the prompts, append the teacher's greedy continuation (batched), add the text windows."""
-    prompts, windows = prompt_and_text_sequences(cfg, tokenizer)
+    prompts, windows = prompt_and_text_sequences(dc, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    conts = greedy_continuations(teacher, prompts, cfg.data.continuation_tokens, pad_id, batch_size, progress=True)
+    conts = greedy_continuations(teacher, prompts, dc.continuation_tokens, pad_id, batch_size, progress=True)
     return TokenData([torch.cat([p, c]) for p, c in zip(prompts, conts, strict=True)] + windows, recipe)
 
 
-def prepare_data(cfg: RunConfig, folder: Path, tokenizer, teacher, recipe: dict[str, Any]) -> TokenData:
+def prepare_data(dc: DataConfig, folder: Path, tokenizer, teacher, recipe: dict[str, Any]) -> TokenData:
     """The training set in ``folder``: loaded when its recipe matches, else built and saved."""
     if (folder / "recipe.json").is_file() and (folder / "dataset.safetensors").is_file():
         data = TokenData.load(folder)
         if data.hash == recipe["hash"]:
             return data
-    data = build_token_data(cfg, tokenizer, teacher, recipe)
+    data = build_token_data(dc, tokenizer, teacher, recipe)
     data.save(folder)
     return data
 
@@ -616,7 +615,7 @@ def write_cache(
         tensors["cache_shard"] = torch.tensor(shard_of, dtype=torch.long)
         tensors["cache_start"] = torch.tensor(start_of, dtype=torch.long)
         save_file(tensors, str(tmp / "dataset.safetensors"))
-        _write_json(tmp / "recipe.json", {"format": DATA_FORMAT, **data.recipe})
+        write_recipe(tmp, data.recipe)
         meta = {
             "format": CACHE_FORMAT,
             "dskd_version": _dskd_version(),
@@ -631,7 +630,7 @@ def write_cache(
             "tokens_per_s": round(total / max(seconds, 1e-9), 1),
             "complete": True,
         }
-        _write_json(tmp / "meta.json", meta)
+        write_json(tmp / "meta.json", meta, sort_keys=True)
     print(
         f"teacher cache: {total:,} positions of {len(data):,} sequences in {seconds:.1f} s "
         f"({meta['tokens_per_s']:.0f} tokens/s); {describe_cache_kd(meta)}"
@@ -666,13 +665,27 @@ def describe_cache_kd(meta: dict[str, Any]) -> str:
     )
 
 
-def build_teacher_cache(cfg: RunConfig, out: Path | str | None = None, force: bool = False) -> Path:
-    """Build the teacher cache of a recipe (skipped when ``out`` already holds a matching one).
+def build_teacher_cache(
+    model: ModelConfig,
+    data: DataConfig,
+    distill: TrainConfig,
+    T: float,
+    out: Path | str | None = None,
+    *,
+    force: bool = False,
+    run_dir: Path | str | None = None,
+) -> Path:
+    """Build the teacher cache of a training set (skipped when ``out`` already holds a matching one).
 
     Args:
-        cfg: The run's config (model, data, distill.cache_kd / cache_topk / cache_hidden_dtype, loss.T).
-        out: Cache folder (default: ``distill.cache_dir`` or ``<cfg.out_dir>/../teacher_cache/<key>``).
+        model: Teacher and student (``model``; ``model.device`` picks the device).
+        data: The training set (``data``).
+        distill: What the cache keeps and where (``distill.cache_kd`` / ``cache_topk`` /
+            ``cache_hidden_dtype`` / ``cache_dir``).
+        T: The KD temperature (``loss.T``): sparse top-k log-probabilities are stored at it.
+        out: Cache folder (default: ``distill.cache_dir``, else ``<run_dir>/../teacher_cache/<key>``).
         force: Rebuild even when a matching cache exists (one with another key is always rebuilt).
+        run_dir: The run folder the default location is derived from.
 
     Returns:
         The cache folder.
@@ -680,40 +693,46 @@ def build_teacher_cache(cfg: RunConfig, out: Path | str | None = None, force: bo
     from dskd.devices import log_placement, resolve_device
     from dskd.models import build_pair
 
-    device = resolve_device(cfg.model.device, flag="--model.device")
-    pair = build_pair(cfg.model, device=device)
+    device = resolve_device(model.device, flag="--model.device")
+    pair = build_pair(model, device=device)
     log_placement("cache build", device, next(pair.teacher.parameters()).dtype)
-    return ensure_cache(cfg, pair, out, force=force, rebuild_foreign=True)
+    return ensure_cache(data, distill, T, pair, out, force=force, rebuild_foreign=True, run_dir=run_dir)
 
 
 def ensure_cache(
-    cfg: RunConfig,
+    dc: DataConfig,
+    distill: TrainConfig,
+    T: float,
     pair,
     out: Path | str | None = None,
     force: bool = False,
     rebuild_foreign: bool = False,
-    run_dir: Path | None = None,
+    run_dir: Path | str | None = None,
     data_dir: Path | None = None,
 ) -> Path:
-    """The cache of this recipe at ``out``, built (with its training set) when missing or incomplete.
+    """The cache of this training set at ``out``, built (with its training set) when missing or incomplete.
 
     Args:
-        cfg: The run's config.
+        dc: The training set (``data``).
+        distill: What the cache keeps and where (``distill.cache_*``).
+        T: The KD temperature (``loss.T``).
         pair: The loaded teacher/student pair (:func:`dskd.models.build_pair`).
         out: Cache folder (default ``distill.cache_dir``, else ``<run_dir>/../teacher_cache/<key>``).
         force: Rebuild whatever the folder holds.
         rebuild_foreign: Rebuild a complete cache of another key (the builder's contract) instead of
             refusing it (what a training run does: it never overwrites a cache it was pointed at).
-        run_dir: The run folder the default location is derived from (default ``cfg.out_dir``).
+        run_dir: The run folder the default location is derived from.
         data_dir: Also keep the training set in this folder (reused when its recipe matches).
     """
     from dskd.models import tokenizer_fingerprint
 
-    recipe = data_recipe(cfg.data, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
-    settings = cache_settings(cfg.distill, cfg.loss.T, pair.vocab_size, cache_head(cfg.distill, pair))
+    recipe = data_recipe(dc, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
+    settings = cache_settings(distill, T, pair.vocab_size, cache_head(distill, pair))
     key = cache_key(pair.teacher_fingerprint, recipe["hash"], settings)
     if out is None:
-        out = cfg.distill.cache_dir or default_cache_dir(run_dir or cfg.out_dir, key)
+        if not distill.cache_dir and run_dir is None:
+            raise CacheError("--distill.cache_dir: no cache folder given and no run folder to put one beside")
+        out = distill.cache_dir or default_cache_dir(Path(run_dir), key)
     out = Path(out)
     meta = out / "meta.json"
     # a complete cache of any version or key counts here: a training run refuses (never overwrites) one
@@ -729,13 +748,13 @@ def ensure_cache(
         saved = TokenData.load(Path(data_dir))
         data = saved if saved.hash == recipe["hash"] else None
     if data is None:
-        if cfg.data.continuation_tokens == 1:
+        if dc.continuation_tokens == 1:
             # the continuation comes from the cache's own forward: one teacher pass in all
-            prompts, windows = prompt_and_text_sequences(cfg, pair.tokenizer)
+            prompts, windows = prompt_and_text_sequences(dc, pair.tokenizer)
             data = TokenData(prompts + windows, recipe)
             pending = [True] * len(prompts) + [False] * len(windows)
         else:
-            data = build_token_data(cfg, pair.tokenizer, pair.teacher, recipe)
+            data = build_token_data(dc, pair.tokenizer, pair.teacher, recipe)
     path = write_cache(
         out, data, pair.teacher, pair.teacher_fingerprint, settings, pair.vocab_size, continue_prompts=pending
     )
@@ -756,7 +775,7 @@ def cache_build_command(cfg: RunConfig, force: bool = False) -> Path:
         cfg: The recipe (model, data, distill.cache_*, loss.T).
         force: Rebuild even when the folder holds a matching cache.
     """
-    path = build_teacher_cache(cfg, None, force=force)
+    path = build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, force=force, run_dir=cfg.out_dir)
     meta = json.loads((path / "meta.json").read_text())
     print(
         f"teacher cache: {path} (key {meta['key']}, {meta['counts']['sequences']} sequences, "

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from dskd import data as D
-from dskd.config import ConfigError, LossConfig, RunConfig, config_diff, to_dict
+from dskd.config import ConfigError, LossConfig, RunConfig, TrainConfig, config_diff, dump_yaml, to_dict
 from dskd.io import Artefact, is_built, sidecar, write_sidecar
 from dskd.losses import (
     IGNORE_INDEX,
@@ -356,10 +356,17 @@ def _seq_generator(seed: int, epoch: int, seq: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + seq)
 
 
-def _check_resume_config(out: Path, cfg: RunConfig) -> None:
+def config_changes(out: Path, cfg: RunConfig) -> list[str]:
+    """The fields (:func:`dskd.config.config_diff`) in which ``cfg`` differs from the config the run in
+    ``out`` started with (its ``config.yaml``); empty when there is none."""
     import yaml
 
-    diffs = config_diff(yaml.safe_load((out / "config.yaml").read_text()) or {}, to_dict(cfg))
+    saved = Path(out) / "config.yaml"
+    return config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)) if saved.is_file() else []
+
+
+def _check_resume_config(out: Path, cfg: RunConfig) -> None:
+    diffs = config_changes(out, cfg)
     if diffs:
         raise ConfigError(
             f"--resume: the config differs from the one the run in {out} started with ({', '.join(diffs)}); "
@@ -367,9 +374,9 @@ def _check_resume_config(out: Path, cfg: RunConfig) -> None:
         )
 
 
-def _sense_dirs(cfg: RunConfig, lexicon_dir, senses_dir) -> tuple[Path, Path]:
-    lex = lexicon_dir or cfg.distill.lexicon_dir
-    sen = senses_dir or cfg.distill.senses_dir
+def _sense_dirs(dc: TrainConfig, lexicon_dir, senses_dir) -> tuple[Path, Path]:
+    lex = lexicon_dir or dc.lexicon_dir
+    sen = senses_dir or dc.senses_dir
     for flag, p in (("distill.lexicon_dir", lex), ("distill.senses_dir", sen)):
         if not p:
             raise ConfigError(f"--{flag}: needed when loss.lam > 0 (set loss.lam 0 for the KD baseline)")
@@ -540,7 +547,7 @@ def setup(
     t_start = time.time()
     use_sense = cfg.loss.lam > 0
     if use_sense and (store is None or lexicon is None):
-        lexicon_dir, senses_dir = _sense_dirs(cfg, lexicon_dir, senses_dir)
+        lexicon_dir, senses_dir = _sense_dirs(cfg.distill, lexicon_dir, senses_dir)
     if is_built(out, RUN_ARTEFACT):
         if resume:
             return None  # finished already
@@ -548,7 +555,7 @@ def setup(
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise ConfigError(f"--out: {out} holds checkpoints of an unfinished run; pass --resume or pick another --out")
-    if ckpt is not None and (out / "config.yaml").is_file():
+    if ckpt is not None:
         _check_resume_config(out, cfg)
     acc = _accelerator(Accelerator, cfg.model.device)
     if acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -558,10 +565,7 @@ def setup(
         )
     torch.manual_seed(cfg.distill.seed)
     if acc.is_main_process:
-        import yaml
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        dump_yaml(cfg, out / "config.yaml")
     acc.wait_for_everyone()
 
     run = _models_and_data(cfg, out, acc, cache_dir)
@@ -599,15 +603,14 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
     cache = None
     with acc.main_process_first():
         if dc.teacher_cache:
-            cache_path = D.ensure_cache(cfg, pair, cache_dir or dc.cache_dir, run_dir=out)
+            cache_path = D.ensure_cache(cfg.data, dc, cfg.loss.T, pair, cache_dir or dc.cache_dir, run_dir=out)
             settings = D.cache_settings(dc, cfg.loss.T, V, D.cache_head(dc, pair))
             cache = D.TeacherCache.open(cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], settings))
             data = cache.data
             if acc.is_main_process:
-                (out / "data").mkdir(exist_ok=True)
-                D._write_json(out / "data" / "recipe.json", {"format": D.DATA_FORMAT, **recipe})
+                D.write_recipe(out / "data", recipe)
         else:
-            data = D.prepare_data(cfg, out / "data", tok, teacher, recipe)
+            data = D.prepare_data(cfg.data, out / "data", tok, teacher, recipe)
     if cache is not None:
         teacher = None  # the teacher is not needed any more: free its memory
         pair.teacher = None

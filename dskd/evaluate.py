@@ -32,7 +32,6 @@ Result files are JSON (see :func:`evaluate`) with per-item predictions and log-l
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from dskd.config import DEFAULT_TEACHER, ConfigError, EvalConfig
-from dskd.io import write_text_atomic
+from dskd.io import write_json, write_text_atomic
 
 # Prompts, item selection, metrics and the result table live in their own modules (data, plan, fidelity
 # and report use them without this scorer); they are re-exported here for existing callers.
@@ -688,7 +687,7 @@ def parse_sources(data: Sequence[str]) -> dict[str, str]:
         name, sep, source = entry.partition("=")
         if not sep or not name or not source:
             raise ConfigError(f"--eval.data: expected TASK=DATASET (got {entry!r})")
-        out[get_task(name).name] = source
+        out[get_task(name, flag="--eval.data").name] = source
     return out
 
 
@@ -755,7 +754,7 @@ def evaluate(
     for task, items, task_cfg in work:
         result["tasks"][task.name] = score_task(model, tokenizer, task, items, task_cfg, progress=progress)
     result["complete"] = True
-    write_text_atomic(out, json.dumps(result, indent=1))
+    write_json(out, result, indent=1)
     write_text_atomic(out.with_suffix(".md"), markdown_table(result))
     return result
 

@@ -29,7 +29,6 @@ compared with a paired bootstrap over the same documents, and a markdown table n
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from dskd.config import ConfigError, DataConfig, DskdError, EvalConfig, FidelityConfig, ModelConfig
-from dskd.io import Artefact, read_sidecar, write_text_atomic
+from dskd.io import Artefact, read_sidecar, write_json, write_text_atomic
 from dskd.models import lm_head_logits as _head
 
 FORMAT = {"name": "dskd-fidelity", "version": 1}
@@ -73,19 +72,22 @@ class Doc:
     ids: torch.Tensor
 
 
-def _items(task_name: str, limit: int):
+def _items(task_name: str, limit: int, flag: str):
     from dskd.prompts import select_items
     from dskd.tasks import get_task
 
-    task = get_task(task_name)
+    task = get_task(task_name, flag=flag)
     return task, select_items(task, limit)
 
 
-def heldout_text(tokenizer, tasks: Sequence[str], limit: int, max_length: int) -> list[Doc]:
-    """The evaluation questions of ``tasks`` as raw text, one document each (tokenizer defaults)."""
+def heldout_text(
+    tokenizer, tasks: Sequence[str], limit: int, max_length: int, flag: str = "--fidelity.text_tasks"
+) -> list[Doc]:
+    """The evaluation questions of ``tasks`` as raw text, one document each (tokenizer defaults);
+    an unknown task is an error naming ``flag``."""
     docs = []
     for name in tasks:
-        task, items = _items(name, limit)
+        task, items = _items(name, limit, flag)
         for it in items:
             ids = torch.tensor(tokenizer(it.question.strip())["input_ids"], dtype=torch.long)[:max_length]
             if len(ids) >= 2:
@@ -94,18 +96,26 @@ def heldout_text(tokenizer, tasks: Sequence[str], limit: int, max_length: int) -
 
 
 def heldout_prompts(
-    tokenizer, tasks: Sequence[str], limit: int, shots: int, seed: int, max_length: int, chat: bool = True
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int,
+    shots: int,
+    seed: int,
+    max_length: int,
+    chat: bool = True,
+    flag: str = "--fidelity.prompt_tasks",
 ) -> list[Doc]:
     """Evaluation items of ``tasks`` as letter prompts built like the training prompts (dskd.data).
 
     The prompt ends where the answer letter goes; exemplars come from training items only. As in
     training, chat prompts carry their special tokens as text, and long prompts are cut from the left.
+    An unknown task is an error naming ``flag``.
     """
     from dskd.prompts import letter_prompt
 
     docs = []
     for name in tasks:
-        task, items = _items(name, limit)
+        task, items = _items(name, limit, flag)
         for it in items:
             prompt = letter_prompt(task, it, task.exemplars(it, shots, seed), tokenizer, chat)
             ids = torch.tensor(tokenizer(prompt, add_special_tokens=not chat)["input_ids"], dtype=torch.long)
@@ -408,7 +418,16 @@ def fidelity(
     # build the documents before loading any model, so a bad task name fails at once
     sets = {
         "text": heldout_text(tok, cfg.text_tasks, cfg.text_limit, cfg.max_length),
-        "prompts": heldout_prompts(tok, ptasks, cfg.prompt_limit, n_shots, cfg.seed, cfg.max_length),
+        # the prompt tasks are the run's eval.tasks unless fidelity.prompt_tasks names its own
+        "prompts": heldout_prompts(
+            tok,
+            ptasks,
+            cfg.prompt_limit,
+            n_shots,
+            cfg.seed,
+            cfg.max_length,
+            flag="--fidelity.prompt_tasks" if cfg.prompt_tasks else "--eval.tasks",
+        ),
     }
     sets = {k: v for k, v in sets.items() if v}
     if not sets:
@@ -469,7 +488,7 @@ def fidelity(
         }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["complete"] = True
-    write_text_atomic(out, json.dumps(result, indent=1))
+    write_json(out, result, indent=1)
     write_text_atomic(out.with_suffix(".md"), markdown(result, baseline))
     return result
 

@@ -44,6 +44,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """Write ``obj`` as JSON atomically (:func:`write_text_atomic`); values JSON cannot hold become strings."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
+
+
 def replace_dir(src: str | Path, dst: str | Path) -> None:
     """Move the finished folder ``src`` to ``dst``, replacing any folder there whole or not at all.
 
@@ -139,17 +144,28 @@ def sidecar(kind: Artefact, *, fingerprint: str | None = None, inputs_hash: str 
 def write_sidecar(folder: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``meta`` (from :func:`sidecar`) as ``folder/meta.json`` atomically; returns its path."""
     path = Path(folder) / META_FILE
-    write_text_atomic(path, json.dumps(meta, indent=2, default=str))
+    write_json(path, meta)
     return path
 
 
-def read_sidecar(path: str | Path, kind: Artefact) -> dict[str, Any]:
-    """The sidecar of an artefact (a folder's ``meta.json``, or a JSON result file itself), checked:
-    present, valid JSON, this kind's format and version, complete. Errors are one line naming the file."""
+def sidecar_file(path: str | Path) -> Path:
+    """Where the sidecar of the artefact at ``path`` lives: a folder's ``meta.json``; a JSON file is
+    its own sidecar; any other file (``prompts.jsonl``) has it beside it as ``<name>.meta.json``."""
     path = Path(path)
-    meta_file = path / META_FILE if path.is_dir() or not path.suffix else path
+    if path.is_dir() or not path.suffix:
+        return path / META_FILE
+    return path if path.suffix == ".json" else path.with_name(f"{path.name}.{META_FILE}")
+
+
+def read_sidecar(path: str | Path, kind: Artefact) -> dict[str, Any]:
+    """The sidecar of an artefact (:func:`sidecar_file`), checked: present, valid JSON, this kind's
+    format and version, complete. Errors are one line naming the file."""
+    path = Path(path)
+    meta_file = sidecar_file(path)
     if not meta_file.is_file():
-        raise kind.fail(path, f"{kind.what} not found" if not path.exists() else f"not a {kind.what} (no {META_FILE})")
+        raise kind.fail(
+            path, f"{kind.what} not found" if not path.exists() else f"not a {kind.what} (no {meta_file.name})"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -173,6 +189,17 @@ def is_built(path: str | Path, kind: Artefact, inputs_hash: str | None = None, f
     except Exception:
         return False
     return inputs_hash is None or meta.get(field) == inputs_hash
+
+
+def record_inputs(path: str | Path, kind: Artefact, inputs_hash: str, create: bool = False) -> None:
+    """Write ``inputs_hash`` (what the artefact at ``path`` was built from) into its sidecar, where
+    :func:`is_built` compares it; ``create``: write a bare sidecar of this kind when the output has
+    none of its own (a plain file or model folder), else a missing sidecar is an error."""
+    meta_file = sidecar_file(path)
+    meta = sidecar(kind) if create and not meta_file.exists() else read_sidecar(path, kind)
+    meta["inputs_hash"] = inputs_hash
+    meta["complete"] = meta.pop("complete")  # stays last
+    write_json(meta_file, meta, indent=1 if meta_file == Path(path) else 2)  # a result file keeps its layout
 
 
 def check_files(folder: str | Path, kind: Artefact, names: Iterator[str] | list[str] | None = None) -> None:

@@ -49,7 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import DskdError, LexiconConfig, ModelConfig
-from dskd.io import Artefact, atomic_dir, check_files, is_built, open_artefact, read_sidecar, write_text_atomic
+from dskd.io import (
+    Artefact,
+    atomic_dir,
+    check_files,
+    is_built,
+    open_artefact,
+    read_sidecar,
+    write_json,
+)
 from dskd.io import stable_hash as _sha
 
 FORMAT = {"name": "dskd-lexicon", "version": 1}
@@ -288,7 +296,7 @@ def wordnet_scan(show_progress: bool = True) -> dict[str, Any]:
         "ant": sorted(ant),
         "pos": {w: "".join(sorted(ps)) for w, ps in sorted(pos.items())},
     }
-    write_text_atomic(cache, json.dumps(data))  # a concurrent reader sees the old file or the whole new one
+    write_json(cache, data, indent=None)  # a concurrent reader sees the old file or the whole new one
     return data
 
 

@@ -5,11 +5,13 @@
 students to the teacher (:mod:`dskd.fidelity`) -> report tables and pictures. A ``prompts`` entry in
 ``senses.corpus`` makes the training prompts a corpus of the sense dictionary (``<out>/prompts.jsonl``).
 
-Each stage writes into the run folder and records, in ``<out>/pipeline.json``, a hash of everything
-it was built from (its config section and the hashes of the stages it reads). A rerun skips every
-stage whose output exists and whose hash matches, so a rerun is quick, an interrupted run continues
+Each stage writes an artefact into the run folder and records in the artefact's own sidecar
+(:mod:`dskd.io`: ``inputs_hash``) a hash of everything it was built from (its config section and the
+hashes of the stages it reads). A rerun skips every stage whose artefact is complete and was built
+from the same inputs (:func:`dskd.io.is_built`), so a rerun is quick, an interrupted run continues
 (the distillation stage also resumes mid-training from its last checkpoint), and changing one option
-rebuilds exactly the stages downstream of it.
+rebuilds exactly the stages downstream of it. ``<out>/pipeline.json`` only records, for the reader,
+where each stage wrote and how long it took.
 
 ``dskd experiment`` runs several arms (KD, DSKD, KD + direct hidden-state MSE, ablations) over
 several seeds, sharing the lexicon, the sense store and the teacher cache, and reports per task the
@@ -26,8 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
-from dskd.io import atomic_dir, stable_hash, write_text_atomic
+from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
+from dskd.io import (
+    Artefact,
+    atomic_dir,
+    is_built,
+    read_sidecar,
+    record_inputs,
+    sidecar_file,
+    stable_hash,
+    write_json,
+    write_text_atomic,
+)
 
 _SENSE_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")  # SenseConfig fields added later
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
@@ -75,38 +87,77 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     return q
 
 
-def _write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+# The sidecar the pipeline writes for an output that has none of its own (the training prompts file,
+# the untrained student's folder), so that every stage is skipped by the same rule.
+STAGE_OUTPUT = Artefact("dskd-stage-output", 1, "stage output", "dskd run")
 
 
 class Pipeline:
-    """Runs stages into one folder and remembers what each was built from."""
+    """Runs stages into one folder; each is skipped when its artefact says it was built from the same inputs."""
 
     def __init__(self, out: Path, force: bool = False, log: Callable[[str], None] = print):
         self.out = out
         self.out.mkdir(parents=True, exist_ok=True)
-        self.state_file = out / "pipeline.json"
+        self.state_file = out / "pipeline.json"  # paths and times, for the reader
         self.state: dict[str, Any] = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
         self.force = force
         self.log = log
         self.timings: dict[str, float] = {}
+        self.hashes: dict[str, str] = {}  # inputs hash of each stage met in this run (what downstream reads)
 
-    def stage(self, key: str, inputs: dict[str, Any], path: Path, fn: Callable[[], Any]) -> str:
-        """Run ``fn`` unless ``path`` exists and was built from the same ``inputs``; returns the hash."""
+    def stage(
+        self, key: str, inputs: dict[str, Any], path: Path, fn: Callable[[], Any], kind: Artefact | None = None
+    ) -> str:
+        """Run ``fn`` unless the artefact at ``path`` is built from the same ``inputs``; returns their hash.
+
+        Args:
+            key: The stage's name in the log and in ``pipeline.json``.
+            inputs: Everything the artefact depends on (JSON-able); its :func:`stable_hash` goes into
+                the artefact's sidecar once ``fn`` has built it.
+            path: The artefact ``fn`` writes.
+            fn: Builds it.
+            kind: Its kind (:class:`dskd.io.Artefact`); None for an output without a sidecar of its own,
+                which gets a bare one (:data:`STAGE_OUTPUT`, beside a file or inside a folder).
+        """
         h = stable_hash(inputs)
-        prev = self.state.get(key, {})
-        if not self.force and prev.get("hash") == h and path.exists() and prev.get("complete"):
+        self.hashes[key] = h
+        own = kind is None
+        kind = kind or STAGE_OUTPUT
+        if not self.force and (is_built(path, kind, h) or self._adopt(key, path, kind, h, own)):
             self.log(f"[skip] {key:<24} {path}  (up to date)")
             return h
         self.log(f"[run ] {key:<24} -> {path}")
+        if own:  # a sidecar of the previous output must not vouch for a half-written new one
+            sidecar_file(path).unlink(missing_ok=True)
         t0 = time.time()
         fn()
         dt = time.time() - t0
+        record_inputs(path, kind, h, create=own)
         self.timings[key] = dt
-        self.state[key] = {"hash": h, "path": str(path), "complete": True, "seconds": round(dt, 1)}
-        _write_json(self.state_file, self.state)
+        self.state[key] = {"path": str(path), "seconds": round(dt, 1)}
+        write_json(self.state_file, self.state)
         self.log(f"[done] {key:<24} {dt:7.1f}s")
         return h
+
+    def _adopt(self, key: str, path: Path, kind: Artefact, h: str, own: bool) -> bool:
+        """A run folder written before the sidecars held the inputs hash kept it in ``pipeline.json``
+        (``hash``, ``complete``): a whole artefact built from the same inputs is stamped and kept."""
+        old = self.state.get(key, {})
+        if old.get("hash") != h or not old.get("complete"):
+            return False
+        if own:  # no sidecar to check: the output must be there (a folder not empty)
+            if sidecar_file(path).exists() or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+                return False
+        else:
+            try:
+                if "inputs_hash" in read_sidecar(path, kind):
+                    return False  # built since from other inputs
+            except Exception:  # noqa: BLE001 - an incomplete or damaged artefact is rebuilt
+                return False
+        record_inputs(path, kind, h, create=own)
+        self.state[key] = {"path": str(path), "seconds": old.get("seconds")}  # the hash lives in the sidecar now
+        write_json(self.state_file, self.state)
+        return True
 
 
 ARM_SECTIONS = ("loss", "distill")
@@ -163,14 +214,19 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     from dskd import assets
 
     out = pipe.out
+    # the offline defaults check themselves (a step that finds its output does nothing, in well under
+    # a second), so this stage needs no sidecar: it is skipped when no step had anything to do
+    t0 = time.time()
+    reports = assets.prepare_all()
+    for r in reports:
+        if r.error and r.name.startswith(("default teacher", "benchmarks")):
+            raise ConfigError(r.error)
+    if any(r.did_work for r in reports):
+        pipe.log(f"[done] {'assets':<24} {time.time() - t0:7.1f}s  -> {assets.dskd_home()}")
+    else:
+        pipe.log(f"[skip] {'assets':<24} {assets.dskd_home()}  (up to date)")
 
-    def do_assets() -> None:
-        for r in assets.prepare_all():
-            if r.error and r.name.startswith(("default teacher", "benchmarks")):
-                raise ConfigError(r.error)
-
-    pipe.stage("assets", {"v": 1}, assets.dskd_home(), do_assets)
-
+    from dskd.lexicon import ARTEFACT as LEXICON
     from dskd.lexicon import build_lexicon
     from dskd.models import load_tokenizer, tokenizer_fingerprint
 
@@ -178,10 +234,10 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     lex_dir = out / "lexicon"
     lex_inputs = {"teacher": cfg.model.teacher, "tok": tokenizer_fingerprint(tok), "cfg": to_dict(cfg.lexicon)}
     h_lex = pipe.stage(
-        "lexicon", lex_inputs, lex_dir, lambda: build_lexicon(tok, cfg.model.teacher, cfg.lexicon, lex_dir)
+        "lexicon", lex_inputs, lex_dir, lambda: build_lexicon(tok, cfg.model.teacher, cfg.lexicon, lex_dir), LEXICON
     )
 
-    from dskd.senses import build_senses
+    from dskd.senses import STORE_ARTEFACT, build_senses
 
     sen_dir = out / "senses"
     # runtime options at their defaults are left out, so run folders made before they existed still skip
@@ -200,16 +256,15 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
 
     def do_senses() -> None:
         build_senses(cfg.model.teacher, sen_cfg, lex_dir, sen_dir)
-        _write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
+        write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
 
-    h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses)
+    h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses, STORE_ARTEFACT)
     if (out / "senses_coverage.json").is_file():
         print(coverage_line(json.loads((out / "senses_coverage.json").read_text())))
 
-    from dskd.data import build_teacher_cache
+    from dskd.data import CACHE_ARTEFACT, CACHE_FORMAT, build_teacher_cache
 
     cache_dir = out / "teacher_cache"
-    from dskd.data import CACHE_FORMAT
 
     cache_inputs = {
         "teacher": cfg.model.teacher,
@@ -224,7 +279,13 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     }
     h_cache = h_lex
     if cfg.distill.teacher_cache:
-        h_cache = pipe.stage("cache", cache_inputs, cache_dir, lambda: build_teacher_cache(cfg, cache_dir))
+        h_cache = pipe.stage(
+            "cache",
+            cache_inputs,
+            cache_dir,
+            lambda: build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, cache_dir),
+            CACHE_ARTEFACT,
+        )
     return {
         "lexicon": lex_dir,
         "senses": sen_dir,
@@ -331,12 +392,9 @@ def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
     """A run folder started with another config is moved out of the way (resume needs the same one)."""
     import shutil
 
-    import yaml
+    from dskd.distill import config_changes
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    if config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(c)):
+    if config_changes(run_dir, c):
         stale = run_dir.with_name(f".{run_dir.name}.stale")
         if stale.exists():
             shutil.rmtree(stale)
@@ -346,7 +404,7 @@ def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
 
 def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, seed: int | None = None) -> Path:
     """Train one arm (continuing from its last checkpoint when interrupted); returns its student folder."""
-    from dskd.distill import distill
+    from dskd.distill import RUN_ARTEFACT, distill
 
     c = _arm_config(cfg, arm, seed)
     key = arm if seed is None else f"{arm}/seed{seed}"
@@ -363,7 +421,7 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
             resume=True,
         )
 
-    pipe.stage(f"train:{key}", _train_inputs(c, shared), run_dir / "student", do)
+    pipe.stage(f"train:{key}", _train_inputs(c, shared), run_dir, do, RUN_ARTEFACT)
     return run_dir / "student"
 
 
@@ -371,22 +429,23 @@ def export_untrained(cfg: RunConfig, pipe: Pipeline) -> Path:
     """The truncated student before training, saved as a plain folder so it is evaluated like the others."""
     from dskd.models import build_pair
 
-    path = pipe.out / "students" / "untrained" / "student"
+    folder = pipe.out / "students" / "untrained"  # laid out like a trained run: student/ and meta.json
 
     def do() -> None:
         pair = build_pair(cfg.model)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(folder / "student") as tmp:
             pair.student.save_pretrained(tmp)
             pair.tokenizer.save_pretrained(tmp)
 
-    pipe.stage("train:untrained", {"model": to_dict(cfg.model)}, path, do)
-    return path
+    pipe.stage("train:untrained", {"model": to_dict(cfg.model)}, folder, do)
+    return folder / "student"
 
 
 def evaluate_model(
     cfg: RunConfig, pipe: Pipeline, name: str, spec: str, upstream: str, ecfg: EvalConfig | None = None
 ) -> Path:
     from dskd.evaluate import evaluate
+    from dskd.report import RESULT_ARTEFACT
 
     ecfg = ecfg or cfg.eval
     kind = "eval_paper" if ecfg.preset else "eval"  # preset results live beside the main table's
@@ -394,13 +453,13 @@ def evaluate_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in to_dict(ecfg).items() if k != "paper_limit"}  # the budget of the other table
     inputs = {"spec": spec, "eval": settings, "upstream": upstream}
-    pipe.stage(f"{kind}:{name}", inputs, out, lambda: evaluate(spec, ecfg, out, name=name))
+    pipe.stage(f"{kind}:{name}", inputs, out, lambda: evaluate(spec, ecfg, out, name=name), RESULT_ARTEFACT)
     return out
 
 
 def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], students: dict[str, Path]) -> Path:
     """Held-out fidelity of every student to the teacher (one teacher pass for all), with the sense probe."""
-    from dskd.fidelity import fidelity
+    from dskd.fidelity import RESULT_ARTEFACT, fidelity
 
     out = pipe.out / "eval" / "fidelity.json"
     inputs = {
@@ -428,12 +487,13 @@ def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], stude
             baseline="kd" if "kd" in students else None,
         )
 
-    pipe.stage("fidelity", inputs, out, do)
+    pipe.stage("fidelity", inputs, out, do, RESULT_ARTEFACT)
     return out
 
 
 def _upstream(pipe: Pipeline, key: str) -> str:
-    return str(pipe.state.get(key, {}).get("hash", ""))
+    """The inputs hash of the stage ``key`` met earlier in this run (what a downstream stage depends on)."""
+    return pipe.hashes.get(key, "")
 
 
 def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
@@ -595,7 +655,7 @@ def experiment(
 
     table = experiment_table(files, refs, baseline=baseline, descriptions={a: parse_arm(a)[2] for a in arms})
     write_text_atomic(out / f"{report_name}.md", table + "\n")
-    _write_json(
+    write_json(
         out / f"{report_name}.json",
         {
             "arms": arms,

@@ -226,7 +226,7 @@ def count_data(cfg: RunConfig, eval_sample: int = 100) -> DataCounts:
     for prompt in D.task_prompts(cfg.data, tok):
         n = len(tok(prompt, add_special_tokens=not dc.chat)["input_ids"])
         lengths.append(min(n, dc.max_length - dc.continuation_tokens) + dc.continuation_tokens)
-    lengths += [len(w) for w in D.text_windows(cfg, tok)]
+    lengths += [len(w) for w in D.text_windows(cfg.data, tok)]
     ec = cfg.eval
     items = tokens = 0
     for name in ec.tasks:

@@ -115,6 +115,28 @@ def test_sidecar_read_back_and_skip_if_built(tmp_path):
     assert not is_built(tmp_path, KIND, "h1")
 
 
+def test_recorded_inputs_make_any_output_skippable(tmp_path):
+    from dskd.io import record_inputs, sidecar_file
+
+    # a folder keeps meta.json; a JSON result file is its own sidecar; another file gets one beside it
+    folder, result, plain = tmp_path / "store", tmp_path / "r.json", tmp_path / "prompts.jsonl"
+    folder.mkdir()
+    assert sidecar_file(folder) == folder / "meta.json" and sidecar_file(result) == result
+    assert sidecar_file(plain) == tmp_path / "prompts.jsonl.meta.json"
+    result.write_text(json.dumps({**sidecar(KIND), "tasks": {"a": 1}}, indent=1))
+    record_inputs(result, KIND, "h1")
+    got = json.loads(result.read_text())
+    assert got["tasks"] == {"a": 1} and got["inputs_hash"] == "h1" and list(got)[-1] == "complete"
+    assert is_built(result, KIND, "h1") and not is_built(result, KIND, "h2")
+    plain.write_text('{"text": "x"}\n')
+    with pytest.raises(ArtefactError, match="prompts.jsonl: not a thing"):  # no sidecar of its own
+        record_inputs(plain, KIND, "h1")
+    record_inputs(plain, KIND, "h1", create=True)
+    assert is_built(plain, KIND, "h1") and plain.read_text() == '{"text": "x"}\n'
+    with pytest.raises(ArtefactError, match="thing not found"):  # a stage that wrote nothing
+        record_inputs(folder / "missing", KIND, "h1")
+
+
 def test_safetensors_check_sees_truncation_and_garbage(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -151,12 +151,13 @@ def test_a_student_with_its_own_head_gets_top_k_logits(tiny_teacher_dir, tokeniz
     text = tmp_path / "t.txt"
     text.write_text("the red car and the blue bus. " * 20 + "\n\n" + "hot and cold water. " * 20)
     cfg = _independent_student_cfg(tiny_teacher_dir, tokenizer, tmp_path, text)
-    out = build_teacher_cache(cfg, tmp_path / "cache")
+    out = build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, tmp_path / "cache")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["settings"]["kd"] == "topk" and 0 < meta["tail_mass"]["mean"] < 1
     assert "top-8" in capsys.readouterr().out
     with pytest.raises(CacheError, match="--distill.cache_kd head"):
-        build_teacher_cache(_independent_student_cfg(tiny_teacher_dir, tokenizer, tmp_path, text, cache_kd="head"))
+        bad = _independent_student_cfg(tiny_teacher_dir, tokenizer, tmp_path, text, cache_kd="head")
+        build_teacher_cache(bad.model, bad.data, bad.distill, bad.loss.T, run_dir=bad.out_dir)
 
 
 def test_a_cache_of_an_older_format_is_refused(tiny_teacher_dir, tmp_path):
@@ -168,7 +169,7 @@ def test_a_cache_of_an_older_format_is_refused(tiny_teacher_dir, tmp_path):
             "data": {"tasks": [], "text_files": [str(text)], "max_length": 32},
         }
     )
-    out = build_teacher_cache(cfg, tmp_path / "cache")
+    out = build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, tmp_path / "cache")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["settings"]["kd"] == "head"
     meta["format"]["version"] = 1

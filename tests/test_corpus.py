@@ -37,8 +37,8 @@ def test_data_text_files_use_the_corpus_reader(tmp_path, tokenizer):
     txt.write_text("the red car\n\nthe blue bus\n")
     jl.write_text(json.dumps({"passage": "a green tram"}) + "\n")
     cfg = from_dict({"data": {"tasks": [], "text_files": [str(txt), str(jl)], "max_length": 32}})
-    got = [tokenizer.decode(w, skip_special_tokens=True).strip() for w in text_windows(cfg, tokenizer)]
+    got = [tokenizer.decode(w, skip_special_tokens=True).strip() for w in text_windows(cfg.data, tokenizer)]
     assert got == ["the red car", "the blue bus", "a green tram"]  # a .txt paragraph each, as before
     jl.write_text("{not json\n")
     with pytest.raises(DataError, match="--data.text_files: .*d.jsonl:1"):
-        text_windows(cfg, tokenizer)
+        text_windows(cfg.data, tokenizer)

@@ -159,7 +159,7 @@ def test_stages_refuse_an_absent_gpu_before_loading(tiny_teacher_dir, text_file,
     with pytest.raises(ConfigError, match="--model.device: 'cuda'"):
         distill(cfg, tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="--model.device: 'cuda'"):
-        build_teacher_cache(cfg, tmp_path / "cache")
+        build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, tmp_path / "cache")
     with pytest.raises(ConfigError, match="--eval.device: 'cuda'"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["arc_easy"], limit=2, device="cuda"), tmp_path / "e.json")
 
@@ -188,7 +188,7 @@ def test_cache_build_and_eval_say_where_they_run(tiny_teacher_dir, text_file, tm
     cfg = parse_command("cache build", cache_build_command, argv)["cfg"]
     assert (cfg.model.device, cfg.model.dtype, cfg.eval.dtype) == ("cpu", "bfloat16", "bfloat16")
     cfg = _cfg(tiny_teacher_dir, text_file, device="cpu", dtype="bfloat16")
-    path = build_teacher_cache(cfg, tmp_path / "cache")
+    path = build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, tmp_path / "cache")
     assert "[dskd cache build] on cpu" in capsys.readouterr().err
     meta = json.loads((path / "meta.json").read_text())
     shard = load_file(str(path / meta["shards"][0]))

@@ -191,7 +191,10 @@ def test_cached_teacher_equals_online_teacher(
         return
     # a cache is reused, and refused for another recipe (here: another data recipe)
     stamp = (cache_dir / "meta.json").stat().st_mtime_ns
-    assert build_teacher_cache(cached_cfg, cache_dir) == cache_dir
+    assert (
+        build_teacher_cache(cached_cfg.model, cached_cfg.data, cached_cfg.distill, cached_cfg.loss.T, cache_dir)
+        == cache_dir
+    )
     assert (cache_dir / "meta.json").stat().st_mtime_ns == stamp
     other = make_cfg(tiny_teacher_dir, text_file, distill__teacher_cache=True, data__max_length=40, **common)
     with pytest.raises(CacheError, match="another teacher or data recipe"):

@@ -251,7 +251,7 @@ def test_errors_name_the_flag_before_any_model_loads(tiny_teacher_dir, tmp_path,
     assert "did you mean --eval.max_new_tokens" in capsys.readouterr().err  # the old spelling points to the new
     with pytest.raises(ConfigError, match="--eval.scoring: squad is extractive QA"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["squad"]), tmp_path / "x.json")
-    with pytest.raises(Exception, match="--tasks: unknown task 'squda'; did you mean squad"):
+    with pytest.raises(Exception, match="--eval.tasks: unknown task 'squda'; did you mean squad"):
         evaluate(str(tiny_teacher_dir), EvalConfig(tasks=["squda"], scoring="generate"), tmp_path / "x.json")
     # a tokenizer without a chat template asked for the paper preset's chat prompts
     from transformers import AutoTokenizer

@@ -11,6 +11,8 @@ import yaml
 from conftest import TOY_TEXT
 
 from dskd.__main__ import main
+from dskd.io import sidecar_file
+from dskd.pipeline import STAGE_OUTPUT
 
 FIX = Path(__file__).parent / "fixtures" / "lexicon"
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +116,40 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     fourth = capsys.readouterr().out
     ran = {line.split()[2] for line in fourth.splitlines() if line.startswith("[run ]")}
     assert ran == {f"eval_paper:{m}" for m in ("teacher", "untrained", "kd", "dskd")}, fourth
+
+    # what a stage was built from lives in its artefact's sidecar: without pipeline.json all stages skip
+    argv = ["run", "--config", str(recipe), "--loss.kappa", "1", "--eval.paper_limit", "3"]
+    state = json.loads((out / "pipeline.json").read_text())
+    (out / "pipeline.json").unlink()
+    assert main(argv) == 0
+    fifth = capsys.readouterr().out
+    assert "[run ]" not in fifth and fifth.count("[skip]") >= 10, fifth
+    # a run folder of an older dskd kept those hashes in pipeline.json only: its artefacts are adopted
+    legacy = {}
+    for key, rec in state.items():
+        meta_file = sidecar_file(rec["path"])
+        meta = json.loads(meta_file.read_text())
+        legacy[key] = {"hash": meta.pop("inputs_hash"), "path": rec["path"], "complete": True}
+        if meta["format"]["name"] == STAGE_OUTPUT.name:
+            meta_file.unlink()  # the prompts file and the untrained student had no sidecar then
+        else:
+            meta_file.write_text(json.dumps(meta))
+    (out / "pipeline.json").write_text(json.dumps(legacy))
+    assert main(argv) == 0
+    sixth = capsys.readouterr().out
+    assert "[run ]" not in sixth, sixth
+    assert all("inputs_hash" in json.loads(sidecar_file(r["path"]).read_text()) for r in state.values())
+    assert not any("hash" in r for r in json.loads((out / "pipeline.json").read_text()).values())
+    # a legacy stage built from other inputs is rebuilt, one built from the same is adopted
+    for key in ("eval:kd", "eval:dskd"):
+        meta = json.loads(sidecar_file(legacy[key]["path"]).read_text())
+        meta.pop("inputs_hash")
+        sidecar_file(legacy[key]["path"]).write_text(json.dumps(meta))
+    legacy["eval:kd"]["hash"] = "0" * 16
+    (out / "pipeline.json").write_text(json.dumps(legacy))
+    assert main(argv) == 0
+    ran = {line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("[run ]")}
+    assert ran == {"eval:kd"}
 
 
 def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):

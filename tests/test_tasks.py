@@ -22,12 +22,28 @@ def test_registry_lists_and_finds_tasks_and_aliases():
 
 
 def test_unknown_task_suggests_near_matches():
-    with pytest.raises(TaskError, match=r"--tasks: unknown task 'arc_eazy'; did you mean arc_easy"):
+    with pytest.raises(TaskError, match=r"--eval.tasks: unknown task 'arc_eazy'; did you mean arc_easy"):
         get_task("arc_eazy")
     with pytest.raises(TaskError, match="did you mean hellaswag"):
         get_task("helaswag")
     with pytest.raises(TaskError, match="known: arc_easy"):
         get_task("zzzzzz")
+
+
+def test_unknown_task_error_names_the_flag_that_gave_it(tokenizer):
+    from dskd.config import DataConfig
+    from dskd.data import task_prompts
+    from dskd.evaluate import parse_sources
+    from dskd.fidelity import heldout_prompts, heldout_text
+
+    with pytest.raises(TaskError, match="--data.tasks: unknown task 'arc_eazy'"):
+        task_prompts(DataConfig(tasks=["arc_eazy"]), tokenizer=None)
+    with pytest.raises(TaskError, match="--eval.data: unknown task 'pica'"):
+        parse_sources(["pica=ybisk/piqa"])
+    with pytest.raises(TaskError, match="--fidelity.text_tasks: unknown task 'arc_eazy'"):
+        heldout_text(tokenizer, ["arc_eazy"], 2, 32)
+    with pytest.raises(TaskError, match="--eval.tasks: unknown task 'arc_eazy'"):
+        heldout_prompts(tokenizer, ["arc_eazy"], 2, 0, 0, 32, flag="--eval.tasks")
 
 
 def test_packaged_sizes():

