@@ -474,8 +474,8 @@ class FidelityConfig:
 
     Args:
         text_tasks: Tasks whose evaluation questions, as raw text, form the held-out text.
-        prompt_tasks: Tasks whose evaluation items, as chat-formatted letter prompts built like the
-            training prompts, form the held-out prompts (empty: the run's ``eval.tasks``).
+        prompt_tasks: Tasks whose evaluation items, as prompts built like the training prompts
+            (``data.style``, ``data.chat``), form the held-out prompts (empty: the run's ``eval.tasks``).
         text_limit: Questions per text task (0: all).
         prompt_limit: Prompts per prompt task (0: all).
         shots: Exemplars per held-out prompt, from training items (None: ``data.shots``).

@@ -7,9 +7,10 @@ teacher's next-token distribution on text it never trained on moves a lot. ``dsk
 * **text**: the evaluation questions of ``fidelity.text_tasks`` (ARC-Easy test by default) as raw
   text, one document per question. The split protocol (docs/splits.md) keeps these items out of
   every training prompt and exemplar.
-* **prompts**: evaluation items of ``fidelity.prompt_tasks`` as chat-formatted letter prompts built
-  exactly like the distillation prompts (same template, exemplars drawn from training items), so the
-  student sees the format it was trained on, with questions it was not.
+* **prompts**: evaluation items of ``fidelity.prompt_tasks`` as prompts built exactly like the
+  distillation prompts (the same ``data.style``, letter or cloze, the same ``data.chat`` template,
+  exemplars drawn from training items), so the student sees the format it was trained on, with
+  questions it was not.
 
 Per model and set, over every position of every document (positions are weighted equally; the
 bootstrap resamples documents, so its error reflects document-to-document variation):
@@ -104,20 +105,29 @@ def heldout_prompts(
     max_length: int,
     chat: bool = True,
     flag: str = "--fidelity.prompt_tasks",
+    style: str = "letter",
 ) -> list[Doc]:
-    """Evaluation items of ``tasks`` as letter prompts built like the training prompts (dskd.data).
+    """Evaluation items of ``tasks`` as prompts built like the training prompts (dskd.data.task_prompts).
 
-    The prompt ends where the answer letter goes; exemplars come from training items only. As in
-    training, chat prompts carry their special tokens as text, and long prompts are cut from the left.
-    An unknown task is an error naming ``flag``.
+    ``style`` ``letter``: the prompt ends where the answer letter goes; ``cloze``: it ends where the
+    answer text goes (``... Answer:``). Exemplars come from training items only. As in training, chat
+    prompts carry their special tokens as text, and long prompts are cut from the left. An unknown
+    task is an error naming ``flag``.
     """
-    from dskd.prompts import letter_prompt
+    from dskd.prompts import letter_prompt, loglik_requests
+
+    if style not in ("letter", "cloze"):
+        raise ConfigError(f"--data.style: must be letter or cloze (got {style!r})")
 
     docs = []
     for name in tasks:
         task, items = _items(name, limit, flag)
         for it in items:
-            prompt = letter_prompt(task, it, task.exemplars(it, shots, seed), tokenizer, chat)
+            ex = task.exemplars(it, shots, seed)
+            if style == "cloze":
+                prompt = loglik_requests(task, it, ex, tokenizer, chat)[0][0]
+            else:
+                prompt = letter_prompt(task, it, ex, tokenizer, chat)
             ids = torch.tensor(tokenizer(prompt, add_special_tokens=not chat)["input_ids"], dtype=torch.long)
             docs.append(Doc(f"{task.name}:{it.id}", ids[-max_length:]))
     return docs
@@ -368,6 +378,8 @@ def fidelity(
     *,
     prompt_tasks: Sequence[str] = (),
     shots: int = 0,
+    style: str = "letter",
+    chat: bool = True,
     senses_dir: Path | str | None = None,
     lexicon_dir: Path | str | None = None,
     dtype: str = "float32",
@@ -385,6 +397,8 @@ def fidelity(
         out: Result JSON path.
         prompt_tasks: Prompt tasks used when ``cfg.prompt_tasks`` is empty.
         shots: Exemplars per prompt used when ``cfg.shots`` is None.
+        style: Held-out prompt style, as the training prompts' ``data.style`` (letter or cloze).
+        chat: Wrap held-out prompts in the chat template, as the training prompts' ``data.chat``.
         senses_dir: Sense store for the probe (None: no probe).
         lexicon_dir: Lexicon for the probe (None: no probe).
         dtype: Weights dtype.
@@ -426,7 +440,9 @@ def fidelity(
             n_shots,
             cfg.seed,
             cfg.max_length,
+            chat=chat,
             flag="--fidelity.prompt_tasks" if cfg.prompt_tasks else "--eval.tasks",
+            style=style,
         ),
     }
     sets = {k: v for k, v in sets.items() if v}
@@ -458,7 +474,7 @@ def fidelity(
         "teacher": teacher_spec,
         "models": models,
         "fingerprints": {m: fingerprint(mod, tok) for m, mod in {"teacher": teacher, **mods}.items()},
-        "config": {**dataclasses.asdict(cfg), "prompt_tasks": ptasks, "shots": n_shots},
+        "config": {**dataclasses.asdict(cfg), "prompt_tasks": ptasks, "shots": n_shots, "style": style, "chat": chat},
         "probe": probe_info,
         "baseline": baseline,
         "dskd_version": __version__,
@@ -574,8 +590,8 @@ def fidelity_command(
     """Held-out fidelity of students to the teacher: per-token KL(teacher || student) at T = 1, top-1
     agreement, perplexity, each with a bootstrap error over documents, and (with --senses_dir and
     --lexicon_dir) the sense probe. Held-out text: evaluation questions of fidelity.text_tasks as raw
-    text; held-out prompts: evaluation items of fidelity.prompt_tasks (empty: eval.tasks) as
-    chat-formatted letter prompts with fidelity.shots (None: data.shots) exemplars. Models run on
+    text; held-out prompts: evaluation items of fidelity.prompt_tasks (empty: eval.tasks) built like
+    the training prompts (data.style, data.chat) with fidelity.shots (None: data.shots) exemplars. Models run on
     eval.device in eval.dtype, as in the main job's ``fidelity`` stage.
 
       dskd fidelity --config configs/smollm2-135m_to_15l.yaml --baseline untrained \\
@@ -586,7 +602,7 @@ def fidelity_command(
         model: The teacher (``teacher``).
         fidelity: Held-out sets, limits, bootstrap and the probe switch.
         eval: Prompt tasks when ``fidelity.prompt_tasks`` is empty; device and dtype.
-        data: Exemplars per prompt when ``fidelity.shots`` is unset.
+        data: Exemplars per prompt when ``fidelity.shots`` is unset; the prompts' style and chat template.
         students: Models to compare with the teacher, ``[NAME=]SPEC`` each; a run folder means its student/.
         out: Result JSON (a .md table is written next to it).
         baseline: Name of the model the others are compared with.
@@ -603,6 +619,8 @@ def fidelity_command(
         out,
         prompt_tasks=eval.tasks,
         shots=data.shots,
+        style=data.style,
+        chat=data.chat,
         senses_dir=senses_dir if probe else None,
         lexicon_dir=lexicon_dir if probe else None,
         dtype=eval.dtype,

@@ -467,6 +467,13 @@ def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], stude
         "fidelity": to_dict(cfg.fidelity),
         "prompt_tasks": cfg.eval.tasks,
         "shots": cfg.data.shots,
+        # the held-out prompts are built like the training prompts; keyed only when they differ from
+        # the letter chat prompts of earlier runs, so existing run folders still skip
+        **(
+            {"style": cfg.data.style, "chat": cfg.data.chat}
+            if (cfg.data.style, cfg.data.chat) != ("letter", True)
+            else {}
+        ),
         "dtype": cfg.eval.dtype,
         "students": {n: _upstream(pipe, f"train:{n}") for n in students},
         "senses": shared["hashes"]["senses"],
@@ -480,6 +487,8 @@ def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], stude
             out,
             prompt_tasks=cfg.eval.tasks,
             shots=cfg.data.shots,
+            style=cfg.data.style,
+            chat=cfg.data.chat,
             senses_dir=shared["senses"],
             lexicon_dir=shared["lexicon"],
             dtype=cfg.eval.dtype,

@@ -13,7 +13,7 @@ from conftest import make_model
 from fakes import FakeLexicon, FakeStore
 
 from dskd import fidelity as F
-from dskd.config import FidelityConfig
+from dskd.config import ConfigError, FidelityConfig
 
 
 def _docs(tokenizer, n: int = 6) -> list[F.Doc]:
@@ -164,3 +164,27 @@ def test_cli_errors(tmp_path, tiny_teacher_dir, capsys):
     assert "is now `dskd fidelity`" in err and "dskd fidelity: error: --out" in err
     with pytest.raises(Exception, match="fidelity.text_limit"):
         FidelityConfig(text_limit=-1)
+
+
+def test_heldout_prompts_are_built_like_the_training_prompts(tokenizer):
+    """Held-out prompts follow data.style: cloze prompts end where the answer text goes, letter ones
+    where the letter goes, and both equal what the distillation data would build for the item."""
+    from dskd.prompts import letter_prompt, loglik_requests
+    from dskd.tasks import get_task
+
+    task = get_task("arc_easy")
+    item = task.eval_items()[0]
+    ex = task.exemplars(item, 1, 0)
+    for style, want in (
+        ("cloze", loglik_requests(task, item, ex, tokenizer, False)[0][0]),
+        ("letter", letter_prompt(task, item, ex, tokenizer, False)),
+    ):
+        (doc,) = F.heldout_prompts(tokenizer, ["arc_easy"], 1, 1, 0, 4096, chat=False, style=style)
+        assert doc.ids.tolist() == tokenizer(want)["input_ids"], style
+    cloze = tokenizer.decode(
+        F.heldout_prompts(tokenizer, ["arc_easy"], 1, 1, 0, 4096, chat=False, style="cloze")[0].ids
+    )
+    letter = tokenizer.decode(F.heldout_prompts(tokenizer, ["arc_easy"], 1, 1, 0, 4096, chat=False)[0].ids)
+    assert cloze != letter and cloze.rstrip().endswith("Answer:")
+    with pytest.raises(ConfigError, match="--data.style"):
+        F.heldout_prompts(tokenizer, ["arc_easy"], 1, 1, 0, 4096, chat=False, style="essay")
