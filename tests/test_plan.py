@@ -124,11 +124,12 @@ def _header_commands(path: Path) -> list[str]:
     return cmds
 
 
-def test_demo_config_header_commands_parse(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["smollm2-135m_to_15l.yaml", "smollm2-135m_to_24l.yaml"])
+def test_demo_config_header_commands_parse(name, tmp_path, monkeypatch):
     import dskd.pipeline
     from dskd.__main__ import main as dskd_main
 
-    cmds = _header_commands(ROOT / "configs" / "smollm2-135m_to_15l.yaml")
+    cmds = _header_commands(ROOT / "configs" / name)
     assert len(cmds) == 3, cmds
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
