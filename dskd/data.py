@@ -178,7 +178,7 @@ def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
     """
     if not dc.tasks:
         return []
-    from dskd.prompts import letter_prompt, loglik_requests
+    from dskd.prompts import training_prompt
     from dskd.tasks import get_task
 
     rng = random.Random(dc.seed)
@@ -201,10 +201,7 @@ def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
             if len(pool) < dc.shots:
                 pool = [j for j in range(len(items)) if j != i]
             ex = [items[j] for j in rng.sample(pool, min(dc.shots, len(pool)))]
-            if dc.style == "cloze":
-                prompts.append(loglik_requests(task, item, ex, tokenizer, dc.chat)[0][0])
-            else:
-                prompts.append(letter_prompt(task, item, ex, tokenizer, dc.chat))
+            prompts.append(training_prompt(task, item, ex, tokenizer, dc.chat, dc.style))
     return prompts
 
 

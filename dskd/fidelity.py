@@ -107,27 +107,20 @@ def heldout_prompts(
     flag: str = "--fidelity.prompt_tasks",
     style: str = "letter",
 ) -> list[Doc]:
-    """Evaluation items of ``tasks`` as prompts built like the training prompts (dskd.data.task_prompts).
+    """Evaluation items of ``tasks`` as prompts built like the training prompts (:func:`dskd.prompts.training_prompt`).
 
     ``style`` ``letter``: the prompt ends where the answer letter goes; ``cloze``: it ends where the
     answer text goes (``... Answer:``). Exemplars come from training items only. As in training, chat
     prompts carry their special tokens as text, and long prompts are cut from the left. An unknown
     task is an error naming ``flag``.
     """
-    from dskd.prompts import letter_prompt, loglik_requests
-
-    if style not in ("letter", "cloze"):
-        raise ConfigError(f"--data.style: must be letter or cloze (got {style!r})")
+    from dskd.prompts import training_prompt
 
     docs = []
     for name in tasks:
         task, items = _items(name, limit, flag)
         for it in items:
-            ex = task.exemplars(it, shots, seed)
-            if style == "cloze":
-                prompt = loglik_requests(task, it, ex, tokenizer, chat)[0][0]
-            else:
-                prompt = letter_prompt(task, it, ex, tokenizer, chat)
+            prompt = training_prompt(task, it, task.exemplars(it, shots, seed), tokenizer, chat, style)
             ids = torch.tensor(tokenizer(prompt, add_special_tokens=not chat)["input_ids"], dtype=torch.long)
             docs.append(Doc(f"{task.name}:{it.id}", ids[-max_length:]))
     return docs

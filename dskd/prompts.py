@@ -52,6 +52,18 @@ def letter_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, 
     return "\n\n".join([*shots, task.letter_block(item)])
 
 
+def training_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool, style: str) -> str:
+    """The distillation prompt of ``item`` in ``style`` (``data.style``): ``letter``, ending where the
+    answer letter goes (:func:`letter_prompt`); ``cloze``, the question as log-likelihood scoring asks
+    it, ending where the answer text goes (the context of :func:`loglik_requests`). Used for the
+    training prompts and for the held-out prompts built like them."""
+    if style == "cloze":
+        return loglik_requests(task, item, exemplars, tokenizer, chat)[0][0]
+    if style == "letter":
+        return letter_prompt(task, item, exemplars, tokenizer, chat)
+    raise ConfigError(f"--data.style: must be letter or cloze (got {style!r})")
+
+
 def loglik_requests(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> list[tuple[str, str]]:
     """(context, continuation) per choice for ``loglik`` scoring, few-shot exemplars included."""
     reqs = task.loglik_requests(item)
