@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 
 demo: install
 	$(BIN)/dskd assets
-	$(BIN)/dskd run --config configs/smollm2-135m_to_15l.yaml
+	$(BIN)/dskd run --config configs/smollm2-135m_to_24l.yaml
 
 test: install
 	$(BIN)/ruff check .

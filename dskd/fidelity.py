@@ -29,6 +29,7 @@ compared with a paired bootstrap over the same documents, and a markdown table n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -563,6 +564,35 @@ def markdown(result: dict[str, Any], baseline: str | None = None, n_boot: int | 
             label = "teacher (reference)" if m == "teacher" else m
             lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
+
+
+def pooled_markdown(
+    result: dict[str, Any], groups: dict[str, list[str]], baseline: str | None = None, n_boot: int | None = None
+) -> str:
+    """:func:`markdown` for an experiment: each arm's seeds (``groups``: arm -> model names) pooled into one
+    row by adding their per-document sums, so a metric is the mean over seeds (same tokens in each) and
+    the paired bootstrap against ``baseline`` resamples documents with every seed of both arms in them.
+    Models in no group (teacher, untrained) keep their own rows."""
+    grouped = {m for ms in groups.values() for m in ms}
+    n_boot = n_boot or result["config"].get("bootstrap") or 1000
+    seed = result["config"].get("seed", 0)
+    pooled = copy.deepcopy(result)
+    for s in pooled["sets"].values():
+        models = s["models"]
+        rows = {m: e for m, e in models.items() if m not in grouped}
+        for arm, names in groups.items():
+            missing = [m for m in names if m not in models]
+            if missing:
+                raise FidelityError(f"fidelity result has no model {missing[0]!r} (arm {arm})")
+            sums = {k: sum(_sums(models[m])[k] for m in names) for k in models[names[0]]["sums"]}
+            rows[arm] = {
+                "metrics": summarize(sums, n_boot, seed),
+                "sums": {k: v.tolist() for k, v in sums.items()},
+            }
+        s["models"] = rows
+    counts = ", ".join(f"{a} {len(ms)}" for a, ms in groups.items())
+    head = f"Seeds pooled ({counts}): an arm's per-document sums are added over its seeds.\n\n"
+    return head + markdown(pooled, baseline, n_boot)
 
 
 _fidelity = fidelity  # the command's section parameter is called `fidelity` too

@@ -457,11 +457,14 @@ def evaluate_model(
     return out
 
 
-def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], students: dict[str, Path]) -> Path:
-    """Held-out fidelity of every student to the teacher (one teacher pass for all), with the sense probe."""
+def fidelity_stage(
+    cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], students: dict[str, Path], name: str = "fidelity"
+) -> Path:
+    """Held-out fidelity of every student to the teacher (one teacher pass for all), with the sense probe;
+    written to ``<out>/eval/<name>.json`` by the stage ``name``."""
     from dskd.fidelity import RESULT_ARTEFACT, fidelity
 
-    out = pipe.out / "eval" / "fidelity.json"
+    out = pipe.out / "eval" / f"{name}.json"
     inputs = {
         "teacher": cfg.model.teacher,
         "fidelity": to_dict(cfg.fidelity),
@@ -496,7 +499,7 @@ def fidelity_stage(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], stude
             baseline="kd" if "kd" in students else None,
         )
 
-    pipe.stage("fidelity", inputs, out, do, RESULT_ARTEFACT)
+    pipe.stage(name, inputs, out, do, RESULT_ARTEFACT)
     return out
 
 
@@ -630,7 +633,11 @@ def experiment(
     report_name: str = "experiment",
     baseline: str = "kd",
 ) -> Path:
-    """Arms x seeds sharing the lexicon, sense store and teacher cache; writes ``<report_name>.md``."""
+    """Arms x seeds sharing the lexicon, sense store and teacher cache; writes ``<report_name>.md``: accuracy
+    and held-out fidelity (``eval/<report_name>_fidelity.json``) of every arm against the baseline.
+
+    Seed 0 (the recipe's ``distill.seed``) of an arm is the student ``dskd run`` trains for it
+    (``students/<arm>/``); seed s > 0 lives in ``students/<arm>/seed<distill.seed + s>/``."""
     arms = list(arms or DEFAULT_ARMS)
     if baseline not in arms:
         arms.insert(0, baseline)
@@ -653,16 +660,28 @@ def experiment(
         "untrained": evaluate_model(cfg, pipe, "untrained", str(untrained), _upstream(pipe, "train:untrained")),
     }
     base_seed = cfg.distill.seed
+    students: dict[str, Path] = {"untrained": untrained}
+    keys: dict[str, list[str]] = {}
     for s in range(seeds):
         for arm in arms:  # seed-major order: an interrupted experiment still has paired arms
-            student = train_arm(cfg, pipe, shared, arm, seed=base_seed + s)
-            key = f"{arm}/seed{base_seed + s}"
+            # the recipe's own seed is the run's student (students/<arm>): `dskd run` then `dskd experiment`
+            # trains only the other seeds and arms
+            seed = None if s == 0 else base_seed + s
+            student = train_arm(cfg, pipe, shared, arm, seed=seed)
+            key = arm if seed is None else f"{arm}/seed{seed}"
+            students[key] = student
+            keys.setdefault(arm, []).append(key)
             files.setdefault(arm, {})[base_seed + s] = evaluate_model(
                 cfg, pipe, key, str(student), _upstream(pipe, f"train:{key}")
             )
+    # held-out fidelity and the sense probe of every student, in one teacher pass
+    fid = fidelity_stage(cfg, pipe, shared, students, name=f"{report_name}_fidelity")
+    from dskd.fidelity import load_result as load_fidelity
+    from dskd.fidelity import pooled_markdown
     from dskd.report import experiment_table
 
     table = experiment_table(files, refs, baseline=baseline, descriptions={a: parse_arm(a)[2] for a in arms})
+    table += "\n" + pooled_markdown(load_fidelity(fid), keys, baseline)
     write_text_atomic(out / f"{report_name}.md", table + "\n")
     write_json(
         out / f"{report_name}.json",
@@ -671,10 +690,11 @@ def experiment(
             "seeds": seeds,
             "files": {a: {str(s): str(p) for s, p in f.items()} for a, f in files.items()},
             "refs": {k: str(v) for k, v in refs.items()},
+            "fidelity": str(fid),
         },
     )
     plot_losses(
-        {f"{a}/seed{s}": out / "students" / a / f"seed{s}" for a in arms for s in files[a]},
+        {k if "/" in k else f"{k}/seed{base_seed}": out / "students" / k for ks in keys.values() for k in ks},
         out / "figures" / f"{report_name}_losses.png",
     )
     print("\n" + table)
@@ -708,7 +728,9 @@ def experiment_command(
     force: bool = False,
 ) -> Path:
     """Paired arms over seeds, sharing the lexicon, sense store and teacher cache; reports per task the
-    mean of each arm and the paired difference against KD with its bootstrap confidence interval.
+    mean of each arm and the paired difference against KD with its bootstrap confidence interval, and the
+    held-out fidelity (KL to the teacher, top-1 agreement, perplexity, sense probe) of each arm, its seeds
+    pooled, against KD. The first seed of each arm is the student `dskd run` trains for it (reused).
 
     Arms: kd (logit KD + CE, lambda = 0), dskd (KD + CE + sense loss), hidden_mse (KD + CE + direct MSE
     to the teacher's last hidden state), dskd_no_ant, dskd_no_syn, dskd_no_self, dskd_ref. Any arm takes

@@ -154,7 +154,13 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
 
 def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
     recipe = _recipe(tmp_path, tiny_teacher_dir)
+    # the run's students are the experiment's first seed: trained once
+    assert main(["run", "--config", str(recipe), "--until", "students"]) == 0
+    capsys.readouterr()
     assert main(["experiment", "--config", str(recipe), "--seeds", "2", "--arms", "kd,dskd,hidden_mse"]) == 0
+    log = capsys.readouterr().out
+    ran = {line.split()[2] for line in log.splitlines() if line.startswith("[run ]")}
+    assert {"train:kd", "train:dskd"}.isdisjoint(ran) and {"train:hidden_mse", "train:kd/seed1"} <= ran, ran
     out = tmp_path / "run"
     table = (out / "experiment.md").read_text()
     for row in (
@@ -168,6 +174,17 @@ def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
     assert table.count("Δ") >= 4
     files = json.loads((out / "experiment.json").read_text())["files"]
     assert set(files) == {"kd", "dskd", "hidden_mse"} and all(len(v) == 2 for v in files.values())
+    # fidelity: every student in one result; each arm's row pools its seeds (mean KL over the seeds)
+    fid = json.loads((out / "eval" / "experiment_fidelity.json").read_text())
+    assert set(fid["models"]) == {"untrained"} | {f"{a}{s}" for a in files for s in ("", "/seed1")}
+    assert "Seeds pooled (kd 2, dskd 2, hidden_mse 2)" in table
+    for name, s in fid["sets"].items():
+        kls = [s["models"][m]["metrics"]["kl"] for m in ("dskd", "dskd/seed1")]
+        assert kls[0] != kls[1]
+        section = table.split(f"**{name}**")[1]
+        row = next(line for line in section.splitlines() if line.startswith("| dskd |"))
+        assert row.split("|")[2].strip().startswith(f"{sum(kls) / 2:.3f} ± "), row
+        assert "(Δ " in row and "| kd |" in section and "| untrained |" in section
     cfg = yaml.safe_load((out / "students/hidden_mse/seed1/config.yaml").read_text())
     assert cfg["loss"]["hidden"] == "mse" and cfg["loss"]["lam"] == 0.0 and cfg["distill"]["seed"] == 1
 
@@ -178,8 +195,8 @@ def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
     assert main([*argv, "--arms", "kd,dskd@margin=0.5@distill.epochs=2"]) == 0
     log = capsys.readouterr().out
     ran = {line.split()[2] for line in log.splitlines() if line.startswith("[run ]")}
-    assert ran == {"train:dskd@margin=0.5@distill.epochs=2/seed0", "eval:dskd@margin=0.5@distill.epochs=2/seed0"}
-    cfg = yaml.safe_load((out / "students/dskd@margin=0.5@distill.epochs=2/seed0/config.yaml").read_text())
+    assert ran == {"train:dskd@margin=0.5@distill.epochs=2", "eval:dskd@margin=0.5@distill.epochs=2", "sweep_fidelity"}
+    cfg = yaml.safe_load((out / "students/dskd@margin=0.5@distill.epochs=2/config.yaml").read_text())
     assert cfg["loss"]["margin"] == 0.5 and cfg["distill"]["epochs"] == 2 and cfg["loss"]["lam"] > 0
     assert "| dskd@margin=0.5@distill.epochs=2 | 1 |" in (out / "sweep.md").read_text()
     assert (out / "experiment.md").read_text() == before
@@ -205,7 +222,7 @@ def test_unknown_arm_is_refused(tiny_teacher_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_run_with_the_packaged_smollm2(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "dskd", "run", "--config", "configs/smollm2-135m_to_15l.yaml", "--quick"]
+    cmd = [sys.executable, "-m", "dskd", "run", "--config", "configs/smollm2-135m_to_24l.yaml", "--quick"]
     r = subprocess.run([*cmd, "--out", str(tmp_path / "q")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "q-quick"
