@@ -110,17 +110,19 @@ def report(
     results = [load_result(p) for p in paths]
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
     base = _find_baseline(results, paths, baseline) if baseline is not None else None
-    head = f"| result | model | {' | '.join(tasks)} |"
+    avg = len(tasks) > 1  # an `average` column: the unweighted mean over tasks, for results with every task
+    head = f"| result | model | {' | '.join(tasks)} |" + (" average |" if avg else "")
     lines = [
         f"metric: {metric} in % ± bootstrap s.e.; "
         + (
             f"Δ vs {results[base]['name']} with paired bootstrap 95% CI (* excludes 0)"
             if base is not None
             else "no baseline"
-        ),
+        )
+        + ("; `average` is the unweighted mean over tasks (its CI resamples each task's items)" if avg else ""),
         "",
         head,
-        "|---|---|" + "---:|" * len(tasks),
+        "|---|---|" + "---:|" * (len(tasks) + avg),
     ]
     for i, r in enumerate(results):
         cells = []
@@ -135,6 +137,10 @@ def report(
             if base is not None and i != base and t in results[base]["tasks"]:
                 cell += " " + _diff_cell(e, results[base]["tasks"][t], m, n_boot, seed)
             cells.append(cell)
+        if avg:
+            cells.append(
+                _average_cell(r, results[base] if base is not None else None, i == base, tasks, metric, n_boot, seed)
+            )
         lines.append(f"| {r['name']} | {r['model']} | {' | '.join(cells)} |")
     setups = {t: e for t in tasks for r in results if (e := r["tasks"].get(t)) is not None and "setup" in e}
     if setups:  # which protocol produced each column, and the metric a task without `metric` shows
@@ -145,21 +151,40 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def _diff_cell(e: dict[str, Any], b: dict[str, Any], metric: str, n_boot: int, seed: int) -> str:
+def _paired(e: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Per-item scores of two results of one task on their common items (and the items' subjects)."""
     ca, _ = _correct(e, metric)
     cb, _ = _correct(b, metric)
     common = [i for i in ca if i in cb]
-    if not common:
-        return "(Δ: no common items)"
     subj = None
     if "subject" in e["items"]:
         by_id = dict(zip(e["items"]["id"], e["items"]["subject"], strict=True))
         subj = [by_id[i] for i in common]
-    d, lo, hi = paired_bootstrap(
-        np.array([ca[i] for i in common]), np.array([cb[i] for i in common]), subj, n_boot, seed
-    )
+    return np.array([ca[i] for i in common]), np.array([cb[i] for i in common]), subj
+
+
+def _diff_cell(e: dict[str, Any], b: dict[str, Any], metric: str, n_boot: int, seed: int) -> str:
+    a_vec, b_vec, subj = _paired(e, b, metric)
+    if not len(a_vec):
+        return "(Δ: no common items)"
+    d, lo, hi = paired_bootstrap(a_vec, b_vec, subj, n_boot, seed)
     star = "*" if lo > 0 or hi < 0 else ""
     return f"(Δ {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{star})"
+
+
+def _average_cell(
+    r: dict[str, Any], b: dict[str, Any] | None, is_base: bool, tasks: list[str], metric: str, n_boot: int, seed: int
+) -> str:
+    """The unweighted mean over tasks and, against the baseline, its paired difference and CI."""
+    if any(t not in r["tasks"] for t in tasks):
+        return "-"
+    cell = f"{100 * float(np.mean([_metric_of(r['tasks'][t], metric) for t in tasks])):.2f}"
+    if b is None or is_base or any(t not in b["tasks"] for t in tasks):
+        return cell
+    parts = [_paired(r["tasks"][t], b["tasks"][t], metric) for t in tasks]
+    if any(not len(a) for a, _, _ in parts):
+        return cell
+    return cell + f" (Δ {100 * _avg_diff(parts):+.2f} {_avg_ci(parts, n_boot, seed)})"
 
 
 def _seed_mean(results: list[dict[str, Any]], task: str, metric: str) -> tuple[list[str], np.ndarray, list[str] | None]:

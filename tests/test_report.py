@@ -74,3 +74,27 @@ def test_report_errors(tmp_path):
         report([bad])
     with pytest.raises(ReportError, match="not found"):
         report([tmp_path / "missing.json"])
+
+
+def test_report_average_column_over_tasks(tmp_path):
+    """Several tasks: an `average` column, the unweighted mean over tasks, and its paired Δ and CI; a
+    result missing a task gets no average."""
+    gold = [0] * 100
+
+    def two_tasks(name, right_a, right_b):
+        p = _result(tmp_path / f"{name}.json", name, [0] * right_a + [1] * (100 - right_a), gold)
+        d = json.loads(p.read_text())
+        other = _result(tmp_path / "tmp.json", name, [0] * right_b + [1] * (100 - right_b), gold)
+        d["tasks"]["sciq"] = json.loads(other.read_text())["tasks"]["arc_easy"]
+        p.write_text(json.dumps(d))
+        return p
+
+    kd, dskd = two_tasks("kd", 50, 30), two_tasks("dskd", 60, 30)  # +10 on one task, +0 on the other
+    partial = _result(tmp_path / "partial.json", "partial", [0] * 100, gold)
+    text = report([kd, dskd, partial], baseline="kd")
+    assert "| arc_easy | sciq | average |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dskd |"))
+    assert "| 45.00 (Δ +5.00 [" in row and row.endswith("]*) |"), row
+    assert next(line for line in text.splitlines() if line.startswith("| kd |")).endswith("| 40.00 |")
+    assert next(line for line in text.splitlines() if line.startswith("| partial |")).endswith("| - |")
+    assert "average" not in report([partial])
