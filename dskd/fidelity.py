@@ -584,7 +584,8 @@ def pooled_markdown(
             missing = [m for m in names if m not in models]
             if missing:
                 raise FidelityError(f"fidelity result has no model {missing[0]!r} (arm {arm})")
-            sums = {k: sum(_sums(models[m])[k] for m in names) for k in models[names[0]]["sums"]}
+            per_seed = [_sums(models[m]) for m in names]
+            sums = {k: sum(p[k] for p in per_seed) for k in per_seed[0]}
             rows[arm] = {
                 "metrics": summarize(sums, n_boot, seed),
                 "sums": {k: v.tolist() for k, v in sums.items()},

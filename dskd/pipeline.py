@@ -402,12 +402,18 @@ def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
         shutil.rmtree(stale)
 
 
+def arm_key(arm: str, seed: int | None = None) -> str:
+    """An arm's student name: its folder under ``students/`` and its stage keys (``train:``, ``eval:``).
+    ``seed`` None: the recipe's own seed, the student ``dskd run`` trains."""
+    return arm if seed is None else f"{arm}/seed{seed}"
+
+
 def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, seed: int | None = None) -> Path:
     """Train one arm (continuing from its last checkpoint when interrupted); returns its student folder."""
     from dskd.distill import RUN_ARTEFACT, distill
 
     c = _arm_config(cfg, arm, seed)
-    key = arm if seed is None else f"{arm}/seed{seed}"
+    key = arm_key(arm, seed)
     run_dir = pipe.out / "students" / key
 
     def do() -> None:
@@ -668,7 +674,7 @@ def experiment(
             # trains only the other seeds and arms
             seed = None if s == 0 else base_seed + s
             student = train_arm(cfg, pipe, shared, arm, seed=seed)
-            key = arm if seed is None else f"{arm}/seed{seed}"
+            key = arm_key(arm, seed)
             students[key] = student
             keys.setdefault(arm, []).append(key)
             files.setdefault(arm, {})[base_seed + s] = evaluate_model(
@@ -694,7 +700,7 @@ def experiment(
         },
     )
     plot_losses(
-        {k if "/" in k else f"{k}/seed{base_seed}": out / "students" / k for ks in keys.values() for k in ks},
+        {f"{a}/seed{base_seed + i}": out / "students" / k for a, ks in keys.items() for i, k in enumerate(ks)},
         out / "figures" / f"{report_name}_losses.png",
     )
     print("\n" + table)

@@ -138,9 +138,8 @@ def report(
                 cell += " " + _diff_cell(e, results[base]["tasks"][t], m, n_boot, seed)
             cells.append(cell)
         if avg:
-            cells.append(
-                _average_cell(r, results[base] if base is not None else None, i == base, tasks, metric, n_boot, seed)
-            )
+            b = results[base] if base is not None and i != base else None
+            cells.append(_average_cell(r, b, tasks, metric, n_boot, seed))
         lines.append(f"| {r['name']} | {r['model']} | {' | '.join(cells)} |")
     setups = {t: e for t in tasks for r in results if (e := r["tasks"].get(t)) is not None and "setup" in e}
     if setups:  # which protocol produced each column, and the metric a task without `metric` shows
@@ -173,13 +172,14 @@ def _diff_cell(e: dict[str, Any], b: dict[str, Any], metric: str, n_boot: int, s
 
 
 def _average_cell(
-    r: dict[str, Any], b: dict[str, Any] | None, is_base: bool, tasks: list[str], metric: str, n_boot: int, seed: int
+    r: dict[str, Any], b: dict[str, Any] | None, tasks: list[str], metric: str, n_boot: int, seed: int
 ) -> str:
-    """The unweighted mean over tasks and, against the baseline, its paired difference and CI."""
+    """The unweighted mean over tasks and, against the baseline ``b`` (None: no difference), its paired
+    difference and CI."""
     if any(t not in r["tasks"] for t in tasks):
         return "-"
     cell = f"{100 * float(np.mean([_metric_of(r['tasks'][t], metric) for t in tasks])):.2f}"
-    if b is None or is_base or any(t not in b["tasks"] for t in tasks):
+    if b is None or any(t not in b["tasks"] for t in tasks):
         return cell
     parts = [_paired(r["tasks"][t], b["tasks"][t], metric) for t in tasks]
     if any(not len(a) for a, _, _ in parts):
