@@ -1,0 +1,213 @@
+"""Frozen bottom layers shared between models: compute them once, run only the layers above.
+
+A student truncated from its teacher and trained only in its top layers keeps the teacher's
+embeddings and bottom ``n`` decoder layers bit for bit. The state entering layer ``n`` is then the
+same for the teacher, the untrained truncation and every trained student, so it need be computed
+once: the teacher cache stores it for training (:mod:`dskd.data`), and evaluation and fidelity reuse it
+across the models they score (:class:`PrefixMemo`).
+
+Running part of a decoder works by temporarily replacing its layer list with a slice
+(:func:`layer_range`) and passing the state as ``inputs_embeds``: the decoder's own forward then
+builds the attention mask and position embeddings exactly as for the whole model. Models whose
+forward does more with ``inputs_embeds`` (learned position embeddings, embedding scaling) or indexes
+per-layer settings by position in the list fail :func:`split_ok`'s probe and are run whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dskd.models import decoder_layers
+
+_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+# config entries that list one value per layer: only the first n describe the prefix
+_PER_LAYER_KEYS = ("layer_types", "sliding_window_pattern_list")
+
+
+def decoder_parts(model: nn.Module) -> tuple[nn.Module, str, str | None]:
+    """The module holding the decoder layer list, the list's attribute name, and the final norm's (or None)."""
+    path, _ = decoder_layers(model)
+    parent, _, attr = path.rpartition(".")
+    dec = model.get_submodule(parent) if parent else model
+    norm = next((n for n in _FINAL_NORMS if isinstance(getattr(dec, n, None), nn.Module)), None)
+    return dec, attr, norm
+
+
+@contextlib.contextmanager
+def layer_range(
+    model: nn.Module, start: int = 0, stop: int | None = None, final_norm: bool = True
+) -> Iterator[nn.Module]:
+    """For the duration, the model runs only decoder layers ``[start:stop]``.
+
+    Inside, pass the state entering layer ``start`` as ``inputs_embeds`` (when ``start > 0``);
+    with ``final_norm=False`` the decoder returns the state leaving layer ``stop - 1`` before the
+    final norm, i.e. the state entering layer ``stop``. The layers are the model's own modules
+    (no copy); the full list is restored on exit, also after an error. Not thread-safe.
+
+    Yields:
+        The decoder module (whose forward returns ``last_hidden_state``).
+    """
+    dec, attr, norm = decoder_parts(model)
+    layers = getattr(dec, attr)
+    saved_norm = getattr(dec, norm) if norm else None
+    setattr(dec, attr, nn.ModuleList(list(layers)[start:stop]))
+    if not final_norm and norm:
+        setattr(dec, norm, nn.Identity())
+    try:
+        yield dec
+    finally:
+        setattr(dec, attr, layers)
+        if norm:
+            setattr(dec, norm, saved_norm)
+
+
+def prefix_states(model: nn.Module, n: int, **inputs: Any) -> torch.Tensor:
+    """The state entering decoder layer ``n`` (B, T, d): embeddings and layers ``[0:n]``, no final norm.
+
+    Args:
+        model: A causal LM.
+        n: Layers to run.
+        inputs: ``input_ids``, ``attention_mask``, ``position_ids`` as for the decoder.
+    """
+    with layer_range(model, 0, n, final_norm=False) as dec:
+        return dec(**inputs, use_cache=False).last_hidden_state
+
+
+def suffix_hidden(model: nn.Module, n: int, states: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """The decoder's last hidden state (B, T, d) computed from :func:`prefix_states` ``states`` (B, T, d).
+
+    Args:
+        inputs: ``attention_mask`` and ``position_ids`` of the same call (not ``input_ids``).
+    """
+    with layer_range(model, n) as dec:
+        return dec(inputs_embeds=states, **inputs, use_cache=False).last_hidden_state
+
+
+_SPLIT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def split_ok(model: nn.Module, n: int) -> bool:
+    """Whether running layers ``[0:n]`` then ``[n:]`` gives the whole decoder's state (probe with padding).
+
+    The split repeats the same operations, so the two agree to rounding; a model whose forward treats
+    ``inputs_embeds`` specially (adds learned positions, scales embeddings) or indexes per-layer
+    settings by list position differs grossly and is refused. Cached per model and ``n``.
+    """
+    try:
+        dec, _, _ = decoder_parts(model)
+        L = len(decoder_layers(model)[1])
+    except Exception:  # noqa: BLE001 (an architecture this module does not know: run it whole)
+        return False
+    if not 0 < n <= L:
+        return False
+    seen = _SPLIT_OK.setdefault(model, {})
+    if n not in seen:
+        dev = next(model.parameters()).device
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = (torch.arange(24, device=dev) * 7919 % vocab).view(2, 12)  # (2, 12) arbitrary ids
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0  # right padding, as batches have
+        whole = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
+        split = suffix_hidden(
+            model, n, prefix_states(model, n, input_ids=ids, attention_mask=mask), attention_mask=mask
+        )
+        real = mask.bool()
+        err = (whole[real] - split.float()[real]).abs().max()
+        seen[n] = bool(err <= 1e-4 * float(whole[real].abs().max().clamp(min=1.0)))
+    return seen[n]
+
+
+def _is_prefix_param(name: str, attr: str, norm: str | None, n: int) -> bool:
+    """Whether decoder parameter/buffer ``name`` takes part in computing the state entering layer n."""
+    if norm and (name == norm or name.startswith(norm + ".")):
+        return False
+    if name.startswith(attr + "."):
+        return int(name.split(".")[1]) < n
+    return True
+
+
+def prefix_tensors(model: nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer the state entering layer ``n`` depends on, by name in the decoder
+    (embeddings, rotary frequencies, layers ``[0:n]``)."""
+    dec, attr, norm = decoder_parts(model)
+    named = {**dict(dec.named_parameters()), **dict(dec.named_buffers())}
+    return {k: v for k, v in named.items() if _is_prefix_param(k, attr, norm, n)}
+
+
+def _config_part(model: nn.Module, n: int) -> str:
+    from dskd.models import _VOLATILE_KEYS
+
+    d = model.config.to_dict()
+    d = {k: v for k, v in d.items() if k not in _VOLATILE_KEYS and k != "num_hidden_layers"}
+    for k in _PER_LAYER_KEYS:
+        if isinstance(d.get(k), list):
+            d[k] = d[k][:n]
+    d["_attn"] = getattr(model.config, "_attn_implementation", None)
+    return repr(sorted(d.items()))
+
+
+_FPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prefix_fingerprint(model: nn.Module, n: int) -> str:
+    """A hash of everything the state entering layer ``n`` depends on: the model class, its config
+    (but the layer count), and the bytes of every tensor of :func:`prefix_tensors`. Two models with
+    the same fingerprint compute the same prefix. Cached per model object (its weights must not change
+    while it is used)."""
+    seen = _FPS.setdefault(model, {})
+    if n not in seen:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(type(model).__name__.encode())
+        h.update(_config_part(model, n).encode())
+        for name, t in sorted(prefix_tensors(model, n).items()):
+            t = t.detach()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        seen[n] = h.hexdigest()
+    return seen[n]
+
+
+def shared_prefix_layers(teacher: nn.Module, student: nn.Module) -> int:
+    """How many bottom decoder layers the student computes exactly as the teacher: frozen, equal to
+    the teacher's, over the same frozen embeddings (0 when the embeddings differ or are trained, or the
+    split fails :func:`split_ok`).
+
+    Each layer is compared tensor by tensor (no hashing: both models are in memory).
+    """
+    try:
+        _, attr, norm = decoder_parts(student)
+        n_s, n_t = len(decoder_layers(student)[1]), len(decoder_layers(teacher)[1])
+    except Exception:  # noqa: BLE001
+        return 0
+    if type(student) is not type(teacher) or _config_part(student, 0) != _config_part(teacher, 0):
+        return 0
+    s_all, t_all = prefix_tensors(student, n_s), prefix_tensors(teacher, n_t)
+    s_params = {id(p) for p in student.parameters() if p.requires_grad}
+
+    def same(names: list[str]) -> bool:
+        return all(
+            k in t_all
+            and id(s_all[k]) not in s_params
+            and s_all[k].shape == t_all[k].shape
+            and s_all[k].dtype == t_all[k].dtype
+            and torch.equal(s_all[k].detach(), t_all[k].detach().to(s_all[k].device))
+            for k in names
+        )
+
+    outside = [k for k in s_all if not k.startswith(attr + ".")]
+    if not same(outside):
+        return 0
+    n = 0
+    while n < min(n_s, n_t) and same([k for k in s_all if k.startswith(f"{attr}.{n}.")]):
+        n += 1
+    if n and not split_ok(student, n):
+        return 0
+    return n
