@@ -347,6 +347,11 @@ class TrainConfig:
             vocabulary). With fewer than the vocabulary, KD compares the top-k tokens plus one bucket
             for the remaining mass (the tail is kept, not renormalised; the run prints its mean).
         cache_hidden_dtype: Dtype of the cached teacher hidden states: float16 or float32.
+        cache_prefix: ``auto``: when the student's bottom layers are the teacher's, frozen and equal bit
+            for bit (a truncated student trained in its top layers), the cache also keeps the teacher's
+            state entering the first trained layer, and training runs only the layers from there (the
+            same result, less compute: the frozen layers are computed once, in the cache pass). Costs
+            d values per position of cache space in the model's dtype. ``off``: the whole student runs.
         cache_dir: Teacher cache folder (default: ``<out>/../teacher_cache/<key>``, shared by the runs
             of one folder, e.g. KD and DSKD).
         lexicon_dir: Lexicon folder (``dskd lexicon build``); needed when loss.lam > 0.
@@ -371,6 +376,7 @@ class TrainConfig:
     cache_kd: str = "auto"
     cache_topk: int = 64
     cache_hidden_dtype: str = "float16"
+    cache_prefix: str = "auto"
     cache_dir: str | None = None
     lexicon_dir: str | None = None
     senses_dir: str | None = None
@@ -392,6 +398,7 @@ class TrainConfig:
         _choice(self.cache_kd, ("auto", "head", "logits"), "distill.cache_kd")
         _check(self.cache_topk >= 0, "distill.cache_topk", "must be >= 0", self.cache_topk)
         _choice(self.cache_hidden_dtype, ("float16", "float32"), "distill.cache_hidden_dtype")
+        _choice(self.cache_prefix, ("auto", "off"), "distill.cache_prefix")
         _check(self.keep_checkpoints >= 1, "distill.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.log_every >= 1, "distill.log_every", "must be >= 1", self.log_every)
         _check(self.save_every >= 0, "distill.save_every", "must be >= 0", self.save_every)

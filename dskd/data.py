@@ -24,6 +24,11 @@ reads depends on the student (``distill.cache_kd``):
   as one tail bucket (sparse KD, see :class:`dskd.losses.SparseTeacher`); the mean tail mass is
   recorded in ``meta.json`` and printed by the run.
 
+When the student's bottom layers are the teacher's, frozen, bit for bit (a truncated student trained
+in its top layers; ``distill.cache_prefix``), the cache also keeps the teacher's state entering the
+first layer the student trains (in the dtype it was computed in): training then runs only the layers
+above it, from that state, which is what the whole student would compute there.
+
 1-token teacher continuations (the default) come from that same pass: the argmax at a prompt's last
 position is appended to it. Longer continuations are generated first, greedily, in left-padded
 batches with a KV cache::
@@ -33,7 +38,8 @@ batches with a KV cache::
                               complete: true (written last)
     dataset.safetensors       the training set + cache_shard / cache_start per sequence
     shard-00000.safetensors   hidden (P, d); with logits: logits (P, V) or topk_ids (P, k) +
-                              topk_logp (P, k) + rest_logp (P,); P = target positions
+                              topk_logp (P, k) + rest_logp (P,); with a shared prefix: prefix
+                              (P, d); P = target positions
 
 A cache is refused when its key differs from what a run needs (another teacher, head, data recipe,
 k, T, dtype, or a cache written by an older version): :class:`CacheError` says which.
@@ -41,6 +47,7 @@ k, T, dtype, or a cache written by an older version): :class:`CacheError` says w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -57,6 +64,7 @@ from dskd.config import DataConfig, DskdError, ModelConfig, RunConfig, TrainConf
 from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_json
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
+from dskd.prefix import layer_range, prefix_states
 
 CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 2}
 DATA_FORMAT = {"name": "dskd-dataset", "version": 1}
@@ -386,16 +394,36 @@ def cache_head(distill: TrainConfig, pair) -> str | None:
     return None
 
 
-def cache_settings(distill: TrainConfig, T: float, vocab_size: int, head: str | None = None) -> dict[str, Any]:
-    """What a cache must match besides the data: what it keeps for KD, the hidden dtype and, for sparse KD, T.
+def cache_prefix(distill: TrainConfig, pair) -> int:
+    """The bottom layers whose output state the cache stores (``distill.cache_prefix``): as many as the
+    student shares, frozen and bit for bit, with the teacher (:func:`dskd.prefix.shared_prefix_layers`;
+    0 when off or none)."""
+    from dskd.prefix import shared_prefix_layers
+
+    return shared_prefix_layers(pair.teacher, pair.student) if distill.cache_prefix == "auto" else 0
+
+
+def run_cache_settings(distill: TrainConfig, T: float, pair) -> dict[str, Any]:
+    """:func:`cache_settings` of a loaded teacher/student pair (shared head and shared prefix checked)."""
+    return cache_settings(distill, T, pair.vocab_size, cache_head(distill, pair), cache_prefix(distill, pair))
+
+
+def cache_settings(
+    distill: TrainConfig, T: float, vocab_size: int, head: str | None = None, prefix: int = 0
+) -> dict[str, Any]:
+    """What a cache must match besides the data: what it keeps for KD, the hidden dtype, for sparse KD T,
+    and the shared prefix's depth.
 
     Args:
         distill: The run's training section (``cache_kd``, ``cache_topk``, ``cache_hidden_dtype``).
         T: The KD temperature (``loss.T``): sparse log-probs are stored at it.
         vocab_size: Logit columns KD compares.
         head: :func:`cache_head` of the run: the shared head's probe (no logits stored) or None.
+        prefix: :func:`cache_prefix`: also store the state entering this layer (0: not).
     """
     s: dict[str, Any] = {"vocab_size": vocab_size, "hidden_dtype": distill.cache_hidden_dtype}
+    if prefix:
+        s["prefix_layers"] = prefix
     if head is not None:
         return {**s, "kd": "head", "head": head}
     k = distill.cache_topk
@@ -429,6 +457,7 @@ class TeacherCache:
         self.data = TokenData(_split(t["input_ids"], t["offsets"]), recipe)
         self.shard, self.start = t["cache_shard"].tolist(), t["cache_start"].tolist()
         self.kd = meta["settings"]["kd"]  # head | logits | topk
+        self.prefix_layers = int(meta["settings"].get("prefix_layers", 0))  # the state entering it is kept
         self._files = [TensorFile(self.path / name) for name in meta["shards"]]  # kept open: lazy slices
 
     @classmethod
@@ -468,28 +497,41 @@ class TeacherCache:
             else logits (B, T, V) float32 or a SparseTeacher with (B, T, k) fields; hidden (B, T, d)
             float32)
         """
-        rows: dict[str, list[torch.Tensor]] = {}
         names = {"head": (), "logits": ("logits",), "topk": ("topk_ids", "topk_logp", "rest_logp")}[self.kd]
-        for i in idx:
-            f, s, n = self._files[self.shard[i]], self.start[i], max(len(self.data.seqs[i]) - 1, 0)
-            for name in ("hidden", *names):
-                x = f.rows(name, s, s + n)
-                pad = [0, 0] * (x.dim() - 1) + [0, T - n]
-                rows.setdefault(name, []).append(torch.nn.functional.pad(x, pad))
-        hidden = torch.stack(rows["hidden"]).float()
+        rows = self._rows(idx, T, ("hidden", *names))
+        hidden = rows["hidden"].float()
         if self.kd == "head":
             return None, hidden
         if self.kd == "logits":
-            return torch.stack(rows["logits"]).float(), hidden
+            return rows["logits"].float(), hidden
         return (
             SparseTeacher(
-                ids=torch.stack(rows["topk_ids"]).long(),
-                logp=torch.stack(rows["topk_logp"]),
+                ids=rows["topk_ids"].long(),
+                logp=rows["topk_logp"],
                 # padding positions get a finite value; they are masked by the labels anyway
-                rest_logp=torch.stack(rows["rest_logp"]),
+                rest_logp=rows["rest_logp"],
             ),
             hidden,
         )
+
+    def prefix(self, idx: list[int], T: int) -> torch.Tensor:
+        """The teacher's states entering layer ``prefix_layers`` (B, T, d) of sequences ``idx``, right-padded
+        to ``T`` like :meth:`get` (a sequence's last position and the padding are zeros: causal attention
+        keeps them out of every position that has a target)."""
+        if not self.prefix_layers:
+            raise CacheError(f"{self.path}: this teacher cache keeps no prefix states")
+        return self._rows(idx, T, ("prefix",))["prefix"]
+
+    def _rows(self, idx: list[int], T: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Stored rows ``names`` of sequences ``idx``, each (B, T, ...) zero-padded after a sequence's rows."""
+        rows: dict[str, list[torch.Tensor]] = {}
+        for i in idx:
+            f, s, n = self._files[self.shard[i]], self.start[i], max(len(self.data.seqs[i]) - 1, 0)
+            for name in names:
+                x = f.rows(name, s, s + n)
+                pad = [0, 0] * (x.dim() - 1) + [0, T - n]
+                rows.setdefault(name, []).append(torch.nn.functional.pad(x, pad))
+        return {k: torch.stack(v) for k, v in rows.items()}
 
 
 def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -544,7 +586,7 @@ def write_cache(
     pending = continue_prompts or [False] * len(data)
     # the states of a sequence's target positions need only its tokens but the last (causal attention)
     inputs = [s if pending[i] else s[:-1] for i, s in enumerate(data.seqs)]
-    kd = settings["kd"]
+    kd, n_pre = settings["kd"], settings.get("prefix_layers", 0)
     with atomic_dir(out) as tmp:
         h_dtype = {"float16": torch.float16, "float32": torch.float32}[settings["hidden_dtype"]]
         dev = next(teacher.parameters()).device
@@ -575,22 +617,30 @@ def write_cache(
             batch = collate([inputs[i] for i in idx], 0)
             ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
             with torch.no_grad():
-                if kd == "head":
-                    # no logits over all positions: the head runs only where a continuation is taken
-                    hidden = teacher.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, d)
-                    logits = None
-                else:
-                    o = teacher(input_ids=ids, attention_mask=att, output_hidden_states=True)
-                    logits, hidden = o.logits[..., :vocab_size].float().cpu(), o.hidden_states[-1]  # (B, T, V)
+                # with a shared prefix: the state entering layer n_pre, then the layers above from it
+                # (the same operations as one whole forward)
+                states = prefix_states(teacher, n_pre, input_ids=ids, attention_mask=att) if n_pre else None
+                x = {"input_ids": ids} if states is None else {"inputs_embeds": states}
+                with layer_range(teacher, n_pre) if n_pre else contextlib.nullcontext():
+                    if kd == "head":
+                        # no logits over all positions: the head runs only where a continuation is taken
+                        hidden = teacher.base_model(**x, attention_mask=att).last_hidden_state  # (B, T, d)
+                        logits = None
+                    else:
+                        o = teacher(**x, attention_mask=att, output_hidden_states=True)
+                        logits, hidden = o.logits[..., :vocab_size].float().cpu(), o.hidden_states[-1]  # (B, T, V)
                 for j, i in enumerate(idx):
                     if pending[i]:
                         last = len(inputs[i]) - 1
                         z = head(hidden[j, last])[:vocab_size] if logits is None else logits[j, last]  # (V,)
                         data.seqs[i] = torch.cat([data.seqs[i], z.argmax(-1).view(1).cpu().long()])
             hidden = hidden.cpu()
+            states = states.cpu() if states is not None else None
             for j, i in enumerate(idx):
                 n = len(inputs[i])
                 rec = {"hidden": hidden[j, :n].to(h_dtype)}
+                if states is not None:  # in the dtype it was computed in: the student's exact input
+                    rec["prefix"] = states[j, :n]
                 if kd == "logits":
                     rec["logits"] = logits[j, :n]
                 elif kd == "topk":
@@ -724,7 +774,7 @@ def ensure_cache(
     from dskd.models import tokenizer_fingerprint
 
     recipe = data_recipe(dc, tokenizer_fingerprint(pair.tokenizer), pair.teacher_fingerprint)
-    settings = cache_settings(distill, T, pair.vocab_size, cache_head(distill, pair))
+    settings = run_cache_settings(distill, T, pair)
     key = cache_key(pair.teacher_fingerprint, recipe["hash"], settings)
     if out is None:
         if not distill.cache_dir and run_dir is None:

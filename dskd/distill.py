@@ -61,6 +61,7 @@ from dskd.losses import (
     sense_loss,
     summarize_sense_stats,
 )
+from dskd.prefix import layer_range
 
 RUN_FORMAT = {"name": "dskd-run", "version": 1}
 RUN_ARTEFACT = Artefact(RUN_FORMAT["name"], RUN_FORMAT["version"], "distillation run", "dskd distill", ConfigError)
@@ -421,22 +422,40 @@ def teacher_outputs(teacher, cache, idx: list[int], batch: dict[str, torch.Tenso
 
 
 def micro_batch_loss(
-    model, batch, t_logits, t_h, lc: LossConfig, V: int, n_tok: float, n_terms: float, plans, table, autocast
+    model,
+    batch,
+    t_logits,
+    t_h,
+    lc: LossConfig,
+    V: int,
+    n_tok: float,
+    n_terms: float,
+    plans,
+    table,
+    autocast,
+    prefix: tuple[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Student forward and every loss term of one micro-batch, each normalised by the window's counts.
+
+    Args:
+        prefix: (n, states): run only the student's layers from n, on the states entering it (B, T, d)
+            (the teacher cache's, when the bottom n layers are the teacher's, frozen); None: the whole student.
 
     Returns:
         (weighted total, {ce, kd[, sense][, hidden]}, sense diagnostics sums or None)
     """
+    from accelerate.utils import extract_model_from_parallel
+
     labels = batch["labels"]  # (B, T)
     use_sense = lc.lam > 0
     use_hidden = lc.hidden != "none" and lc.hidden_weight > 0
-    with autocast:
-        o = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=use_sense or use_hidden,
-        )
+    inputs = {"input_ids": batch["input_ids"]}
+    split = contextlib.nullcontext()
+    if prefix is not None:
+        # the wrapped model's forward runs the student's own layers: slice them on the unwrapped one
+        inputs, split = {"inputs_embeds": prefix[1]}, layer_range(extract_model_from_parallel(model), prefix[0])
+    with autocast, split:
+        o = model(**inputs, attention_mask=batch["attention_mask"], output_hidden_states=use_sense or use_hidden)
     logits = o.logits[..., :V]  # (B, T, V)
     terms = {
         "ce": ce_loss(logits, labels, n_tok),
@@ -467,6 +486,7 @@ class Training:
     cache: Any  # D.TeacherCache or None
     head: Any  # the shared frozen LM head when the cache holds no logits
     recipe: dict[str, Any]
+    prefix: int = 0  # bottom layers not run: their output comes from the cache (data.cache_prefix)
     table: SenseTable | None = None
     sources: dict[str, Any] = field(default_factory=dict)
     opt: Any = None
@@ -593,18 +613,18 @@ def setup(
 
 def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
     """Teacher and student on this process's device, the training set, and the teacher cache."""
-    from dskd.models import build_pair, tokenizer_fingerprint
+    from dskd.models import build_pair, num_layers, tokenizer_fingerprint
 
     dc = cfg.distill
     pair = build_pair(cfg.model, device=acc.device)
-    tok, V = pair.tokenizer, pair.vocab_size
+    tok = pair.tokenizer
     teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)
     recipe = D.data_recipe(cfg.data, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
     cache = None
     with acc.main_process_first():
         if dc.teacher_cache:
             cache_path = D.ensure_cache(cfg.data, dc, cfg.loss.T, pair, cache_dir or dc.cache_dir, run_dir=out)
-            settings = D.cache_settings(dc, cfg.loss.T, V, D.cache_head(dc, pair))
+            settings = D.run_cache_settings(dc, cfg.loss.T, pair)
             cache = D.TeacherCache.open(cache_path, D.cache_key(pair.teacher_fingerprint, recipe["hash"], settings))
             data = cache.data
             if acc.is_main_process:
@@ -618,7 +638,13 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
             print(f"teacher cache {cache.path}: {D.describe_cache_kd(cache.meta)}")
     # a cache without logits recomputes them through the student's frozen head (checked identical)
     head = student.get_output_embeddings() if cache is not None and cache.kd == "head" else None
-    return Training(cfg, out, acc, pair, teacher, student, data, cache, head, recipe)
+    prefix = cache.prefix_layers if cache is not None else 0
+    if prefix and acc.is_main_process:
+        print(
+            f"training runs the student's layers {prefix}-{num_layers(student) - 1} from the cached state entering "
+            f"layer {prefix} (layers 0-{prefix - 1} are the teacher's, frozen; --distill.cache_prefix off: all)"
+        )
+    return Training(cfg, out, acc, pair, teacher, student, data, cache, head, recipe, prefix=prefix)
 
 
 def _optimiser(run: Training) -> None:
@@ -693,8 +719,11 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
                 batch = {k: v.to(acc.device) for k, v in D.collate([data.seqs[i] for i in mb], pad_id).items()}
                 t_logits, t_h = teacher_outputs(run.teacher, run.cache, mb, batch, V, run.autocast, run.head)
                 mb_plans = [plans[i] for i in mb if i in plans]
+                prefix = None
+                if run.prefix:  # the frozen bottom layers' output, from the cache
+                    prefix = (run.prefix, run.cache.prefix(mb, batch["labels"].shape[1]).to(acc.device))
                 loss, terms, sstats = micro_batch_loss(
-                    model, batch, t_logits, t_h, lc, V, n_tok, n_terms, mb_plans, table, run.autocast
+                    model, batch, t_logits, t_h, lc, V, n_tok, n_terms, mb_plans, table, run.autocast, prefix
                 )
                 # DDP averages gradients over processes; the loss is already normalised by the global count
                 acc.backward(loss * W)

@@ -181,10 +181,12 @@ def test_cached_teacher_equals_online_teacher(
     with safe_open(str(cache_dir / cache_meta["shards"][0]), framework="pt") as f:
         stored = set(f.keys())
     if cache_kd == "auto":  # a truncated student shares the teacher's head: the cache holds no logits
-        assert meta["teacher_cache"]["settings"]["kd"] == "head" and stored == {"hidden"}
+        # and the state entering the trained layer: the cached run did not run the frozen one
+        assert meta["teacher_cache"]["settings"]["kd"] == "head" and stored == {"hidden", "prefix"}
+        assert meta["teacher_cache"]["settings"]["prefix_layers"] == 1
         assert "exact KD" in capsys.readouterr().out
     else:
-        assert meta["teacher_cache"]["settings"]["kd"] == "logits" and stored == {"hidden", "logits"}
+        assert meta["teacher_cache"]["settings"]["kd"] == "logits" and stored == {"hidden", "logits", "prefix"}
     if hidden_dtype == "float16":
         # fp16 states are not bit-exact: the test above would pass for any rounding, so check it matters
         assert any(ro["kd"] != rc["kd"] for ro, rc in zip(metrics(online), metrics(cached), strict=True))
@@ -201,6 +203,48 @@ def test_cached_teacher_equals_online_teacher(
         distill(other, tmp_path / "other", cache_dir=cache_dir, **kw)
     with pytest.raises(CacheError, match="another teacher or data recipe"):
         TeacherCache.open(cache_dir, key="0" * 16)
+
+
+def test_cached_prefix_states_replace_the_frozen_layers(tiny_teacher_dir, text_file, senses, tmp_path, capsys):
+    """Training from the cached state entering the first trained layer is training the whole student."""
+    from dskd.models import load_model
+    from dskd.prefix import prefix_states
+
+    store, lex = senses
+    kw = {"store": store, "lexicon": lex, "progress": False}
+    runs = {}
+    for mode in ("auto", "off"):
+        cfg = make_cfg(
+            tiny_teacher_dir,
+            text_file,
+            model__student_layers=3,
+            distill__teacher_cache=True,
+            distill__cache_hidden_dtype="float32",
+            distill__cache_prefix=mode,
+        )
+        runs[mode] = distill(cfg, tmp_path / mode, cache_dir=tmp_path / f"cache_{mode}", **kw)
+        out = capsys.readouterr().out
+        assert ("training runs the student's layers 2-2 from the cached state entering layer 2" in out) == (
+            mode == "auto"
+        )
+    for ra, ro in zip(metrics(runs["auto"]), metrics(runs["off"]), strict=True):
+        for k in ("loss", "ce", "kd", "sense"):
+            assert ra[k] == pytest.approx(ro[k], rel=1e-5, abs=1e-7), k
+    wa, wo = trainable(runs["auto"]), trainable(runs["off"])
+    assert wa.keys() == wo.keys() and all(torch.allclose(wa[k], wo[k], atol=1e-5) for k in wa)
+    # the training moved the weights, so equal weights are not the initial ones twice
+    assert any((wa[k] - load_model(str(tiny_teacher_dir)).state_dict()[k]).abs().max() > 1e-3 for k in wa)
+    # the stored states are the teacher's after its first two layers
+    cache = TeacherCache.open(tmp_path / "cache_auto")
+    assert cache.prefix_layers == 2 and TeacherCache.open(tmp_path / "cache_off").prefix_layers == 0
+    seq = cache.data.seqs[0]
+    teacher = load_model(str(tiny_teacher_dir))
+    with torch.no_grad():
+        want = prefix_states(teacher, 2, input_ids=seq[None, :-1])[0]  # (n, d)
+    got = cache.prefix([0], len(seq))[0]  # (T, d), the last position zero
+    assert torch.allclose(got[: len(seq) - 1], want, atol=1e-5) and not got[-1].any()
+    with pytest.raises(CacheError, match="keeps no prefix states"):
+        TeacherCache.open(tmp_path / "cache_off").prefix([0], len(seq))
 
 
 def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path, capsys):
@@ -220,6 +264,7 @@ def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path, capsys):
         "vocab_size": meta["model"]["vocab_size"],
         "hidden_dtype": "float16",
         "T": 2.0,
+        "prefix_layers": 1,  # the frozen bottom layer of the 2-layer student
     }
     # the tail bucket's mass is recorded and printed by the run
     tail = meta["teacher_cache"]["tail_mass"]
@@ -310,13 +355,22 @@ def test_cli_distill_and_cache_build(tiny_teacher_dir, text_file, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_twice_the_accumulation(tiny_teacher_dir, text_file, tmp_path):
+@pytest.mark.parametrize("cached", [False, True])  # with the cache: the frozen layer's output from it too
+def test_two_processes_match_one_process_with_twice_the_accumulation(cached, tiny_teacher_dir, text_file, tmp_path):
     """DDP over gloo (2 CPU processes, accumulation 2) follows 1 process with accumulation 4."""
     import yaml
 
     runs = {}
     for name, procs, accum in (("one", 1, 4), ("two", 2, 2)):
-        c = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, loss__hidden="mse", loss__hidden_weight=0.5)
+        c = make_cfg(
+            tiny_teacher_dir,
+            text_file,
+            loss__lam=0.0,
+            loss__hidden="mse",
+            loss__hidden_weight=0.5,
+            distill__teacher_cache=cached,
+            distill__cache_hidden_dtype="float32",
+        )
         c.distill.grad_accum = accum
         c.distill.max_steps = 3
         path = tmp_path / f"{name}.yaml"
@@ -331,6 +385,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tiny_teache
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert ("from the cached state entering layer 1" in r.stdout) == cached
         runs[name] = out
     one, two = metrics(runs["one"]), metrics(runs["two"])
     assert json.loads((runs["two"] / "meta.json").read_text())["processes"] == 2
