@@ -136,3 +136,66 @@ def test_packaged_smollm2_completes_opposite_of_hot(packaged_model_dir):
     model = load_model("smollm2-135m-instruct")
     assert model.config.num_hidden_layers == 30 and len(tok) == 49152
     assert "cold" in complete(model, tok, "The opposite of hot is", max_new_tokens=5).lower()
+
+
+# ---- shared frozen prefix (dskd.prefix) ------------------------------------------------------------
+def _frozen_student(teacher, n_layers: int, trainable: int):
+    from dskd.models import freeze_except_top, truncate
+
+    student = truncate(teacher, n_layers)
+    freeze_except_top(student, trainable)
+    return student
+
+
+def test_split_decoder_equals_whole_and_restores_its_layers():
+    from conftest import make_model
+
+    from dskd.prefix import layer_range, prefix_states, split_ok, suffix_hidden
+
+    m = make_model(500, layers=4).eval()
+    ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        whole = m.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for n in (1, 3, 4):
+            states = prefix_states(m, n, input_ids=ids, attention_mask=mask)
+            assert torch.equal(suffix_hidden(m, n, states, attention_mask=mask), whole)
+        with pytest.raises(RuntimeError), layer_range(m, 2):
+            raise RuntimeError("the layers come back after an error")
+    assert len(m.model.layers) == 4 and isinstance(m.model.norm, torch.nn.Module)
+    assert split_ok(m, 2) and not split_ok(m, 0) and not split_ok(m, 5)
+
+
+def test_shared_prefix_layers_counts_the_frozen_equal_bottom_layers():
+    from conftest import make_model
+
+    from dskd.prefix import prefix_fingerprint, shared_prefix_layers
+
+    teacher = make_model(500, layers=4).eval()
+    student = _frozen_student(teacher, 3, 1)
+    assert shared_prefix_layers(teacher, student) == 2  # layer 2 is trainable
+    assert prefix_fingerprint(teacher, 2) == prefix_fingerprint(student, 2)
+    assert prefix_fingerprint(teacher, 2) != prefix_fingerprint(teacher, 3)
+    perturbed = _frozen_student(teacher, 3, 1)
+    with torch.no_grad():
+        perturbed.model.layers[1].mlp.up_proj.weight.add_(1e-3)
+    assert shared_prefix_layers(teacher, perturbed) == 1
+    assert prefix_fingerprint(perturbed, 2) != prefix_fingerprint(teacher, 2)
+    assert prefix_fingerprint(perturbed, 1) == prefix_fingerprint(teacher, 1)
+    trained_embeddings = _frozen_student(teacher, 3, 1)
+    trained_embeddings.get_input_embeddings().weight.requires_grad_(True)
+    assert shared_prefix_layers(teacher, trained_embeddings) == 0
+    assert shared_prefix_layers(teacher, make_model(500, layers=3, seed=1)) == 0  # another model
+
+
+def test_a_decoder_that_adds_positions_to_inputs_embeds_is_not_split():
+    """GPT-2 adds learned positions to inputs_embeds: splitting it would add them twice, so it runs whole."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dskd.prefix import shared_prefix_layers, split_ok
+
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=500, n_embd=32, n_layer=3, n_head=2, n_positions=64)).eval()
+    assert not split_ok(teacher, 1)
+    assert shared_prefix_layers(teacher, _frozen_student(teacher, 2, 1)) == 0
