@@ -345,10 +345,17 @@ def make_plan(
 
     # --- teacher cache (only when the run trains from it)
     positions = counts.positions
-    if dc.cache_topk == 0 or dc.cache_topk >= V:
-        per_pos = d * (2 if dc.cache_hidden_dtype == "float16" else 4) + V * 4
+    per_pos = d * (2 if dc.cache_hidden_dtype == "float16" else 4)
+    if shared and dc.cache_kd != "logits":
+        pass  # a truncated student shares the teacher's head: KD recomputes the logits, none are stored
+    elif dc.cache_topk == 0 or dc.cache_topk >= V:
+        per_pos += V * 4
     else:
-        per_pos = d * (2 if dc.cache_hidden_dtype == "float16" else 4) + dc.cache_topk * 8 + 4
+        per_pos += dc.cache_topk * 8 + 4
+    # the state entering the first trained layer of a truncated student (distill.cache_prefix)
+    prefix = n_layers - m if shared and dc.cache_prefix == "auto" and dc.teacher_cache else 0
+    if prefix:
+        per_pos += d * wb
     if dc.teacher_cache:
         cb, T = 4, cfg.data.max_length
         stages.append(
@@ -410,7 +417,8 @@ def make_plan(
         mem["sense bank (<= whole store, float16)"] = stored_tokens * sc.k * d * 2
     mem["runtime"] = RUNTIME_BYTES
     tok_train = positions * dc.epochs
-    fwd = 2.0 * (student_total + (t.total if online else 0))
+    # from the cache's prefix states, the student's frozen bottom layers are not run
+    fwd = 2.0 * (student_total - sum(t.layer_params[:prefix]) + (t.total if online else 0))
     bwd = 4.0 * trainable + 2.0 * V * d  # trained layers (weights + inputs) and the LM head's input gradient
     ckpt = dc.keep_checkpoints * trainable * (4 + 8) + student_total * wb
     steps_note = f"{counts.sequences} sequences, effective batch {eff} ({dc.batch_size} x {G} x {gpus})"

@@ -252,3 +252,27 @@ def test_plan_of_the_packaged_alias_exports_nothing(tmp_path, monkeypatch, text_
     assert "shipped" in plan["teacher"]["source"] and not plan["data"]["exact"]
     assert plan["teacher_params"] == 134_515_008  # SmolLM2-135M, tied embeddings
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("prefix", ["auto", "off"])
+def test_planned_cache_size_equals_a_built_cache(prefix, tiny_teacher_dir, text_file, tmp_path):
+    """Per target position the plan's teacher cache holds what a built one does (here: no logits, fp16
+    states, and with a shared prefix the float32 state entering the trained layer)."""
+    from safetensors import safe_open
+
+    from dskd.distill import distill
+
+    cfg = _cfg(tiny_teacher_dir, text_file, teacher_cache=True, cache_prefix=prefix, max_steps=1)
+    cfg.model.dtype = "float32"  # the plan's default dtype is a GPU's (bfloat16); the CPU run's is float32
+    plan = make_plan(cfg, ["--config", "c.yaml"])
+    planned = next(st for st in plan["stages"] if st["name"] == "cache")["disk"]["teacher cache"]
+    distill(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    built = 0
+    for name in meta["shards"]:
+        with safe_open(str(tmp_path / "cache" / name), framework="pt") as f:
+            built += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())  # noqa: SIM118
+    targets = plan["data"]["positions"] - plan["data"]["sequences"]  # the cache keeps target positions
+    assert meta["counts"]["positions"] == targets
+    assert planned / plan["data"]["positions"] == built / targets
+    assert ("prefix_layers" in meta["settings"]) == (prefix == "auto")
