@@ -5,10 +5,12 @@ trainable; batch 1, chat k-shot ARC-Easy prompts with the teacher's 1-token cont
 
 1. DSKD step time / KD step time (target <= 1.05x, aim 1.03x) and the peak memory of both (+-5%),
    with the teacher online;
-2. the speed-up of training from the teacher cache over the online teacher (KD and DSKD).
+2. the speed-up of training from the teacher cache over the online teacher (KD and DSKD);
+3. the speed-up of running only the student's trained layers from the cache's prefix states (the
+   state entering the first trained layer, ``distill.cache_prefix``) over the whole student, both cached.
 
 Step times come from one process that interleaves the four arms step by step on the same sequences
-(KD online, DSKD online, KD cached, DSKD cached, rotating the order each step), each step being the
+(KD and DSKD: online, cached, cached with prefix states; rotating the order each step), each step being the
 loop body of ``dskd.distill`` (``teacher_outputs``, ``window_plans``, ``micro_batch_loss``, backward,
 clipping, AdamW): on shared CPUs only such interleaved ratios mean anything; each arm's time is the
 median over ``--steps`` steps after a warm-up. Peak memory comes from real ``distill`` runs of KD and
@@ -47,7 +49,7 @@ import torch  # noqa: E402
 from dskd.config import from_dict, load_yaml, to_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("kd", "dskd", "kd_cached", "dskd_cached")
+ARMS = ("kd", "dskd", "kd_cached", "dskd_cached", "kd_prefix", "dskd_prefix")
 
 
 class SyntheticStore:
@@ -163,11 +165,26 @@ def interleaved_step_times(cfg, cache_dir: Path, steps: int, lexicon_dir, senses
             n_tok = float(data.num_targets([i]))
             plans = window_plans(data, [i], table, lc, 0, 0, pad) if lc.lam > 0 else {}
             n_terms = float(sum(p.n_terms for p in plans.values()))
+            cached = arm.endswith(("_cached", "_prefix"))
             t_logits, t_h = teacher_outputs(
-                pair.teacher, cache if arm.endswith("_cached") else None, [i], batch, pair.vocab_size, null, head
+                pair.teacher, cache if cached else None, [i], batch, pair.vocab_size, null, head
             )
+            prefix = None
+            if arm.endswith("_prefix"):
+                prefix = (cache.prefix_layers, cache.prefix([i], batch["labels"].shape[1]))
             loss, _, _ = micro_batch_loss(
-                student, batch, t_logits, t_h, lc, pair.vocab_size, n_tok, n_terms, list(plans.values()), table, null
+                student,
+                batch,
+                t_logits,
+                t_h,
+                lc,
+                pair.vocab_size,
+                n_tok,
+                n_terms,
+                list(plans.values()),
+                table,
+                null,
+                prefix,
             )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -177,7 +194,9 @@ def interleaved_step_times(cfg, cache_dir: Path, steps: int, lexicon_dir, senses
                 times[arm].append(time.perf_counter() - t0)
     med = {arm: statistics.median(v) for arm, v in times.items()}
     # paired: the arms' times of the same step share that step's sequence and machine load
-    for a, b in (("dskd", "kd"), ("dskd_cached", "kd_cached"), ("kd", "kd_cached"), ("dskd", "dskd_cached")):
+    pairs = [("dskd", "kd"), ("dskd_cached", "kd_cached"), ("kd", "kd_cached"), ("dskd", "dskd_cached")]
+    pairs += [("kd_cached", "kd_prefix"), ("dskd_cached", "dskd_prefix")]
+    for a, b in pairs:
         med[f"{a}/{b}"] = statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
     return med, table.info
 
@@ -242,7 +261,11 @@ def main() -> int:
 
     synthetic = not (a.lexicon_dir and a.senses_dir)
     device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    print("\n=== distill_speed: SmolLM2-135M-Instruct -> first 15 layers, top 2 trainable ===")
+    cache_prefix = TeacherCache.open(cache_dir).prefix_layers
+    mc = cfg.model
+    print(
+        f"\n=== distill_speed: {mc.teacher} -> first {mc.student_layers} layers, top {mc.trainable_layers} trainable ==="
+    )
     print(f"device {device}; batch 1, mean {sum(lens) / len(lens):.0f} tokens per sequence; {a.steps} steps per arm")
     src = "SYNTHETIC sense store + lexicon (real ones not given)" if synthetic else f"store {a.senses_dir}"
     print(
@@ -263,6 +286,10 @@ def main() -> int:
             f"{mem['kd']['peak_mb']:.0f} MB = {m:.3f}x  (target 0.95-1.05x) {'OK' if 0.95 <= m <= 1.05 else 'MISSED'}"
         )
     print(f"cached vs online teacher speed-up: KD {step['kd/kd_cached']:.2f}x, DSKD {step['dskd/dskd_cached']:.2f}x")
+    print(
+        f"cached prefix states ({cache_prefix} frozen layers not run) vs the whole student, both cached: "
+        f"KD {step['kd_cached/kd_prefix']:.2f}x, DSKD {step['dskd_cached/dskd_prefix']:.2f}x"
+    )
     (work / "results.json").write_text(json.dumps({"step_s": step, "memory": mem, "table": table}, indent=1))
     print(f"raw results: {work / 'results.json'}")
     return 0
