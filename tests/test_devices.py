@@ -192,8 +192,10 @@ def test_cache_build_and_eval_say_where_they_run(tiny_teacher_dir, text_file, tm
     assert "[dskd cache build] on cpu" in capsys.readouterr().err
     meta = json.loads((path / "meta.json").read_text())
     shard = load_file(str(path / meta["shards"][0]))
-    # a truncated student shares the teacher's head: the cache holds states only (exact KD from them)
-    assert shard["hidden"].dtype == torch.float16 and set(shard) == {"hidden"}
+    # a truncated student shares the teacher's head: the cache holds states only (exact KD from them),
+    # and the state entering its first trained layer in the dtype the teacher computed it in
+    assert shard["hidden"].dtype == torch.float16 and set(shard) == {"hidden", "prefix"}
+    assert shard["prefix"].dtype == torch.bfloat16
     res = evaluate(
         str(tiny_teacher_dir),
         EvalConfig(tasks=["arc_easy"], limit=2, bootstrap=0, device="cpu", dtype="bfloat16"),
