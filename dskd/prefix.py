@@ -238,8 +238,9 @@ class PrefixMemo:
     (it is for Llama-family decoders; :func:`split_ok` refuses a split that differs beyond rounding).
 
     A model with fewer than ``n`` layers, or one that fails :func:`split_ok`, runs whole. Stored states
-    live on the device they were computed on; once ``max_bytes`` would be exceeded nothing more is
-    stored (logged once) and misses are still computed correctly. Meant for inference (runs under
+    are kept in CPU memory (an accelerator's memory stays free for the training between evaluations;
+    the copy is exact and small beside a forward); once ``max_bytes`` would be exceeded nothing more
+    is stored (logged once) and misses are still computed correctly. Meant for inference (runs under
     ``torch.no_grad``) on models whose weights do not change while the memo is used.
 
     Args:
@@ -292,6 +293,7 @@ class PrefixMemo:
             self._keep(key, states)
         else:
             self.stats["hits"] += 1
+            states = states.to(p.device)
         rest = {k: v for k, v in on_dev.items() if k != "input_ids"}
         return suffix_hidden(model, self.n, states, **rest)
 
@@ -306,7 +308,7 @@ class PrefixMemo:
         if self._full:
             self.stats["unstored"] += 1
             return
-        self._states[key] = states
+        self._states[key] = states.to("cpu")
         self.stats["stored"] += 1
         self.stats["bytes"] += size
 
