@@ -38,6 +38,13 @@ class ToyTask(Task):
         return items if part == "eval" else [Item(f"t{x.id}", f"Train {x.question}", x.choices, x.gold) for x in items]
 
 
+class FixedShots(ToyTask):
+    """Every question is shown the same exemplars, as MMLU's dev shots."""
+
+    def exemplars(self, item, k, seed=0):
+        return self.train_items()[:k]
+
+
 def _perturb(layers, scale: float = 0.3, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -133,6 +140,13 @@ def test_score_task_and_evaluate_with_a_memo_equal_without(models, tokenizer, tm
         b = score_task(models[name], tokenizer, task, items, cfg)
         assert a["items"] == b["items"] and a["metrics"] == b["metrics"], name
     assert memo.stats["hits"] == memo.stats["misses"] > 0
+    # questions shown the same exemplars go through the shared KV-cache path, which leaves the memo alone
+    fixed, fcfg = FixedShots(), EvalConfig(tasks=["toy"], shots=2, batch_size=2, bootstrap=0)
+    memo = PrefixMemo(N_SHARED)
+    for name in ("teacher", "trained"):
+        a = score_task(models[name], tokenizer, fixed, items, fcfg, memo=memo)
+        assert a["items"] == score_task(models[name], tokenizer, fixed, items, fcfg)["items"], name
+    assert memo.calls() == 0
     # the whole evaluation on a packaged task, teacher first: the student's results equal its plain ones
     ecfg = EvalConfig(tasks=["arc_easy"], limit=5, batch_size=2, bootstrap=20)
     memo = PrefixMemo(N_SHARED)
