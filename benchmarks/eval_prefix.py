@@ -16,6 +16,11 @@ Usage::
 
     python benchmarks/eval_prefix.py --limit 4       # quick check
     python benchmarks/eval_prefix.py --limit 300     # the demo's eval.limit; run it alone on the machine
+
+At ``--limit 8`` (4 packed batches per model) on 2 CPU cores shared with other jobs (so only
+indicative; fixed costs such as the split probe and the prefix fingerprint weigh heavily at this size)
+it printed, in CPU seconds: teacher 11.9 plain, 10.9 filling the memo; student 8.6 plain, 3.3 from
+the memo (2.64x); results identical.
 """
 
 from __future__ import annotations
