@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,6 +61,9 @@ from dskd.prompts import (  # noqa: F401
     select_items,
 )
 from dskd.tasks import Item, Task, get_task
+
+if TYPE_CHECKING:
+    from dskd.prefix import PrefixMemo
 
 
 # ---- tokenisation --------------------------------------------------------------------------------
@@ -282,21 +285,25 @@ def _score_packed(
     max_length: int,
     rows: list[list[int]] | None = None,
     prefix: SharedPrefix | None = None,
+    memo: PrefixMemo | None = None,
 ) -> list[list[float]]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     P = len(prefix.ids) if prefix is not None else 0
     input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype, rows, P)
-    decoder = model.get_decoder()
-    kw: dict[str, Any] = {"use_cache": False}
-    if prefix is not None:  # the groups continue after the cached prefix: keys (B, H_kv, P + T, d_head)
-        kw = {"use_cache": True, _cache_kwarg(decoder): prefix.cache(input_ids.shape[0])}
-    hidden = decoder(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=pos.to(device),
-        **kw,
-    ).last_hidden_state  # (B, T, d)
+    if prefix is None and memo is not None:  # bottom layers shared with a model scored earlier: reused
+        hidden = memo.hidden(model, input_ids=input_ids, attention_mask=mask, position_ids=pos)  # (B, T, d)
+    else:
+        decoder = model.get_decoder()
+        kw: dict[str, Any] = {"use_cache": False}
+        if prefix is not None:  # the groups continue after the cached prefix: keys (B, H_kv, P + T, d_head)
+            kw = {"use_cache": True, _cache_kwarg(decoder): prefix.cache(input_ids.shape[0])}
+        hidden = decoder(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=pos.to(device),
+            **kw,
+        ).last_hidden_state  # (B, T, d)
     rows = torch.tensor([t[0] for t in targets], device=device)
     cols = torch.tensor([t[1] for t in targets], device=device)
     toks = torch.tensor([t[2] for t in targets], device=device)
@@ -330,6 +337,7 @@ def score_groups(
     weights: Sequence[float] | None = None,
     packed: bool = True,
     keys: Sequence[Hashable | None] | None = None,
+    memo: PrefixMemo | None = None,
 ) -> list[list[float]]:
     """Summed log-probability of every continuation of every group.
 
@@ -348,6 +356,8 @@ def score_groups(
             same key whose contexts start with the same tokens (:func:`shared_prefixes`) have that
             prefix encoded once; its KV cache is expanded over each batch and the groups are scored
             after it, instead of re-encoding the exemplars for every question.
+        memo: Bottom-layer states shared with other models (:class:`dskd.prefix.PrefixMemo`), used
+            by the packed batches that follow no shared KV prefix; the scores are those without it.
 
     Returns:
         For each group, the log-likelihood of each of its continuations.
@@ -365,7 +375,16 @@ def score_groups(
             out[i] = sc
     rest = [i for i, sc in enumerate(out) if sc is None]
     scores = _score_batches(
-        model, [groups[i] for i in rest], batch_size, pad_id, max_length, progress, [w[i] for i in rest], None, packed
+        model,
+        [groups[i] for i in rest],
+        batch_size,
+        pad_id,
+        max_length,
+        progress,
+        [w[i] for i in rest],
+        None,
+        packed,
+        memo,
     )
     for i, sc in zip(rest, scores, strict=True):
         out[i] = sc
@@ -382,6 +401,7 @@ def _score_batches(
     weights: Sequence[float],
     prefix: SharedPrefix | None = None,
     packed: bool = True,
+    memo: PrefixMemo | None = None,
 ) -> list[list[float]]:
     """:func:`score_groups` for groups that all follow ``prefix`` (None: no shared prefix)."""
     out: list[list[float] | None] = [None] * len(groups)
@@ -395,7 +415,13 @@ def _score_batches(
         if packed:
             local = {i: k for k, i in enumerate(batch)}
             scores = _score_packed(
-                model, [groups[i] for i in batch], pad_id, max_length, [[local[i] for i in row] for row in rows], prefix
+                model,
+                [groups[i] for i in batch],
+                pad_id,
+                max_length,
+                [[local[i] for i in row] for row in rows],
+                prefix,
+                memo,
             )
         else:
             scores = [score_reference(model, groups[i]) for i in batch]
@@ -518,6 +544,7 @@ def score_task(
     cfg: EvalConfig,
     progress: bool = False,
     packed: bool | None = None,
+    memo: PrefixMemo | None = None,
 ) -> dict[str, Any]:
     """Score ``items`` of ``task`` and compute its metrics.
 
@@ -529,6 +556,8 @@ def score_task(
         cfg: Shots, chat, scoring, batch size, bootstrap.
         progress: Show a tqdm bar with items/s on stderr.
         packed: Force packed (True) or per-choice (False) scoring; None runs the self-check.
+        memo: Bottom-layer states shared with other models scored on the same batches
+            (:class:`dskd.prefix.PrefixMemo`; log-likelihood and letter scoring); a pure speed-up.
 
     Returns:
         The task's entry of the result file: ``metrics``, ``n``, timings and per-item ``items``.
@@ -556,7 +585,7 @@ def score_task(
     bar = progress_bar(progress, len(items), task.name)
     max_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     t1 = time.perf_counter()
-    scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed, keys)
+    scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed, keys, memo)
     t_score = time.perf_counter() - t1
     if bar is not None:
         bar.close()
@@ -699,6 +728,7 @@ def evaluate(
     tokenizer=None,
     progress: bool = True,
     name: str | None = None,
+    memo: PrefixMemo | None = None,
 ) -> dict[str, Any]:
     """Evaluate a causal LM on ``cfg.tasks`` and write ``out`` (JSON) and ``out`` with ``.md``.
 
@@ -710,6 +740,8 @@ def evaluate(
         tokenizer: Its tokenizer (loaded from ``model_spec`` when None).
         progress: Show progress bars.
         name: Label of the result in reports (default: the file name without suffix).
+        memo: Bottom-layer states shared with models evaluated before or after this one in the same
+            process (:class:`dskd.prefix.PrefixMemo`): they are computed once; results are unchanged.
 
     Returns:
         The result dict written to ``out``: ``format``, ``name``, ``model``, ``fingerprint``,
@@ -752,7 +784,7 @@ def evaluate(
         "complete": False,
     }
     for task, items, task_cfg in work:
-        result["tasks"][task.name] = score_task(model, tokenizer, task, items, task_cfg, progress=progress)
+        result["tasks"][task.name] = score_task(model, tokenizer, task, items, task_cfg, progress=progress, memo=memo)
     result["complete"] = True
     write_json(out, result, indent=1)
     write_text_atomic(out.with_suffix(".md"), markdown_table(result))

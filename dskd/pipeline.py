@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
 from dskd.io import (
@@ -40,6 +40,9 @@ from dskd.io import (
     write_json,
     write_text_atomic,
 )
+
+if TYPE_CHECKING:
+    from dskd.prefix import PrefixMemo
 
 _SENSE_RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")  # SenseConfig fields added later
 STAGES = ("assets", "lexicon", "senses", "cache", "students", "eval", "fidelity", "report")
@@ -447,8 +450,32 @@ def export_untrained(cfg: RunConfig, pipe: Pipeline) -> Path:
     return folder / "student"
 
 
+def shared_prefix_memo(cfg: RunConfig, untrained: Path) -> PrefixMemo | None:
+    """One memo for the process's evaluations (:class:`dskd.prefix.PrefixMemo`): the teacher, the untrained
+    truncation and every student trained from it share the embeddings and the frozen bottom
+    ``student layers - trainable layers`` decoder layers, so those are computed once per batch. None for
+    an independent student (``model.student``), which shares nothing. A pure speed-up: no stage's inputs
+    or results depend on it (a model whose prefix differs simply misses)."""
+    from dskd.prefix import PrefixMemo
+
+    if cfg.model.student:
+        return None
+    try:  # the untrained truncation's own config says how many layers the student kept
+        layers = int(json.loads((untrained / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    n = layers - min(cfg.model.trainable_layers, layers)
+    return PrefixMemo(n) if n > 0 else None
+
+
 def evaluate_model(
-    cfg: RunConfig, pipe: Pipeline, name: str, spec: str, upstream: str, ecfg: EvalConfig | None = None
+    cfg: RunConfig,
+    pipe: Pipeline,
+    name: str,
+    spec: str,
+    upstream: str,
+    ecfg: EvalConfig | None = None,
+    memo: PrefixMemo | None = None,
 ) -> Path:
     from dskd.evaluate import evaluate
     from dskd.report import RESULT_ARTEFACT
@@ -458,16 +485,29 @@ def evaluate_model(
     out = pipe.out / kind / f"{name.replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in to_dict(ecfg).items() if k != "paper_limit"}  # the budget of the other table
-    inputs = {"spec": spec, "eval": settings, "upstream": upstream}
-    pipe.stage(f"{kind}:{name}", inputs, out, lambda: evaluate(spec, ecfg, out, name=name), RESULT_ARTEFACT)
+    inputs = {"spec": spec, "eval": settings, "upstream": upstream}  # the memo is no input: it changes no result
+
+    def do() -> None:
+        before = dict(memo.stats) if memo is not None else {}
+        evaluate(spec, ecfg, out, name=name, memo=memo)
+        if memo is not None and memo.calls(before):  # generate scoring never calls it
+            print(memo.describe(before))
+
+    pipe.stage(f"{kind}:{name}", inputs, out, do, RESULT_ARTEFACT)
     return out
 
 
 def fidelity_stage(
-    cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], students: dict[str, Path], name: str = "fidelity"
+    cfg: RunConfig,
+    pipe: Pipeline,
+    shared: dict[str, Any],
+    students: dict[str, Path],
+    name: str = "fidelity",
+    memo: PrefixMemo | None = None,
 ) -> Path:
     """Held-out fidelity of every student to the teacher (one teacher pass for all), with the sense probe;
-    written to ``<out>/eval/<name>.json`` by the stage ``name``."""
+    written to ``<out>/eval/<name>.json`` by the stage ``name``. ``memo`` (no input of the stage) computes
+    the bottom layers the models share once per batch."""
     from dskd.fidelity import RESULT_ARTEFACT, fidelity
 
     out = pipe.out / "eval" / f"{name}.json"
@@ -489,6 +529,10 @@ def fidelity_stage(
     }
 
     def do() -> None:
+        before = {}
+        if memo is not None:  # the evaluations' batches never recur here (other inputs): free their states
+            memo.clear()
+            before = dict(memo.stats)
         fidelity(
             cfg.model.teacher,
             {n: str(p) for n, p in students.items()},
@@ -503,7 +547,11 @@ def fidelity_stage(
             dtype=cfg.eval.dtype,
             device=cfg.eval.device,
             baseline="kd" if "kd" in students else None,
+            memo=memo,
         )
+        if memo is not None:
+            print(memo.describe(before))
+            memo.clear()
 
     pipe.stage(name, inputs, out, do, RESULT_ARTEFACT)
     return out
@@ -585,9 +633,10 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
         return result
     from dskd.models import resolve_spec
 
-    files = {"teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), "")}
+    memo = shared_prefix_memo(cfg, students["untrained"])  # the teacher fills it, the students reuse it
+    files = {"teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), "", memo=memo)}
     for name, path in students.items():
-        files[name] = evaluate_model(cfg, pipe, name, str(path), _upstream(pipe, f"train:{name}"))
+        files[name] = evaluate_model(cfg, pipe, name, str(path), _upstream(pipe, f"train:{name}"), memo=memo)
     result["eval"] = files
     # The paper's protocol (dskd.presets) on eval.paper_limit items per task; 0: the full preset.
     from dskd.presets import describe, paper_config
@@ -596,10 +645,10 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     if paper is not None:
         specs = {"teacher": (resolve_spec(cfg.model.teacher), "")}
         specs |= {n: (str(p), _upstream(pipe, f"train:{n}")) for n, p in students.items()}
-        result["eval_paper"] = {n: evaluate_model(cfg, pipe, n, s, u, paper) for n, (s, u) in specs.items()}
+        result["eval_paper"] = {n: evaluate_model(cfg, pipe, n, s, u, paper, memo) for n, (s, u) in specs.items()}
     if STAGES.index(until) < STAGES.index("fidelity"):
         return result
-    result["fidelity"] = fidelity_stage(cfg, pipe, shared, students)
+    result["fidelity"] = fidelity_stage(cfg, pipe, shared, students, memo=memo)
     if STAGES.index(until) < STAGES.index("report"):
         return result
     from dskd.report import fidelity_section, report
@@ -661,9 +710,13 @@ def experiment(
     shared = prepare_shared(cfg, pipe)
     files: dict[str, dict[int, Path]] = {}
     untrained = export_untrained(cfg, pipe)
+    # bounded by its cap however many students: only misses store, and every student hits the teacher's
+    memo = shared_prefix_memo(cfg, untrained)
     refs = {
-        "teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), ""),
-        "untrained": evaluate_model(cfg, pipe, "untrained", str(untrained), _upstream(pipe, "train:untrained")),
+        "teacher": evaluate_model(cfg, pipe, "teacher", resolve_spec(cfg.model.teacher), "", memo=memo),
+        "untrained": evaluate_model(
+            cfg, pipe, "untrained", str(untrained), _upstream(pipe, "train:untrained"), memo=memo
+        ),
     }
     base_seed = cfg.distill.seed
     students: dict[str, Path] = {"untrained": untrained}
@@ -678,10 +731,10 @@ def experiment(
             students[key] = student
             keys.setdefault(arm, []).append(key)
             files.setdefault(arm, {})[base_seed + s] = evaluate_model(
-                cfg, pipe, key, str(student), _upstream(pipe, f"train:{key}")
+                cfg, pipe, key, str(student), _upstream(pipe, f"train:{key}"), memo=memo
             )
     # held-out fidelity and the sense probe of every student, in one teacher pass
-    fid = fidelity_stage(cfg, pipe, shared, students, name=f"{report_name}_fidelity")
+    fid = fidelity_stage(cfg, pipe, shared, students, name=f"{report_name}_fidelity", memo=memo)
     from dskd.fidelity import load_result as load_fidelity
     from dskd.fidelity import pooled_markdown
     from dskd.report import experiment_table

@@ -211,3 +211,122 @@ def shared_prefix_layers(teacher: nn.Module, student: nn.Module) -> int:
     if n and not split_ok(student, n):
         return 0
     return n
+
+
+def _inputs_digest(inputs: dict[str, torch.Tensor]) -> str:
+    """A hash of the names, dtypes, shapes and bytes of a call's input tensors (moved to the CPU)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(inputs):
+        t = inputs[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy())  # no copy: numpy exposes the buffer
+    return h.hexdigest()
+
+
+GiB = 1 << 30
+
+
+class PrefixMemo:
+    """Reuse the state entering decoder layer ``n`` across the models that share the bottom ``n`` layers.
+
+    Evaluating a teacher and students truncated from it (same embeddings, same frozen bottom layers)
+    repeats the same bottom-layer forward for every model on every batch. The memo keys that state by
+    the prefix's fingerprint (:func:`prefix_fingerprint`: the weights and config it depends on), the
+    device, the dtype and the bytes of the call's inputs, so a model whose prefix and inputs match an
+    earlier call runs only its layers ``[n:]``. The stored tensor is what the model computes for that
+    very batch, so a memo-served model gives what it would alone, bit for bit when the split is exact
+    (it is for Llama-family decoders; :func:`split_ok` refuses a split that differs beyond rounding).
+
+    A model with fewer than ``n`` layers, or one that fails :func:`split_ok`, runs whole. Stored states
+    are kept in CPU memory (an accelerator's memory stays free for the training between evaluations;
+    the copy is exact and small beside a forward); once ``max_bytes`` would be exceeded nothing more
+    is stored (logged once) and misses are still computed correctly. Meant for inference (runs under
+    ``torch.no_grad``) on models whose weights do not change while the memo is used.
+
+    Args:
+        n_layers: n, the bottom decoder layers the models share (0: every model runs whole).
+        max_bytes: Most bytes of stored states.
+        log: Where the one message about the cap goes.
+
+    Attributes:
+        stats: ``hits`` and ``misses`` (calls whose prefix was reused or computed), ``whole`` (calls run
+            whole), ``stored`` (entries), ``bytes`` (their size), ``unstored`` (misses not stored: the cap).
+    """
+
+    def __init__(self, n_layers: int, max_bytes: int = 4 * GiB, log: Any = print) -> None:
+        if n_layers < 0:
+            raise ValueError(f"n_layers must be >= 0 (got {n_layers})")
+        self.n = int(n_layers)
+        self.max_bytes = int(max_bytes)
+        self.log = log
+        self._states: dict[tuple[str, str, str, str], torch.Tensor] = {}
+        self._full = False
+        self.stats = {"hits": 0, "misses": 0, "whole": 0, "stored": 0, "bytes": 0, "unstored": 0}
+
+    def splits(self, model: nn.Module) -> bool:
+        """Whether ``model`` is served split at n (else it runs whole)."""
+        return self.n > 0 and split_ok(model, self.n)
+
+    @torch.no_grad()
+    def hidden(self, model: nn.Module, **inputs: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's last hidden state (B, T, d), as ``model.get_decoder()(**inputs, use_cache=False)``.
+
+        Args:
+            model: A causal LM.
+            inputs: ``input_ids`` (B, T) and optionally ``attention_mask`` ((B, T), or an additive
+                (B, 1, T, T) float mask) and ``position_ids`` (B, T), on any device (they are moved to
+                the model's); None entries are dropped.
+        """
+        given = {k: v for k, v in inputs.items() if v is not None}
+        if "input_ids" not in given:
+            raise ValueError("PrefixMemo.hidden needs input_ids")
+        p = next(model.parameters())
+        on_dev = {k: v.to(p.device) for k, v in given.items()}
+        if not self.splits(model):
+            self.stats["whole"] += 1
+            return model.get_decoder()(**on_dev, use_cache=False).last_hidden_state
+        key = (prefix_fingerprint(model, self.n), str(p.device), str(p.dtype), _inputs_digest(given))
+        states = self._states.get(key)
+        if states is None:
+            self.stats["misses"] += 1
+            states = prefix_states(model, self.n, **on_dev)  # (B, T, d)
+            self._keep(key, states)
+        else:
+            self.stats["hits"] += 1
+            states = states.to(p.device)
+        rest = {k: v for k, v in on_dev.items() if k != "input_ids"}
+        return suffix_hidden(model, self.n, states, **rest)
+
+    def _keep(self, key: tuple[str, str, str, str], states: torch.Tensor) -> None:
+        size = states.numel() * states.element_size()
+        if not self._full and self.stats["bytes"] + size > self.max_bytes:
+            self._full = True
+            self.log(
+                f"shared prefix: memory cap of {self.max_bytes / GiB:.2f} GiB reached after "
+                f"{self.stats['stored']:,} batches; further prefixes are computed but not stored"
+            )
+        if self._full:
+            self.stats["unstored"] += 1
+            return
+        self._states[key] = states.to("cpu")
+        self.stats["stored"] += 1
+        self.stats["bytes"] += size
+
+    def clear(self) -> None:
+        """Drop every stored state (the counters of calls stay)."""
+        self._states.clear()
+        self._full = False
+        self.stats["stored"] = self.stats["bytes"] = 0
+
+    def calls(self, since: dict[str, int] | None = None) -> int:
+        """Calls of :meth:`hidden` since the ``stats`` snapshot ``since`` (None: since the start)."""
+        return sum(self.stats[k] - (since or {}).get(k, 0) for k in ("hits", "misses", "whole"))
+
+    def describe(self, since: dict[str, int] | None = None) -> str:
+        """One line on the reuse since the ``stats`` snapshot ``since`` (None: since the start)."""
+        d = {k: v - (since or {}).get(k, 0) for k, v in self.stats.items()}
+        layers = f"{self.n} layer{'s' if self.n != 1 else ''}"
+        line = f"shared prefix: {layers} reused for {d['hits']:,} of {self.calls(since):,} batches"
+        if d["whole"]:
+            line += f" ({d['whole']:,} run whole)"
+        return line + f"; {self.stats['bytes'] / 2**20:,.0f} MiB stored"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,11 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
     assert "## Paper protocol" in report and "- squad: 1-shot chat, greedy generation" in report
     assert "Held-out fidelity" in report and "**prompts**" in report
     assert "[run ]" in first
+    # the students' frozen bottom layer is computed once per batch: the teacher fills the memo, the
+    # untrained, KD and DSKD students reuse it on every batch, and so do they in the fidelity stage
+    reuse = [tuple(map(int, m)) for m in re.findall(r"shared prefix: 1 layer reused for (\d+) of (\d+) batches", first)]
+    assert len(reuse) == 5, first
+    assert reuse[0][0] == 0 and all(0 < h == n for h, n in reuse[1:4]) and 0 < reuse[4][0] < reuse[4][1]
     # KD and DSKD differ only in lambda: their metrics logs must differ in the sense term
     kd = [json.loads(line) for line in (out / "students/kd/metrics.jsonl").read_text().splitlines()]
     ds = [json.loads(line) for line in (out / "students/dskd/metrics.jsonl").read_text().splitlines()]
@@ -161,6 +167,9 @@ def test_experiment_pairs_arms_and_reports(tiny_teacher_dir, tmp_path, capsys):
     log = capsys.readouterr().out
     ran = {line.split()[2] for line in log.splitlines() if line.startswith("[run ]")}
     assert {"train:kd", "train:dskd"}.isdisjoint(ran) and {"train:hidden_mse", "train:kd/seed1"} <= ran, ran
+    # one memo for the experiment: every student's evaluation reuses the teacher's bottom-layer states
+    reuse = [tuple(map(int, m)) for m in re.findall(r"shared prefix: 1 layer reused for (\d+) of (\d+) batches", log)]
+    assert len(reuse) == 2 + 6 + 1 and reuse[0][0] == 0 and all(0 < h == n for h, n in reuse[1:-1]), log
     out = tmp_path / "run"
     table = (out / "experiment.md").read_text()
     for row in (
