@@ -52,6 +52,7 @@ from dskd.io import Artefact, is_built, sidecar, write_sidecar
 from dskd.losses import (
     IGNORE_INDEX,
     SenseTable,
+    SparseTeacher,
     antonym_teacher_mse,
     ce_loss,
     combine,
@@ -61,6 +62,7 @@ from dskd.losses import (
     sense_loss,
     summarize_sense_stats,
 )
+from dskd.models import lm_head_logits
 from dskd.prefix import layer_range
 
 RUN_FORMAT = {"name": "dskd-run", "version": 1}
@@ -399,12 +401,16 @@ def window_plans(data, seqs: list[int], table: SenseTable, lc: LossConfig, seed:
     return plans
 
 
-def teacher_outputs(teacher, cache, idx: list[int], batch: dict[str, torch.Tensor], V: int, autocast, head=None):
+def teacher_outputs(
+    teacher, cache, idx: list[int], batch: dict[str, torch.Tensor], V: int, autocast, head=None, states_only=False
+):
     """The teacher's logits (B, T, V) or SparseTeacher, and last hidden states (B, T, d), on the batch's device.
 
     From the cache when there is one, else from a no-grad forward of the teacher. A cache that
     stores no logits (``kd == "head"``) gives the full logits as ``head`` (the student's frozen LM
-    head, identical to the teacher's) applied to the cached states: exact KD over the vocabulary.
+    head, identical to the teacher's) applied to the cached states: exact KD over the vocabulary; with
+    ``states_only`` it gives those states, wrapped, for :func:`micro_batch_loss` to apply the head at
+    target positions only.
     """
     dev = batch["input_ids"].device
     with torch.no_grad(), autocast:
@@ -412,6 +418,8 @@ def teacher_outputs(teacher, cache, idx: list[int], batch: dict[str, torch.Tenso
             t_logits, t_h = cache.get(idx, batch["labels"].shape[1])
             t_h = t_h.to(dev)  # (B, T, d)
             if t_logits is None:
+                if states_only:
+                    return _States(t_h), t_h
                 if head is None:
                     raise ValueError("this teacher cache stores no logits: pass the shared LM head")
                 return head(t_h)[..., :V], t_h  # (B, T, V)
@@ -434,12 +442,15 @@ def micro_batch_loss(
     table,
     autocast,
     prefix: tuple[int, torch.Tensor] | None = None,
+    head_at_targets: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Student forward and every loss term of one micro-batch, each normalised by the window's counts.
 
     Args:
         prefix: (n, states): run only the student's layers from n, on the states entering it (B, T, d)
             (the teacher cache's, when the bottom n layers are the teacher's, frozen); None: the whole student.
+        head_at_targets: Apply the student's (frozen) LM head, and the teacher's when recomputed, only at
+            target positions, not at padding (:func:`dskd.models.head_at_targets_ok`); the same losses.
 
     Returns:
         (weighted total, {ce, kd[, sense][, hidden]}, sense diagnostics sums or None)
@@ -451,15 +462,29 @@ def micro_batch_loss(
     use_hidden = lc.hidden != "none" and lc.hidden_weight > 0
     inputs = {"input_ids": batch["input_ids"]}
     split = contextlib.nullcontext()
+    core = extract_model_from_parallel(model)
     if prefix is not None:
         # the wrapped model's forward runs the student's own layers: slice them on the unwrapped one
-        inputs, split = {"inputs_embeds": prefix[1]}, layer_range(extract_model_from_parallel(model), prefix[0])
+        inputs, split = {"inputs_embeds": prefix[1]}, layer_range(core, prefix[0])
+    keep = {}
+    if head_at_targets:  # the forward's own head runs nowhere; it is applied below where there are targets
+        keep = {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=labels.device)}
     with autocast, split:
-        o = model(**inputs, attention_mask=batch["attention_mask"], output_hidden_states=use_sense or use_hidden)
-    logits = o.logits[..., :V]  # (B, T, V)
+        o = model(
+            **inputs,
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=use_sense or use_hidden or head_at_targets,
+            **keep,
+        )
+        if head_at_targets:
+            at = labels != IGNORE_INDEX  # (B, T)
+            logits, kd_labels = lm_head_logits(core, o.hidden_states[-1][at])[:, :V], labels[at]  # (N, V), (N,)
+            t_logits = _at_targets(t_logits, at, core, V)
+        else:
+            logits, kd_labels = o.logits[..., :V], labels  # (B, T, V), (B, T)
     terms = {
-        "ce": ce_loss(logits, labels, n_tok),
-        "kd": kd_loss(logits, t_logits, labels, lc.divergence, lc.T, lc.beta, lc.skew, n_tok),
+        "ce": ce_loss(logits, kd_labels, n_tok),
+        "kd": kd_loss(logits, t_logits, kd_labels, lc.divergence, lc.T, lc.beta, lc.skew, n_tok),
     }
     sstats = None
     if use_sense:
@@ -469,6 +494,26 @@ def micro_batch_loss(
     if use_hidden:
         terms["hidden"] = hidden_loss(o.hidden_states[-1], t_h, labels, lc.hidden, n_tok)
     return combine(terms, lc), terms, sstats
+
+
+def _at_targets(t_logits, at: torch.Tensor, core, V: int):
+    """The teacher's KD input at target positions ``at`` (B, T): logits (N, V) or a SparseTeacher with (N, k)
+    fields; the recomputed teacher logits of a head-only cache (``t_logits`` = its states (B, T, d), see
+    :func:`teacher_outputs` with ``states_only``) go through the shared head here."""
+    if isinstance(t_logits, SparseTeacher):
+        return SparseTeacher(ids=t_logits.ids[at], logp=t_logits.logp[at], rest_logp=t_logits.rest_logp[at])
+    if isinstance(t_logits, _States):
+        with torch.no_grad():
+            return lm_head_logits(core, t_logits.h[at])[:, :V]  # (N, V)
+    return t_logits[at]
+
+
+@dataclass
+class _States:
+    """The teacher's cached last hidden states (B, T, d) standing for its logits: the shared head is applied
+    at target positions only (:func:`micro_batch_loss` with ``head_at_targets``)."""
+
+    h: torch.Tensor
 
 
 @dataclass
@@ -487,6 +532,7 @@ class Training:
     head: Any  # the shared frozen LM head when the cache holds no logits
     recipe: dict[str, Any]
     prefix: int = 0  # bottom layers not run: their output comes from the cache (data.cache_prefix)
+    head_at_targets: bool = False  # the frozen LM head applied at target positions only (not padding)
     table: SenseTable | None = None
     sources: dict[str, Any] = field(default_factory=dict)
     opt: Any = None
@@ -613,7 +659,7 @@ def setup(
 
 def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
     """Teacher and student on this process's device, the training set, and the teacher cache."""
-    from dskd.models import build_pair, num_layers, tokenizer_fingerprint
+    from dskd.models import build_pair, head_at_targets_ok, num_layers, tokenizer_fingerprint
 
     dc = cfg.distill
     pair = build_pair(cfg.model, device=acc.device)
@@ -644,7 +690,11 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
             f"training runs the student's layers {prefix}-{num_layers(student) - 1} from the cached state entering "
             f"layer {prefix} (layers 0-{prefix - 1} are the teacher's, frozen; --distill.cache_prefix off: all)"
         )
-    return Training(cfg, out, acc, pair, teacher, student, data, cache, head, recipe, prefix=prefix)
+    # padding has no target: a frozen head (and the teacher's recomputed one) runs only where there are
+    hat = head_at_targets_ok(student)
+    return Training(
+        cfg, out, acc, pair, teacher, student, data, cache, head, recipe, prefix=prefix, head_at_targets=hat
+    )
 
 
 def _optimiser(run: Training) -> None:
@@ -717,13 +767,27 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
                     (model(input_ids=dummy).logits.float().sum() * 0.0).backward()
                     continue
                 batch = {k: v.to(acc.device) for k, v in D.collate([data.seqs[i] for i in mb], pad_id).items()}
-                t_logits, t_h = teacher_outputs(run.teacher, run.cache, mb, batch, V, run.autocast, run.head)
+                t_logits, t_h = teacher_outputs(
+                    run.teacher, run.cache, mb, batch, V, run.autocast, run.head, run.head_at_targets
+                )
                 mb_plans = [plans[i] for i in mb if i in plans]
                 prefix = None
                 if run.prefix:  # the frozen bottom layers' output, from the cache
                     prefix = (run.prefix, run.cache.prefix(mb, batch["labels"].shape[1]).to(acc.device))
                 loss, terms, sstats = micro_batch_loss(
-                    model, batch, t_logits, t_h, lc, V, n_tok, n_terms, mb_plans, table, run.autocast, prefix
+                    model,
+                    batch,
+                    t_logits,
+                    t_h,
+                    lc,
+                    V,
+                    n_tok,
+                    n_terms,
+                    mb_plans,
+                    table,
+                    run.autocast,
+                    prefix,
+                    run.head_at_targets,
                 )
                 # DDP averages gradients over processes; the loss is already normalised by the global count
                 acc.backward(loss * W)

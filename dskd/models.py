@@ -140,6 +140,27 @@ def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+@torch.no_grad()
+def head_at_targets_ok(model: nn.Module) -> bool:
+    """Whether a training step may apply the LM head at target positions only (padding has no target):
+    the head is frozen, the forward takes ``logits_to_keep``, and :func:`lm_head_logits` of the last
+    hidden state reproduces the model's logits (checked on a probe input: soft-capping, scaling and
+    pre-norm hidden states are caught)."""
+    import inspect
+
+    head = model.get_output_embeddings()
+    if head is None or any(p.requires_grad for p in head.parameters()):
+        return False
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return False
+    dev = next(model.parameters()).device
+    ids = (torch.arange(12, device=dev) * 7919 % head.weight.shape[0])[None]  # (1, 12) arbitrary ids
+    o = model(input_ids=ids, output_hidden_states=True)
+    again = lm_head_logits(model, o.hidden_states[-1])  # (1, 12, V)
+    logits = o.logits.float()
+    return bool(torch.allclose(again, logits, atol=1e-3 * float(logits.abs().max().clamp(min=1.0)), rtol=0))
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layer list of a causal LM and its parameter-name prefix (e.g. ``model.layers``)."""
     for name in (

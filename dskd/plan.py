@@ -455,6 +455,7 @@ def make_plan(
     ec = cfg.eval
     eb = _bytes(ec.dtype)
     eval_T = min(T, max(1, counts.eval_tokens // max(counts.eval_items, 1)) * 2)
+    shared_eval = n_layers - m if shared else 0  # dskd.prefix.PrefixMemo in the main job's evaluation
     stages.append(
         Stage(
             name="eval",
@@ -471,9 +472,13 @@ def make_plan(
             disk={},
             tokens=counts.eval_tokens * 4,
             steps=None,
-            flops=2.0 * counts.eval_tokens * (t.total + 3 * student_total),
+            # the students share the teacher's frozen bottom layers: computed once, with the teacher
+            flops=2.0 * counts.eval_tokens * (t.total + 3 * (student_total - sum(t.layer_params[:shared_eval]))),
             command=_cmd([*base, "run", *config_args, *accum_args]),
-            notes=[f"{counts.eval_items} items x 4 models (teacher, untrained, KD, DSKD)"],
+            notes=[
+                f"{counts.eval_items} items x 4 models (teacher, untrained, KD, DSKD)"
+                + (f"; the students run only their layers above the {shared_eval} they share" if shared_eval else "")
+            ],
         )
     )
     for st in stages:

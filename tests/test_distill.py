@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -421,3 +422,70 @@ def test_with_the_real_lexicon_and_sense_store(tiny_teacher_dir, text_file, toke
     assert table["margin"] == pytest.approx(0.5 * table["store_median_mse"])
     assert meta["senses"]["store"]["teacher_fingerprint"] == meta["teacher_fingerprint"]
     assert all(r["sense"] > 0 and r["sense_terms"] > 0 for r in metrics(run))
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "states", "sparse"])
+def test_head_at_targets_only_gives_the_same_losses_and_gradients(teacher_kind, tokenizer):
+    """Padding has no target: applying the frozen head only at targets changes no loss and no gradient."""
+    from conftest import make_model
+
+    from dskd.config import LossConfig
+    from dskd.distill import _States, micro_batch_loss
+    from dskd.losses import sparse_teacher
+    from dskd.models import freeze_except_top, head_at_targets_ok, truncate
+
+    torch.manual_seed(0)
+    teacher = make_model(len(tokenizer), layers=3).eval()
+    V = len(tokenizer)
+    seqs = [torch.randint(0, V, (11,)), torch.randint(0, V, (6,))]
+    batch = D.collate(seqs, 0)  # the second row is padded
+    assert (batch["labels"] == -100).sum() > 2
+    with torch.no_grad():
+        o = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    lc = LossConfig(lam=0.0, hidden="mse", hidden_weight=0.5)
+    n_tok = float((batch["labels"] != -100).sum())
+    results = {}
+    for at_targets in (False, True):
+        student = truncate(teacher, 2)
+        freeze_except_top(student, 1)
+        student.train()
+        assert head_at_targets_ok(student)
+        if teacher_kind == "logits":
+            t = o.logits
+        elif teacher_kind == "sparse":
+            t = sparse_teacher(o.logits, 8, lc.T)
+        else:  # a head-only cache: the states, or the logits recomputed from them
+            t = _States(o.hidden_states[-1]) if at_targets else student.lm_head(o.hidden_states[-1])
+        loss, terms, _ = micro_batch_loss(
+            student,
+            batch,
+            t,
+            o.hidden_states[-1],
+            lc,
+            V,
+            n_tok,
+            1.0,
+            [],
+            None,
+            contextlib.nullcontext(),
+            None,
+            at_targets,
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        results[at_targets] = ({k: float(v.detach()) for k, v in terms.items()}, grads)
+    (t0, g0), (t1, g1) = results[False], results[True]
+    assert t0.keys() == t1.keys() and all(t0[k] == pytest.approx(t1[k], rel=1e-5, abs=1e-7) for k in t0)
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-6, rtol=1e-4) for k in g0)
+    assert any(g.abs().max() > 0 for g in g0.values())
+
+
+def test_head_at_targets_needs_a_frozen_head(tokenizer):
+    from conftest import make_model
+
+    from dskd.models import head_at_targets_ok
+
+    model = make_model(len(tokenizer), layers=2, tie=False)
+    assert not head_at_targets_ok(model)  # its head is trainable (a separate student's own head)
+    model.lm_head.weight.requires_grad_(False)
+    assert head_at_targets_ok(model)
