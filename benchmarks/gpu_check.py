@@ -184,7 +184,8 @@ def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype, lo
     from dskd import data as D
     from dskd.config import LossConfig
     from dskd.distill import build_sense_table, micro_batch_loss, teacher_outputs, window_plans
-    from dskd.models import freeze_except_top, keep_float32_master, truncate
+    from dskd.models import freeze_except_top, head_at_targets_ok, keep_float32_master, truncate
+    from dskd.prefix import prefix_states, shared_prefix_layers
 
     student = truncate(teacher, sh.student_layers, share=True)
     freeze_except_top(student, sh.trainable)
@@ -208,11 +209,29 @@ def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype, lo
     batch = {k: v.to(dev) for k, v in D.collate([seq], 0).items()}
     n_tok = float(data.num_targets([0]))
     autocast = torch.autocast(device_type=dev.type, dtype=dtype)
+    # as the loop runs from a teacher cache: the student's layers above the frozen ones, from the state
+    # entering them (what the cache stores), and the frozen head at target positions only
+    n_pre = shared_prefix_layers(teacher, student)
+    with torch.no_grad():
+        states = prefix_states(teacher, n_pre, **{k: batch[k] for k in ("input_ids", "attention_mask")})
+    at_targets = head_at_targets_ok(student)
 
     def step(lc) -> None:
         t_logits, t_h = teacher_outputs(teacher, None, [0], batch, sh.vocab, autocast)
         loss, _, _ = micro_batch_loss(
-            student, batch, t_logits, t_h, lc, sh.vocab, n_tok, n_terms, [plans[0]], table, autocast
+            student,
+            batch,
+            t_logits,
+            t_h,
+            lc,
+            sh.vocab,
+            n_tok,
+            n_terms,
+            [plans[0]],
+            table,
+            autocast,
+            (n_pre, states) if n_pre else None,
+            at_targets,
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,6 +239,7 @@ def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype, lo
         opt.zero_grad(set_to_none=True)
 
     out: dict = {"seq_len": sh.train_len, "trainable_params": sum(p.numel() for p in params)}
+    out.update(prefix_layers=n_pre, head_at_targets=at_targets)
     times: dict[str, list[float]] = {"kd": [], "dskd": []}
     peaks: dict[str, float | None] = {}
     for arm, lc in (("kd", lc_kd), ("dskd", lc_dskd)):  # warm-up and peak memory, one arm at a time

@@ -690,7 +690,7 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
             f"training runs the student's layers {prefix}-{num_layers(student) - 1} from the cached state entering "
             f"layer {prefix} (layers 0-{prefix - 1} are the teacher's, frozen; --distill.cache_prefix off: all)"
         )
-    # padding has no target: a frozen head (and the teacher's recomputed one) runs only where there are
+    # padding has no target: a frozen head (and the teacher's recomputed one) runs at target positions only
     hat = head_at_targets_ok(student)
     return Training(
         cfg, out, acc, pair, teacher, student, data, cache, head, recipe, prefix=prefix, head_at_targets=hat

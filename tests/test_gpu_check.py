@@ -35,6 +35,8 @@ def test_gpu_check_runs_at_tiny_size(tmp_path, capsys):
     d = res["distill"]
     assert d["kd_step_s"] > 0 and d["ratio"] == pytest.approx(d["dskd_step_s"] / d["kd_step_s"])
     assert d["sense_table"]["bank_rows"] > 0  # the DSKD arm really ran the sense loss
+    # the loop's cached path: the layers above the frozen ones, the head at target positions only
+    assert d["prefix_layers"] == mod.TINY.student_layers - mod.TINY.trainable and d["head_at_targets"]
     assert res["eval"]["items_per_s"] > 0
     one, eight = res["projection"]
     assert (one["gpus"], eight["gpus"]) == (1, 8)
