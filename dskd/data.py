@@ -64,7 +64,7 @@ from dskd.config import DataConfig, DskdError, ModelConfig, RunConfig, TrainConf
 from dskd.io import Artefact, atomic_dir, check_files, open_artefact, write_json
 from dskd.io import stable_hash as _sha
 from dskd.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher
-from dskd.prefix import layer_range, prefix_states
+from dskd.prefix import layer_range, prefix_states, shared_prefix_layers
 
 CACHE_FORMAT = {"name": "dskd-teacher-cache", "version": 2}
 DATA_FORMAT = {"name": "dskd-dataset", "version": 1}
@@ -398,8 +398,6 @@ def cache_prefix(distill: TrainConfig, pair) -> int:
     """The bottom layers whose output state the cache stores (``distill.cache_prefix``): as many as the
     student shares, frozen and bit for bit, with the teacher (:func:`dskd.prefix.shared_prefix_layers`;
     0 when off or none)."""
-    from dskd.prefix import shared_prefix_layers
-
     return shared_prefix_layers(pair.teacher, pair.student) if distill.cache_prefix == "auto" else 0
 
 

@@ -140,6 +140,19 @@ def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def mixed_precision(model: nn.Module):
+    """Autocast to the frozen weights' dtype when the model mixes float dtypes (float32 master weights
+    beside lower-precision frozen ones, :func:`keep_float32_master`), as the training loop runs it; else
+    a no-op context. For probe forwards."""
+    import contextlib
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = [d for d in dtypes if d != torch.float32]
+    if len(dtypes) < 2 or not low:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=low[0])
+
+
 @torch.no_grad()
 def head_at_targets_ok(model: nn.Module) -> bool:
     """Whether a training step may apply the LM head at target positions only (padding has no target):
@@ -155,8 +168,9 @@ def head_at_targets_ok(model: nn.Module) -> bool:
         return False
     dev = next(model.parameters()).device
     ids = (torch.arange(12, device=dev) * 7919 % head.weight.shape[0])[None]  # (1, 12) arbitrary ids
-    o = model(input_ids=ids, output_hidden_states=True)
-    again = lm_head_logits(model, o.hidden_states[-1])  # (1, 12, V)
+    with mixed_precision(model):
+        o = model(input_ids=ids, output_hidden_states=True)
+        again = lm_head_logits(model, o.hidden_states[-1])  # (1, 12, V)
     logits = o.logits.float()
     return bool(torch.allclose(again, logits, atol=1e-3 * float(logits.abs().max().clamp(min=1.0)), rtol=0))
 

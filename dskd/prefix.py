@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dskd.models import decoder_layers
+from dskd.models import decoder_layers, mixed_precision
 
 _FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 # config entries that list one value per layer: only the first n describe the prefix
@@ -115,10 +115,10 @@ def split_ok(model: nn.Module, n: int) -> bool:
         ids = (torch.arange(24, device=dev) * 7919 % vocab).view(2, 12)  # (2, 12) arbitrary ids
         mask = torch.ones_like(ids)
         mask[1, 9:] = 0  # right padding, as batches have
-        whole = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
-        split = suffix_hidden(
-            model, n, prefix_states(model, n, input_ids=ids, attention_mask=mask), attention_mask=mask
-        )
+        with mixed_precision(model):  # as training runs a model with float32 master weights
+            whole = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
+            states = prefix_states(model, n, input_ids=ids, attention_mask=mask)
+            split = suffix_hidden(model, n, states, attention_mask=mask)
         real = mask.bool()
         err = (whole[real] - split.float()[real]).abs().max()
         seen[n] = bool(err <= 1e-4 * float(whole[real].abs().max().clamp(min=1.0)))

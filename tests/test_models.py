@@ -199,3 +199,19 @@ def test_a_decoder_that_adds_positions_to_inputs_embeds_is_not_split():
     teacher = GPT2LMHeadModel(GPT2Config(vocab_size=500, n_embd=32, n_layer=3, n_head=2, n_positions=64)).eval()
     assert not split_ok(teacher, 1)
     assert shared_prefix_layers(teacher, _frozen_student(teacher, 2, 1)) == 0
+
+
+def test_probes_run_a_model_with_float32_master_weights_beside_bfloat16_ones():
+    """After keep_float32_master the trained layers are float32 and the frozen ones bfloat16: the probes
+    run such a model as training does (autocast), instead of failing on the head's dtype."""
+    from conftest import make_model
+
+    from dskd.models import freeze_except_top, head_at_targets_ok, keep_float32_master, truncate
+    from dskd.prefix import shared_prefix_layers
+
+    teacher = make_model(500, layers=3).to(torch.bfloat16).eval()
+    student = truncate(teacher, 2)
+    freeze_except_top(student, 1)
+    keep_float32_master(student)
+    assert {p.dtype for p in student.parameters()} == {torch.float32, torch.bfloat16}
+    assert head_at_targets_ok(student) and shared_prefix_layers(teacher, student) == 1
