@@ -346,14 +346,12 @@ def make_plan(
     # --- teacher cache (only when the run trains from it)
     positions = counts.positions
     per_pos = d * (2 if dc.cache_hidden_dtype == "float16" else 4)
-    if shared and dc.cache_kd != "logits":
-        pass  # a truncated student shares the teacher's head: KD recomputes the logits, none are stored
-    elif dc.cache_topk == 0 or dc.cache_topk >= V:
-        per_pos += V * 4
-    else:
-        per_pos += dc.cache_topk * 8 + 4
-    # the state entering the first trained layer of a truncated student (distill.cache_prefix)
-    prefix = n_layers - m if shared and dc.cache_prefix == "auto" and dc.teacher_cache else 0
+    # a truncated student shares the teacher's head (KD recomputes the logits: none are stored) and its
+    # frozen bottom layers (the state entering the first trained one is stored: distill.cache_prefix)
+    frozen_bottom = n_layers - m if shared else 0
+    if not (shared and dc.cache_kd != "logits"):
+        per_pos += V * 4 if dc.cache_topk == 0 or dc.cache_topk >= V else dc.cache_topk * 8 + 4
+    prefix = frozen_bottom if dc.cache_prefix == "auto" and dc.teacher_cache else 0
     if prefix:
         per_pos += d * wb
     if dc.teacher_cache:
@@ -455,7 +453,7 @@ def make_plan(
     ec = cfg.eval
     eb = _bytes(ec.dtype)
     eval_T = min(T, max(1, counts.eval_tokens // max(counts.eval_items, 1)) * 2)
-    shared_eval = n_layers - m if shared else 0  # dskd.prefix.PrefixMemo in the main job's evaluation
+    shared_eval = frozen_bottom  # dskd.prefix.PrefixMemo in the main job's evaluation
     stages.append(
         Stage(
             name="eval",
