@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from dskd.tasks import Item, Task
+
 
 class FakeStore:
     """A dict-based sense store: entry -> (n_e, d) senses; multi-token tails get entries >= vocab_size."""
@@ -56,3 +58,32 @@ class FakeLexicon:
                 table.setdefault(a, []).append((b,))
                 table.setdefault(b, []).append((a,))
         return cls(syn, ant)
+
+
+# ---- a hand-made multiple-choice task (evaluation tests) ----------------------------------------
+QS = [
+    ("Which is hot?", ("fire", "water", "the cold night", "ice"), 0),
+    ("Which is fast?", ("a slow bus", "the quick train"), 1),
+    ("What is the opposite of good?", ("bad", "a big red house", "happy"), 0),
+    ("Which word means large?", ("small", "little", "big"), 2),
+    ("Which is dark?", ("day", "night"), 1),
+    ("Which rises?", ("the price of water in the market", "fall"), 0),
+]
+
+
+class ToyTask(Task):
+    name = "toy"
+    title = "Toy"
+    protocol = "hand-made"
+
+    def _load(self, part: str) -> list[Item]:
+        sub = ["a", "a", "b", "b", "b", "c"]
+        items = [Item(f"{part}{i}", q, c, g, subject=sub[i]) for i, (q, c, g) in enumerate(QS)]
+        return items if part == "eval" else [Item(f"t{x.id}", f"Train {x.question}", x.choices, x.gold) for x in items]
+
+
+class FixedShots(ToyTask):
+    """Every question is shown the same exemplars (the first k training items), as MMLU's dev shots."""
+
+    def exemplars(self, item, k, seed=0):
+        return self.train_items()[:k]

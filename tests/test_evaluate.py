@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_model
+from fakes import FixedShots, ToyTask
 
 from dskd.__main__ import main as dskd_main
 from dskd.config import EvalConfig
@@ -24,27 +25,6 @@ from dskd.evaluate import (
     score_reference,
     score_task,
 )
-from dskd.tasks import Item, Task
-
-QS = [
-    ("Which is hot?", ("fire", "water", "the cold night", "ice"), 0),
-    ("Which is fast?", ("a slow bus", "the quick train"), 1),
-    ("What is the opposite of good?", ("bad", "a big red house", "happy"), 0),
-    ("Which word means large?", ("small", "little", "big"), 2),
-    ("Which is dark?", ("day", "night"), 1),
-    ("Which rises?", ("the price of water in the market", "fall"), 0),
-]
-
-
-class ToyTask(Task):
-    name = "toy"
-    title = "Toy"
-    protocol = "hand-made"
-
-    def _load(self, part: str) -> list[Item]:
-        sub = ["a", "a", "b", "b", "b", "c"]
-        items = [Item(f"{part}{i}", q, c, g, subject=sub[i]) for i, (q, c, g) in enumerate(QS)]
-        return items if part == "eval" else [Item(f"t{x.id}", f"Train {x.question}", x.choices, x.gold) for x in items]
 
 
 class ToySubjects(ToyTask):
@@ -135,13 +115,6 @@ def test_batch_size_and_padding_do_not_change_scores(model, tokenizer):
     a = score_groups(model, groups, batch_size=1, pad_id=tokenizer.pad_token_id)
     b = score_groups(model, groups, batch_size=6, pad_id=tokenizer.pad_token_id)
     assert _max_diff(a, b) < 1e-4
-
-
-class FixedShots(ToyTask):
-    """Every question is shown the same exemplars (the first k training items), as MMLU's dev shots."""
-
-    def exemplars(self, item, k, seed=0):
-        return self.train_items()[:k]
 
 
 @pytest.mark.parametrize("scoring", ["loglik", "letter"])

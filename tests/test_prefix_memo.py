@@ -7,42 +7,15 @@ import copy
 import pytest
 import torch
 from conftest import make_model
+from fakes import FixedShots, ToyTask
 
 from dskd import fidelity as F
 from dskd.config import EvalConfig
 from dskd.evaluate import _pack, build_groups, evaluate, loglik_requests, score_groups, score_task
 from dskd.models import truncate
 from dskd.prefix import PrefixMemo, prefix_fingerprint
-from dskd.tasks import Item, Task
 
 N_SHARED = 2  # the students keep 4 of the teacher's 6 layers and train the top 2
-
-QS = [
-    ("Which is hot?", ("fire", "water", "the cold night", "ice"), 0),
-    ("Which is fast?", ("a slow bus", "the quick train"), 1),
-    ("What is the opposite of good?", ("bad", "a big red house", "happy"), 0),
-    ("Which word means large?", ("small", "little", "big"), 2),
-    ("Which is dark?", ("day", "night"), 1),
-    ("Which rises?", ("the price of water in the market", "fall"), 0),
-    ("Which is a home?", ("a house", "the news report"), 0),
-]
-
-
-class ToyTask(Task):
-    name = "toy"
-    title = "Toy"
-    protocol = "hand-made"
-
-    def _load(self, part: str) -> list[Item]:
-        items = [Item(f"{part}{i}", q, c, g) for i, (q, c, g) in enumerate(QS)]
-        return items if part == "eval" else [Item(f"t{x.id}", f"Train {x.question}", x.choices, x.gold) for x in items]
-
-
-class FixedShots(ToyTask):
-    """Every question is shown the same exemplars, as MMLU's dev shots."""
-
-    def exemplars(self, item, k, seed=0):
-        return self.train_items()[:k]
 
 
 def _perturb(layers, scale: float = 0.3, seed: int = 0) -> None:
