@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -56,6 +56,9 @@ class ModelConfig:
             accelerator when there is one), ``cpu``, ``cuda``; under ``accelerate launch`` each
             process takes its own GPU.
         trust_remote_code: Allow model code from the hub (off unless you ask).
+        require_accelerator: Refuse to start (one line, before any work) when torch sees no accelerator
+            (CUDA or MPS), or when ``accelerate`` would train on the CPU: a recipe sized for GPUs never
+            runs on the CPU behind the user's back (a broken driver, a CPU-only torch).
     """
 
     teacher: str = DEFAULT_TEACHER
@@ -65,6 +68,7 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    require_accelerator: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.teacher), "model.teacher", "must be a model spec", self.teacher)
@@ -360,6 +364,11 @@ class TrainConfig:
         seed: Seed of initialisation-free randomness (data order, position sampling).
         log_every: Optimiser steps between metric lines.
         save_every: Optimiser steps between checkpoints (0: only at the end).
+        timeout_minutes: Timeout of the process group under several processes (accelerate's
+            ``InitProcessGroupKwargs``): how long a process waits at a collective (e.g. while process 0
+            builds the teacher cache) before the launch fails.
+        report_to: Experiment tracker fed through accelerate's trackers with every metrics line
+            (``none``, ``tensorboard``: event files in ``<out>/tracking``, ``wandb``, ``mlflow``).
     """
 
     lr: float = 1.5e-4
@@ -384,6 +393,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 5
     save_every: int = 50
+    timeout_minutes: int = 180
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "distill.lr", "must be > 0", self.lr)
@@ -402,6 +413,8 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "distill.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.log_every >= 1, "distill.log_every", "must be >= 1", self.log_every)
         _check(self.save_every >= 0, "distill.save_every", "must be >= 0", self.save_every)
+        _check(self.timeout_minutes >= 1, "distill.timeout_minutes", "must be >= 1", self.timeout_minutes)
+        _choice(self.report_to, ("none", "tensorboard", "wandb", "mlflow"), "distill.report_to")
 
 
 @dataclass

@@ -820,6 +820,9 @@ def cache_build_command(cfg: RunConfig, force: bool = False) -> Path:
         cfg: The recipe (model, data, distill.cache_*, loss.T).
         force: Rebuild even when the folder holds a matching cache.
     """
+    from dskd.devices import check_required_accelerator
+
+    check_required_accelerator(cfg.model.require_accelerator)
     path = build_teacher_cache(cfg.model, cfg.data, cfg.distill, cfg.loss.T, force=force, run_dir=cfg.out_dir)
     meta = json.loads((path / "meta.json").read_text())
     print(

@@ -68,6 +68,26 @@ def resolve_device(spec: str | torch.device | None = "auto", flag: str = "--devi
     return dev
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, or Apple MPS)."""
+    return torch.cuda.is_available() or _mps_available()
+
+
+def check_required_accelerator(required: bool, flag: str = "--model.require_accelerator") -> None:
+    """Refuse, in one line before any work, a recipe that requires an accelerator on a machine where torch
+    sees none (a recipe sized for GPUs must not run on the CPU silently).
+
+    Raises:
+        ConfigError: ``required`` and no accelerator is visible.
+    """
+    if required and not accelerator_available():
+        cuda = torch.version.cuda or "none (a CPU-only build)"
+        raise ConfigError(
+            f"{flag}: this recipe requires a GPU, but torch {torch.__version__} (CUDA {cuda}) sees none; "
+            f"fix the driver or install a CUDA build of torch, or pass {flag} false to run on the CPU"
+        )
+
+
 def resolve_dtype(spec: str | torch.dtype | None, device: torch.device, flag: str = "--dtype") -> torch.dtype:
     """The weights dtype of a stage on ``device``.
 
@@ -116,4 +136,14 @@ def log_placement(stage: str, device: torch.device, dtype: torch.dtype | None = 
     return line
 
 
-__all__ = ["DTYPES", "DTYPE_CHOICES", "describe", "dtype_name", "log_placement", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "DTYPE_CHOICES",
+    "accelerator_available",
+    "check_required_accelerator",
+    "describe",
+    "dtype_name",
+    "log_placement",
+    "resolve_device",
+    "resolve_dtype",
+]

@@ -368,8 +368,15 @@ def config_changes(out: Path, cfg: RunConfig) -> list[str]:
     return config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)) if saved.is_file() else []
 
 
-def _check_resume_config(out: Path, cfg: RunConfig) -> None:
-    diffs = config_changes(out, cfg)
+# fields a resumed run may change: they change neither the data order nor the maths
+_RESUME_FREE = ("distill.timeout_minutes", "distill.report_to")
+
+
+def _check_resume_config(out: Path, cfg: RunConfig, ckpt: Path | None = None) -> None:
+    diffs = [d for d in config_changes(out, cfg) if d not in _RESUME_FREE]
+    if ckpt is not None and "processes" in json.loads((ckpt / "state.json").read_text()):
+        # checked against the checkpoint's window once the process count is known (_check_resume_window)
+        diffs = [d for d in diffs if d != "distill.grad_accum"]
     if diffs:
         raise ConfigError(
             f"--resume: the config differs from the one the run in {out} started with ({', '.join(diffs)}); "
@@ -587,8 +594,11 @@ def distill(
     """
     out = Path(out or cfg.out_dir)
     run = setup(cfg, out, lexicon_dir, senses_dir, cache_dir, resume, store=store, lexicon=lexicon)
-    if run is not None and fit(run, stop_after=stop_after, progress=progress):
-        export(run)
+    if run is not None:
+        if fit(run, stop_after=stop_after, progress=progress):
+            export(run)
+        for tracker in run.acc.trackers:  # not acc.end_training: it would also end the process group
+            tracker.finish()
     return out
 
 
@@ -610,7 +620,11 @@ def setup(
     optimiser, restore the newest checkpoint; None when ``out`` holds a finished run to keep."""
     from accelerate import Accelerator
 
+    from dskd.devices import check_required_accelerator
+
     t_start = time.time()
+    check_required_accelerator(cfg.model.require_accelerator)
+    _check_tracker(cfg.distill.report_to)
     use_sense = cfg.loss.lam > 0
     if use_sense and (store is None or lexicon is None):
         lexicon_dir, senses_dir = _sense_dirs(cfg.distill, lexicon_dir, senses_dir)
@@ -622,8 +636,8 @@ def setup(
     if ckpt is not None and not resume:
         raise ConfigError(f"--out: {out} holds checkpoints of an unfinished run; pass --resume or pick another --out")
     if ckpt is not None:
-        _check_resume_config(out, cfg)
-    acc = _accelerator(Accelerator, cfg.model.device)
+        _check_resume_config(out, cfg, ckpt)
+    acc = _accelerator(Accelerator, cfg, out)
     if acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "launched as several processes but accelerate sees one (each would write the same run folder): "
@@ -633,6 +647,8 @@ def setup(
     if acc.is_main_process:
         dump_yaml(cfg, out / "config.yaml")
     acc.wait_for_everyone()
+    if cfg.distill.report_to != "none":
+        acc.init_trackers(cfg.name, config=_tracker_config(cfg))  # on the main process only
 
     run = _models_and_data(cfg, out, acc, cache_dir)
     run.t_start = t_start
@@ -650,6 +666,7 @@ def setup(
         run.sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": run.table.info}
     _optimiser(run)
     if ckpt is not None:
+        _check_resume_window(ckpt, run)
         st = load_checkpoint(ckpt, run.model, run.opt, run.sched, acc)
         run.start, run.tokens_seen, run.elapsed = st["step"], st["tokens"], st["seconds"]
         if acc.is_main_process:
@@ -704,11 +721,12 @@ def _optimiser(run: Training) -> None:
     dc, acc, student = run.cfg.distill, run.acc, run.model
     run.weights_dtype = next(student.parameters()).dtype
     n_master = keep_float32_master(student)
-    amp = (
-        torch.bfloat16
-        if dc.precision == "bf16"
-        else (None if run.weights_dtype == torch.float32 else run.weights_dtype)
-    )
+    amp = _autocast_dtype(dc.precision, run.weights_dtype)
+    if _accelerate_precision(amp) != acc.mixed_precision:  # the Accelerator was built from the same rule
+        raise ConfigError(
+            f"--model.dtype: the weights came out {run.weights_dtype} on {acc.device}, but the Accelerator was "
+            f"built for mixed precision {acc.mixed_precision!r}; set --model.dtype explicitly"
+        )
     _log_distill_placement(acc, run.weights_dtype, n_master, amp, run.cache is not None)
     student.train()
     if dc.grad_checkpointing:
@@ -717,14 +735,17 @@ def _optimiser(run: Training) -> None:
     run.params = [p for p in student.parameters() if p.requires_grad]
     if not run.params:
         raise ConfigError("--model.trainable_layers: the student has no trainable parameters")
-    run.opt = torch.optim.AdamW(run.params, lr=dc.lr, weight_decay=dc.weight_decay)
+    opt = torch.optim.AdamW(run.params, lr=dc.lr, weight_decay=dc.weight_decay)
     micro_per_epoch = math.ceil(len(run.data) / dc.batch_size)
     run.steps_per_epoch = math.ceil(micro_per_epoch / (dc.grad_accum * acc.num_processes))
     run.total = run.steps_per_epoch * dc.epochs
     if dc.max_steps:
         run.total = min(run.total, dc.max_steps)
-    run.sched = cosine_schedule(run.opt, int(dc.warmup_frac * run.total), run.total)
+    sched = cosine_schedule(opt, int(dc.warmup_frac * run.total), run.total)
     run.model = acc.prepare_model(student)
+    # through accelerate (device placement of their state; a scaler would go here): the scheduler steps once
+    # per optimiser step (step_scheduler_with_optimizer=False), as ``total`` already counts the processes
+    run.opt, run.sched = acc.prepare(opt, sched)
     # float32 master weights next to lower-precision frozen ones need autocast to mix in one forward
     run.autocast = torch.autocast(device_type=acc.device.type, dtype=amp) if amp else contextlib.nullcontext()
 
@@ -789,8 +810,10 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
                     prefix,
                     run.head_at_targets,
                 )
-                # DDP averages gradients over processes; the loss is already normalised by the global count
-                acc.backward(loss * W)
+                # DDP averages gradients over processes; the loss is already normalised by the global count.
+                # Not acc.backward: it divides by gradient_accumulation_steps, which the counts already hold
+                # (there is no loss scaler: float16 autocast is refused in _accelerator)
+                (loss * W).backward()
                 terms["loss"] = loss
                 logged += _logged_values(terms, sstats, acc.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -853,6 +876,8 @@ def _show_and_log(run: Training, bar, rec: dict[str, Any], done: int) -> None:
             # NaN (e.g. no antonym term in a window) is written as null: strict JSON readers choke on NaN
             clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
             f.write(json.dumps(clean) + "\n")
+        if run.cfg.distill.report_to != "none":
+            run.acc.log({k: v for k, v in clean.items() if isinstance(v, int | float) and v is not None}, step=done)
 
 
 def _save(run: Training, done: int, epoch: int, window: int) -> None:
@@ -862,6 +887,10 @@ def _save(run: Training, done: int, epoch: int, window: int) -> None:
         "tokens": run.tokens_seen,
         "seconds": run.elapsed,
         "total_steps": run.total,
+        # the optimiser step's window: a resume must keep processes x grad_accum (_check_resume_window)
+        "processes": run.acc.num_processes,
+        "grad_accum": run.cfg.distill.grad_accum,
+        "batch_size": run.cfg.distill.batch_size,
     }
     if run.table is not None and run.cfg.loss.margin_mode == "antonym_quantile":
         # a resumed run keeps the margin it started with
@@ -924,17 +953,84 @@ def export(run: Training) -> Path:
     return out
 
 
-def _accelerator(factory, device_spec: str):
-    """The Accelerator of a run on the device ``--model.device`` asks for (never a silent fallback).
+def _autocast_dtype(precision: str, weights_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of training: bfloat16 when ``distill.precision`` is bf16, else the frozen weights'
+    dtype when it is not float32 (float32 master weights beside them need autocast to mix); None: off."""
+    if precision == "bf16":
+        return torch.bfloat16
+    return None if weights_dtype == torch.float32 else weights_dtype
 
-    ``auto`` lets accelerate pick (each process its GPU, else the CPU); ``cpu`` forces the CPU; an
-    accelerator that is not there is an error naming the flag.
+
+def _accelerate_precision(amp: torch.dtype | None) -> str:
+    return {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+
+
+def _accelerator(factory, cfg: RunConfig, out: Path):
+    """The Accelerator of a run, built from the recipe whatever the node's accelerate config says.
+
+    Device: ``--model.device`` (``auto`` lets accelerate pick: each process its GPU, else the CPU; ``cpu``
+    forces the CPU; an accelerator that is not there is an error naming the flag, never a silent
+    fallback). Mixed precision: the recipe's (``distill.precision`` and ``model.dtype``), passed explicitly
+    so ``ACCELERATE_MIXED_PRECISION`` cannot change it; float16 autocast is refused (dskd keeps no loss
+    scaler). Accumulation: ``distill.grad_accum`` through a plugin, so ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``
+    cannot change it (the loop accumulates itself; see :func:`fit`). No torch.compile; DeepSpeed, FSDP,
+    Megatron and XLA launch configs are refused. The process group's timeout is ``distill.timeout_minutes``.
     """
-    from dskd.devices import resolve_device
+    from datetime import timedelta
 
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import (
+        DistributedType,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+        parse_flag_from_env,
+    )
+
+    from dskd.devices import resolve_device, resolve_dtype
+
+    mc, dc = cfg.model, cfg.distill
+    device_spec = mc.device or "auto"
     want = resolve_device(device_spec, flag="--model.device")  # raises when the device is absent
-    acc = factory(cpu=True) if (device_spec or "auto") == "cpu" else factory()
-    if (device_spec or "auto") != "auto" and acc.device.type != want.type:
+    cpu = device_spec == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")
+    weights = resolve_dtype(mc.dtype, torch.device("cpu") if cpu else want, flag="--model.dtype")
+    amp = _autocast_dtype(dc.precision, weights)
+    if amp == torch.float16:
+        raise ConfigError(
+            "--model.dtype: training under float16 autocast needs a loss scaler, which dskd does not keep; "
+            "use --model.dtype bfloat16 (or float32), or --distill.precision bf16"
+        )
+    mixed = _accelerate_precision(amp)
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state()  # an earlier run in this process used another precision
+    acc = factory(
+        cpu=device_spec == "cpu",
+        mixed_precision=mixed,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=dc.grad_accum, adjust_scheduler=False, sync_with_dataloader=False
+        ),
+        step_scheduler_with_optimizer=False,
+        dynamo_backend="no",
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=dc.timeout_minutes))],
+        log_with=None if dc.report_to == "none" else dc.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tracking")),
+    )
+    if acc.distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.FSDP,
+        DistributedType.MEGATRON_LM,
+        DistributedType.XLA,
+    ):
+        raise ConfigError(
+            f"accelerate launch: the accelerate config asks for {acc.distributed_type.value}; dskd distill trains "
+            "with DDP only: launch with a multi-GPU (DDP) accelerate config"
+        )
+    if mc.require_accelerator and acc.device.type == "cpu":
+        raise ConfigError(
+            "--model.require_accelerator: accelerate runs this process on the CPU (ACCELERATE_USE_CPU, "
+            "--model.device cpu or the accelerate config); pass --model.require_accelerator false to allow it"
+        )
+    if device_spec != "auto" and acc.device.type != want.type:
         raise ConfigError(
             f"--model.device: {device_spec!r} asked for, but accelerate runs this process on {acc.device}"
         )
@@ -944,6 +1040,51 @@ def _accelerator(factory, device_spec: str):
             f"select the GPU with CUDA_VISIBLE_DEVICES={want.index} instead"
         )
     return acc
+
+
+def _check_resume_window(ckpt: Path, run: Training) -> None:
+    """A resumed run continues the same data order and schedule, or is refused: the optimiser step's window
+    (``processes x grad_accum`` micro-batches of ``batch_size``) and the number of steps must be the ones
+    the checkpoint was trained with. 2 processes with accumulation 2 continue 1 process with accumulation 4."""
+    st = json.loads((ckpt / "state.json").read_text())
+    W, G = run.acc.num_processes, run.cfg.distill.grad_accum
+    if "processes" in st and st["processes"] * st["grad_accum"] != W * G:
+        window = st["processes"] * st["grad_accum"]
+        hint = f"--distill.grad_accum {window // W}" if window % W == 0 else f"a process count that divides {window}"
+        raise ConfigError(
+            f"--resume: {ckpt} was trained with {st['processes']} process(es) x grad_accum {st['grad_accum']} = "
+            f"{window} micro-batches per step, this launch has {W} x {G} = {W * G}: use {hint} to continue the "
+            "same data order and schedule"
+        )
+    if st.get("total_steps", run.total) != run.total:
+        raise ConfigError(
+            f"--resume: {ckpt} belongs to a schedule of {st['total_steps']} steps, this launch makes "
+            f"{run.total} (another process count or batch): resume with the launch it started with"
+        )
+
+
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _check_tracker(report_to: str) -> None:
+    """``distill.report_to`` names a tracker whose package is installed (one line before any work)."""
+    if report_to == "none":
+        return
+    import importlib.util
+
+    pkg = _TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(pkg) is None:
+        raise ConfigError(f"--distill.report_to {report_to}: the {pkg} package is not installed (pip install {pkg})")
+
+
+def _tracker_config(cfg: RunConfig) -> dict[str, Any]:
+    """The recipe as flat scalar hyper-parameters (``loss.lam``: 1.0) for the trackers."""
+    flat: dict[str, Any] = {}
+    for sec, val in to_dict(cfg).items():
+        for k, v in val.items() if isinstance(val, dict) else [("", val)]:
+            key = f"{sec}.{k}" if k else sec
+            flat[key] = v if isinstance(v, bool | int | float | str) else json.dumps(v)
+    return flat
 
 
 def _log_distill_placement(acc, weights_dtype: torch.dtype, n_master: int, amp, cached: bool) -> None:

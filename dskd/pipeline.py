@@ -610,6 +610,9 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     """The main job; returns the paths of everything it wrote."""
     if until not in STAGES:
         raise ConfigError(f"--until: must be one of {', '.join(STAGES)} (got {until!r})")
+    from dskd.devices import check_required_accelerator
+
+    check_required_accelerator(cfg.model.require_accelerator)  # before any work
     t0 = time.time()
     out = cfg.out_dir
     pipe = Pipeline(out, force=force)
@@ -693,6 +696,9 @@ def experiment(
 
     Seed 0 (the recipe's ``distill.seed``) of an arm is the student ``dskd run`` trains for it
     (``students/<arm>/``); seed s > 0 lives in ``students/<arm>/seed<distill.seed + s>/``."""
+    from dskd.devices import check_required_accelerator
+
+    check_required_accelerator(cfg.model.require_accelerator)  # before any work
     arms = list(arms or DEFAULT_ARMS)
     if baseline not in arms:
         arms.insert(0, baseline)

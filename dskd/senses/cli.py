@@ -51,6 +51,9 @@ def senses_build_command(
     if lexicon_dir is not None and not Path(lexicon_dir).is_dir():
         raise SenseError(f"--lexicon_dir {lexicon_dir}: no such folder (build it with `dskd lexicon build`)")
     lex = Path(lexicon_dir) if lexicon_dir is not None else None
+    from dskd.devices import check_required_accelerator
+
+    check_required_accelerator(model.require_accelerator)
     return build_senses(model.teacher, senses, lex, Path(out), force=force)
 
 
