@@ -680,6 +680,7 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
 
     dc = cfg.distill
     pair = build_pair(cfg.model, device=acc.device)
+    _check_widths(cfg.loss, pair.teacher, pair.student)
     tok = pair.tokenizer
     teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)
     recipe = D.data_recipe(cfg.data, tokenizer_fingerprint(tok), pair.teacher_fingerprint)
@@ -712,6 +713,25 @@ def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
     return Training(
         cfg, out, acc, pair, teacher, student, data, cache, head, recipe, prefix=prefix, head_at_targets=hat
     )
+
+
+def _state_width(model) -> int:
+    """The width of the last hidden state (what the LM head reads)."""
+    return int(model.get_output_embeddings().weight.shape[-1])
+
+
+def _check_widths(lc: LossConfig, teacher, student) -> None:
+    """Hidden-state losses (the sense loss, ``loss.hidden``) compare student and teacher states: refused, in
+    one line, for a student of another width; KD and CE (logits) train any width."""
+    t, s = _state_width(teacher), _state_width(student)
+    if t == s:
+        return
+    flag = "--loss.lam" if lc.lam > 0 else "--loss.hidden" if lc.hidden != "none" and lc.hidden_weight > 0 else None
+    if flag:
+        raise ConfigError(
+            f"{flag}: the student's hidden size ({s}) differs from the teacher's ({t}); the sense and hidden-state "
+            "losses compare states of one width: train KD only (--loss.lam 0 --loss.hidden none)"
+        )
 
 
 def _optimiser(run: Training) -> None:
@@ -948,6 +968,11 @@ def export(run: Training) -> Path:
             wall_seconds=round(time.time() - run.t_start, 2),
             loss=asdict(cfg.loss),
         )
+        from dskd.card import render
+        from dskd.io import write_text_atomic
+
+        # the model card (README.md, Hub front matter) before the sidecar that marks the run complete
+        write_text_atomic(out / "student" / "README.md", render(meta, out / "metrics.jsonl"))
         write_sidecar(out, meta)
     acc.wait_for_everyone()
     return out

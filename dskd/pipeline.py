@@ -441,10 +441,15 @@ def export_untrained(cfg: RunConfig, pipe: Pipeline) -> Path:
     folder = pipe.out / "students" / "untrained"  # laid out like a trained run: student/ and meta.json
 
     def do() -> None:
+        from dskd import __version__
+        from dskd.card import render
+
         pair = build_pair(cfg.model)
         with atomic_dir(folder / "student") as tmp:
             pair.student.save_pretrained(tmp)
             pair.tokenizer.save_pretrained(tmp)
+            meta = {"config": to_dict(cfg), "model": pair.info, "dskd_version": __version__}
+            (tmp / "README.md").write_text(render(meta, folder / "metrics.jsonl"))
 
     pipe.stage("train:untrained", {"model": to_dict(cfg.model)}, folder, do)
     return folder / "student"
@@ -649,6 +654,13 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
         specs = {"teacher": (resolve_spec(cfg.model.teacher), "")}
         specs |= {n: (str(p), _upstream(pipe, f"train:{n}")) for n, p in students.items()}
         result["eval_paper"] = {n: evaluate_model(cfg, pipe, n, s, u, paper, memo) for n, (s, u) in specs.items()}
+    from dskd.card import write_card
+
+    for name in ("kd", "dskd"):  # the trained students' model cards, now with their evaluation results
+        evals = {"eval": files[name]}
+        if paper is not None:
+            evals["eval, paper protocol"] = result["eval_paper"][name]
+        write_card(students[name].parent, students[name], evals)
     if STAGES.index(until) < STAGES.index("fidelity"):
         return result
     result["fidelity"] = fidelity_stage(cfg, pipe, shared, students, memo=memo)
