@@ -195,3 +195,42 @@ def test_an_absent_tracker_package_is_one_line_before_any_work(tiny_teacher_dir,
     with pytest.raises(ConfigError, match=r"^--distill.report_to wandb: the wandb package is not installed \(pip"):
         distill(cfg, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_teacher_licence_and_base_model(tmp_path):
+    from dskd.card import base_model, teacher_license
+
+    assert base_model("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert teacher_license("smollm2-135m-instruct")[0] == "apache-2.0"
+    assert teacher_license("meta-llama/Meta-Llama-3-8B-Instruct")[0] == "llama3"
+    assert teacher_license("mistralai/Mistral-7B-Instruct-v0.1")[0] == "apache-2.0"
+    assert teacher_license("someone/their-model")[0] == "unknown"  # never guessed
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "org/model-7b"}))
+    (folder / "README.md").write_text("---\nlicense: mit\ntags: [x]\n---\n# a model\n")
+    assert teacher_license(str(folder)) == ("mit", f"the teacher's model card ({folder / 'README.md'})")
+    assert base_model(str(folder)) == "org/model-7b"
+
+
+def test_the_exported_student_has_a_model_card_the_hub_renders(tiny_teacher_dir, text_file, tmp_path):
+    from dskd.card import front_matter, write_card
+
+    cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__max_steps=2)
+    out = distill(cfg, tmp_path / "run", progress=False)
+    text = (out / "student" / "README.md").read_text()
+    fm = front_matter(text)
+    assert fm["license"] == "unknown" and "base_model" not in fm  # a local folder with no card: not guessed
+    assert fm["library_name"] == "transformers" and "knowledge-distillation" in fm["tags"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert f"dskd {meta['dskd_version']}" in text and "2 steps" in text and f"{meta['tokens']:,} target tokens" in text
+    assert f"Last logged step (2): loss {metrics(out)[-1]['loss']:.4g}" in text
+    assert "```yaml\nname: run\n" in text  # the recipe
+    assert "## Evaluation" not in text
+    ev = tmp_path / "eval.json"
+    task = {"title": "ARC-Easy", "n": 40, "primary": "acc_norm", "metrics": {"acc_norm": 0.3, "acc_norm_stderr": 0.07}}
+    ev.write_text(json.dumps({"tasks": {"arc_easy": task}}))
+    write_card(out, results={"eval": ev})
+    text = (out / "student" / "README.md").read_text()
+    assert "| eval | ARC-Easy | 40 | acc_norm | 0.3000 ± 0.0700 |" in text
+    assert front_matter(text) == fm
