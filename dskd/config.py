@@ -301,6 +301,11 @@ class DataConfig:
             free-text answer. Gold labels appear only in the exemplars, in both styles.
         continuation_tokens: Tokens of greedy teacher continuation appended to each prompt.
         text_files: Plain text files used as extra training sequences.
+        datasets: Training data of your own, each cut into windows of ``max_length`` tokens (every token a
+            target, like ``text_files``): a ``.jsonl`` file, a ``save_to_disk`` folder or a hub id
+            (``id[:config][@split]``, split ``train`` by default) whose rows hold ``messages`` (a chat:
+            rendered with the model's own chat template), ``prompt`` and ``completion`` (through the chat
+            template as a user and an assistant turn when ``chat``, else joined) or ``text``.
         max_length: Prompts are truncated from the left to this many tokens.
         seed: Seed for sampling items and exemplars.
     """
@@ -313,6 +318,7 @@ class DataConfig:
     style: str = "letter"
     continuation_tokens: int = 1
     text_files: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
     max_length: int = 1024
     seed: int = 0
 
@@ -323,7 +329,12 @@ class DataConfig:
         _check(self.style in ("letter", "cloze"), "data.style", "must be letter or cloze", self.style)
         _check(self.continuation_tokens >= 0, "data.continuation_tokens", "must be >= 0", self.continuation_tokens)
         _check(self.max_length >= 8, "data.max_length", "must be >= 8", self.max_length)
-        _check(bool(self.tasks) or bool(self.text_files), "data.tasks", "needs tasks or data.text_files", self.tasks)
+        _check(
+            bool(self.tasks) or bool(self.text_files) or bool(self.datasets),
+            "data.tasks",
+            "needs tasks, data.text_files or data.datasets",
+            self.tasks,
+        )
 
 
 @dataclass

@@ -53,7 +53,7 @@ import inspect
 import json
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,14 +165,145 @@ def data_recipe(data: DataConfig, tokenizer_fp: str, teacher_fp: str) -> dict[st
         if not p.is_file():
             raise DataError(f"--data.text_files: no such file: {f}")
         files.append({"path": str(p), "sha": _file_sha(p)})
+    fields = asdict(data)
+    if not data.datasets:
+        fields.pop("datasets")  # the recipes (and cache keys) of the runs made before the field are unchanged
     body = {
-        "data": asdict(data),
+        "data": fields,
         "tokenizer_fingerprint": tokenizer_fp,
         # the continuation is the teacher's, so the data depend on it
         "teacher_fingerprint": teacher_fp,
         "text_file_hashes": [f["sha"] for f in files],
     }
+    if data.datasets:
+        body["dataset_hashes"] = [dataset_identity(spec) for spec in data.datasets]
     return {**body, "text_files": files, "hash": _sha(body)}
+
+
+# ----------------------------------------------------------------------------- the user's datasets
+
+DATASETS_FLAG = "--data.datasets"
+
+
+def dataset_identity(spec: str) -> str:
+    """What identifies a ``data.datasets`` entry's content: a file's SHA-256, a ``save_to_disk`` folder's
+    datasets fingerprint(s) (else the SHA of its files), a hub dataset's fingerprint."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return _file_sha(p)
+    if p.is_dir():
+        states = sorted(p.rglob("state.json"))
+        if states:
+            return _sha([json.loads(f.read_text()).get("_fingerprint") for f in states])
+        return _sha([[str(f.relative_to(p)), _file_sha(f)] for f in sorted(p.rglob("*")) if f.is_file()])
+    if spec.startswith((".", "/", "~")):
+        raise DataError(f"{DATASETS_FLAG}: no such file or folder: {spec}")
+    return _sha(["hub", spec, _hub_dataset(spec)._fingerprint])
+
+
+def _hub_dataset(spec: str):
+    import datasets
+
+    rest, _, split = spec.partition("@")
+    name, _, config = rest.partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # datasets raises many types; the user needs the flag and the source
+        raise DataError(f"{DATASETS_FLAG}: cannot load {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def dataset_rows(spec: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) of a ``data.datasets`` entry: ``FILE:LINE`` of a ``.jsonl`` file, ``SOURCE row N`` else."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix != ".jsonl":
+            raise DataError(
+                f"{DATASETS_FLAG}: {p}: a file must be .jsonl (rows with messages, prompt/completion or text)"
+            )
+        with p.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{DATASETS_FLAG}: {p}:{i}: not valid JSON ({e})") from e
+                yield f"{p}:{i}", row
+        return
+    if p.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:
+            raise DataError(f"{DATASETS_FLAG}: {p}: not a datasets save_to_disk folder ({type(e).__name__})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{DATASETS_FLAG}: {p}: has no train split (has {', '.join(ds)})")
+            ds = ds["train"]
+    elif spec.startswith((".", "/", "~")):
+        raise DataError(f"{DATASETS_FLAG}: no such file or folder: {spec}")
+    else:
+        ds = _hub_dataset(spec)
+    for i, row in enumerate(ds):
+        yield f"{spec} row {i}", row
+
+
+def _is_str(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def row_text(row: Any, where: str, tokenizer, chat: bool) -> tuple[str, bool]:
+    """A row's training text and whether it carries its special tokens already (a chat template's).
+
+    ``messages``: the model's own chat template over the whole conversation; ``prompt`` + ``completion``:
+    a user and an assistant turn through it when ``chat``, else the two joined; ``text``: as is.
+
+    Raises:
+        DataError: one line naming the file and line (or the dataset and row).
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{DATASETS_FLAG}: {where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not (
+            isinstance(msgs, list)
+            and msgs
+            and all(isinstance(m, dict) and _is_str(m.get("role")) and _is_str(m.get("content")) for m in msgs)
+        ):
+            raise DataError(f"{DATASETS_FLAG}: {where}: messages must be a non-empty list of {{role, content}} strings")
+        return _chat(tokenizer, msgs, where), True
+    if "prompt" in row or "completion" in row:
+        p, c = row.get("prompt"), row.get("completion")
+        if not (_is_str(p) and _is_str(c)):
+            raise DataError(f"{DATASETS_FLAG}: {where}: prompt and completion must both be strings")
+        if chat:
+            return _chat(tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": c}], where), True
+        return p + c, False
+    if "text" in row:
+        if not _is_str(row["text"]) or not row["text"]:
+            raise DataError(f"{DATASETS_FLAG}: {where}: text must be a non-empty string")
+        return row["text"], False
+    raise DataError(
+        f"{DATASETS_FLAG}: {where}: a row needs messages, prompt and completion, or text (it has {', '.join(row) or 'nothing'})"
+    )
+
+
+def _chat(tokenizer, messages: list[dict[str, str]], where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{DATASETS_FLAG}: {where}: chat rows need the model's chat template; this tokenizer has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def dataset_windows(dc: DataConfig, tokenizer) -> list[torch.Tensor]:
+    """Token windows (at most ``data.max_length`` tokens) of the rows of ``data.datasets``."""
+    out = []
+    for spec in dc.datasets:
+        for where, row in dataset_rows(spec):
+            text, templated = row_text(row, where, tokenizer, dc.chat)
+            ids = torch.tensor(tokenizer(text, add_special_tokens=not templated)["input_ids"], dtype=torch.long)
+            out += [w for s in range(0, len(ids), dc.max_length) if len(w := ids[s : s + dc.max_length]) >= 2]
+    return out
 
 
 def task_prompts(dc: DataConfig, tokenizer) -> list[str]:
@@ -311,9 +442,9 @@ def prompt_and_text_sequences(dc: DataConfig, tokenizer) -> tuple[list[torch.Ten
         # chat prompts carry their special tokens as text already
         ids = torch.tensor(tokenizer(prompt, add_special_tokens=not dc.chat)["input_ids"], dtype=torch.long)
         prompts.append(ids[-keep:])  # truncate from the left: the question and answer slot are at the end
-    windows = text_windows(dc, tokenizer)
+    windows = text_windows(dc, tokenizer) + (dataset_windows(dc, tokenizer) if dc.datasets else [])
     if not prompts and not windows:
-        raise DataError("--data.tasks / --data.text_files: no training sequences")
+        raise DataError("--data.tasks / --data.text_files / --data.datasets: no training sequences")
     return prompts, windows
 
 
