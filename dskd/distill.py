@@ -9,7 +9,8 @@
                            lr, grad norm, tokens/s
     checkpoints/step-N/    trainable weights, optimiser, scheduler, RNG states, data position
     checkpoints/latest     name of the newest complete checkpoint
-    student/               the final student, a plain Hugging Face folder
+    student/               the final student, a plain Hugging Face folder, with a README.md model card
+    tracking/              the tracker's files (``distill.report_to tensorboard``)
     meta.json              fingerprints, sense-table info, counts, timing, complete: true (last)
 
 One optimiser step is one *window* of ``grad_accum x processes`` micro-batches of the epoch's seeded
