@@ -234,3 +234,18 @@ def test_the_exported_student_has_a_model_card_the_hub_renders(tiny_teacher_dir,
     text = (out / "student" / "README.md").read_text()
     assert "| eval | ARC-Easy | 40 | acc_norm | 0.3000 ± 0.0700 |" in text
     assert front_matter(text) == fm
+
+
+def test_bf16_through_accelerate_trains_as_dskd_autocast_alone(tiny_teacher_dir, text_file, tmp_path, monkeypatch):
+    """accelerate's bf16 wrapping of the forward (autocast, outputs to float32) adds nothing to dskd's own
+    autocast: the losses are computed in float32 from the same bfloat16 values."""
+    import dskd.distill as dd
+
+    cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__max_steps=2, distill__precision="bf16")
+    cfg.loss.hidden, cfg.loss.hidden_weight = "mse", 0.5
+    wrapped = distill(cfg, tmp_path / "acc", progress=False)
+    monkeypatch.setattr(dd, "_accelerate_precision", lambda amp: "no")  # the Accelerator as before: no wrapping
+    plain = distill(cfg, tmp_path / "plain", progress=False)
+    a, b = trainable(wrapped), trainable(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(m["loss"], m["hidden"]) for m in metrics(wrapped)] == [(m["loss"], m["hidden"]) for m in metrics(plain)]
