@@ -626,9 +626,20 @@ def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
         raise ConfigError(f"{e} [in {path}]") from e
 
 
+# Fields added to a section after recipes and run folders were saved, with the value that behaves as dskd did
+# before the field existed: a saved config without the field is compared as if it held that value.
+ADDED_FIELDS: dict[str, Any] = {
+    "model.require_accelerator": False,
+    "data.datasets": [],
+    "distill.timeout_minutes": 180,
+    "distill.report_to": "none",
+}
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ("out",)) -> list[str]:
     """The dotted fields (``loss.lam``; a whole top-level key when it is not a section) whose values
-    differ between two config dicts (``to_dict`` / a saved ``config.yaml``), ``ignore`` left out."""
+    differ between two config dicts (``to_dict`` / a saved ``config.yaml``), ``ignore`` left out. A field
+    of :data:`ADDED_FIELDS` missing on one side counts as its recorded value."""
     diffs: list[str] = []
     for key in sorted(set(old) | set(new)):
         if key in ignore:
@@ -636,7 +647,8 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) or isinstance(b, dict):
             a, b = a or {}, b or {}
-            diffs += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            added = {f.split(".", 1)[1]: v for f, v in ADDED_FIELDS.items() if f.startswith(f"{key}.")}
+            diffs += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k, added.get(k)) != b.get(k, added.get(k))]
         elif a != b:
             diffs.append(key)
     return diffs

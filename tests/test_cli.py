@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dskd.__main__ import COMMANDS, main
-from dskd.config import RunConfig, load_yaml
+from dskd.config import ModelConfig, RunConfig, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,3 +158,10 @@ def test_config_diff_names_the_dotted_fields():
     assert config_diff(a, b) == ["loss.lam", "name", "senses.k"]
     del b["fidelity"]  # a config saved before a section existed differs in every field of it
     assert "fidelity.text_limit" in config_diff(a, b)
+    # a config saved before a field was added holds what dskd did then (dskd.config.ADDED_FIELDS)
+    old = to_dict(RunConfig())
+    del old["distill"]["report_to"], old["model"]["require_accelerator"], old["data"]["datasets"]
+    assert config_diff(old, to_dict(RunConfig())) == []
+    assert config_diff(old, to_dict(RunConfig(model=ModelConfig(require_accelerator=True)))) == [
+        "model.require_accelerator"
+    ]

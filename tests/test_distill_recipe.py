@@ -61,6 +61,9 @@ def test_the_node_accelerate_environment_does_not_leak_in(tiny_teacher_dir, text
     acc = _accelerator(Accelerator, cfg, tmp_path)
     assert (acc.mixed_precision, acc.gradient_accumulation_steps, acc.scaler) == ("no", 4, None)
     assert acc.state.dynamo_plugin.backend.value == "NO"
+    from datetime import timedelta
+
+    assert acc.init_handler.timeout == timedelta(minutes=cfg.distill.timeout_minutes)  # the process group's
     cfg_bf16 = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__precision="bf16")
     assert _accelerator(Accelerator, cfg_bf16, tmp_path).mixed_precision == "bf16"
     # float16 autocast would need a loss scaler: refused in one line
