@@ -22,6 +22,10 @@ from dskd.io import write_text_atomic
 
 # hub ids of the packaged aliases (dskd.models.ALIASES): the packaged SmolLM2 is its GGUF export
 ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+ALIAS_NOTES = {
+    "smollm2-135m-instruct": "the packaged teacher is SmolLM2-135M-Instruct dequantized to float32 from its Q4_1 "
+    "GGUF release (`dskd assets`), not the original bfloat16 weights"
+}
 # (hub id prefix, licence id as the Hub spells it), first match wins
 KNOWN_LICENSES = (
     ("HuggingFaceTB/SmolLM2", "apache-2.0"),
@@ -151,6 +155,7 @@ def render(meta: dict[str, Any], metrics_file: Path, results: dict[str, Path] | 
         f"Distillation) from the teacher `{teacher}`. A plain Hugging Face folder: it loads with "
         "`AutoModelForCausalLM.from_pretrained` without dskd.",
         "",
+        *([f"Note: {ALIAS_NOTES[teacher]}.", ""] if teacher in ALIAS_NOTES else []),
         "## Licence",
         "",
         f"The student is derived from the teacher's weights and inherits its licence: **{lic}** "
