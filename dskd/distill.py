@@ -1027,6 +1027,12 @@ def _accelerator(factory, cfg: RunConfig, out: Path):
             "use --model.dtype bfloat16 (or float32), or --distill.precision bf16"
         )
     mixed = _accelerate_precision(amp)
+    for backend in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):  # what `accelerate launch` exports from such a config
+        if parse_flag_from_env(f"ACCELERATE_USE_{backend}"):
+            raise ConfigError(
+                f"accelerate launch: the accelerate config asks for {backend} (ACCELERATE_USE_{backend}); dskd distill "
+                "trains with DDP only: launch with a multi-GPU (DDP) accelerate config"
+            )
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
         AcceleratorState._reset_state()  # an earlier run in this process used another precision
     acc = factory(

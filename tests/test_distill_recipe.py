@@ -69,6 +69,11 @@ def test_the_node_accelerate_environment_does_not_leak_in(tiny_teacher_dir, text
     # float16 autocast would need a loss scaler: refused in one line
     with pytest.raises(ConfigError, match="^--model.dtype: training under float16 autocast needs a loss scaler"):
         _accelerator(Accelerator, make_cfg(tiny_teacher_dir, text_file, model__dtype="float16"), tmp_path)
+    for backend in ("DEEPSPEED", "FSDP"):  # a node config for another engine: refused, not half-used
+        with monkeypatch.context() as m:
+            m.setenv(f"ACCELERATE_USE_{backend}", "true")
+            with pytest.raises(ConfigError, match=f"^accelerate launch: the accelerate config asks for {backend}"):
+                _accelerator(Accelerator, cfg, tmp_path)
     run = setup(cfg, tmp_path / "run")
     assert isinstance(run.opt, AcceleratedOptimizer) and isinstance(run.sched, AcceleratedScheduler)
     assert run.acc.mixed_precision == "no" and run.acc.gradient_accumulation_steps == 4
