@@ -362,19 +362,21 @@ def _seq_generator(seed: int, epoch: int, seq: int) -> torch.Generator:
 
 def config_changes(out: Path, cfg: RunConfig) -> list[str]:
     """The fields (:func:`dskd.config.config_diff`) in which ``cfg`` differs from the config the run in
-    ``out`` started with (its ``config.yaml``); empty when there is none."""
+    ``out`` started with (its ``config.yaml``), :data:`RUNTIME_FIELDS` left out; empty when there is none."""
     import yaml
 
     saved = Path(out) / "config.yaml"
-    return config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)) if saved.is_file() else []
+    if not saved.is_file():
+        return []
+    return [d for d in config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)) if d not in RUNTIME_FIELDS]
 
 
-# fields a resumed run may change: they change neither the data order nor the maths
-_RESUME_FREE = ("distill.timeout_minutes", "distill.report_to")
+# fields that change neither the data order nor the maths: a resumed or re-run run may change them
+RUNTIME_FIELDS = ("distill.timeout_minutes", "distill.report_to")
 
 
 def _check_resume_config(out: Path, cfg: RunConfig, ckpt: Path | None = None) -> None:
-    diffs = [d for d in config_changes(out, cfg) if d not in _RESUME_FREE]
+    diffs = config_changes(out, cfg)
     if ckpt is not None and "processes" in json.loads((ckpt / "state.json").read_text()):
         # checked against the checkpoint's window once the process count is known (_check_resume_window)
         diffs = [d for d in diffs if d != "distill.grad_accum"]

@@ -95,6 +95,19 @@ def quick_config(cfg: RunConfig) -> RunConfig:
 STAGE_OUTPUT = Artefact("dskd-stage-output", 1, "stage output", "dskd run")
 
 
+def without_added_defaults(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Stage inputs without the config fields added after run folders were saved (``dskd.config.ADDED_FIELDS``)
+    where they hold the value that behaves as before: the hashes of the stages built before them still match."""
+    from dskd.config import ADDED_FIELDS
+
+    out = dict(inputs)
+    for dotted, value in ADDED_FIELDS.items():
+        sec, name = dotted.split(".", 1)
+        if isinstance(out.get(sec), dict) and name in out[sec] and out[sec][name] == value:
+            out[sec] = {k: v for k, v in out[sec].items() if k != name}
+    return out
+
+
 class Pipeline:
     """Runs stages into one folder; each is skipped when its artefact says it was built from the same inputs."""
 
@@ -122,7 +135,7 @@ class Pipeline:
             kind: Its kind (:class:`dskd.io.Artefact`); None for an output without a sidecar of its own,
                 which gets a bare one (:data:`STAGE_OUTPUT`, beside a file or inside a folder).
         """
-        h = stable_hash(inputs)
+        h = stable_hash(without_added_defaults(inputs))
         self.hashes[key] = h
         own = kind is None
         kind = kind or STAGE_OUTPUT
@@ -382,11 +395,14 @@ def _train_inputs(c: RunConfig, shared: dict[str, Any]) -> dict[str, Any]:
         loss = {k: v for k, v in loss.items() if k not in SENSE_FIELDS}
         hashes.pop("senses", None)
         hashes.pop("lexicon", None)
+    from dskd.distill import RUNTIME_FIELDS
+
+    distill = {k: v for k, v in to_dict(c.distill).items() if f"distill.{k}" not in RUNTIME_FIELDS}
     return {
         "model": to_dict(c.model),
         "data": to_dict(c.data),
         "loss": loss,
-        "distill": to_dict(c.distill),
+        "distill": distill,  # without the fields that change no student (tracking, the process-group timeout)
         "shared": hashes,
     }
 

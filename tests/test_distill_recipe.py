@@ -257,3 +257,31 @@ def test_bf16_through_accelerate_trains_as_dskd_autocast_alone(tiny_teacher_dir,
     a, b = trainable(wrapped), trainable(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [(m["loss"], m["hidden"]) for m in metrics(wrapped)] == [(m["loss"], m["hidden"]) for m in metrics(plain)]
+
+
+def test_stages_built_before_the_new_fields_are_still_up_to_date(tmp_path):
+    """A stage whose inputs were hashed before model.require_accelerator / data.datasets / distill.report_to /
+    distill.timeout_minutes existed is skipped when they hold their old behaviour, rebuilt when one does not;
+    a tracker or a timeout never rebuilds a student."""
+    from dskd.config import ModelConfig, RunConfig, TrainConfig
+    from dskd.pipeline import Pipeline, _train_inputs
+
+    built = []
+    pipe = Pipeline(tmp_path / "p", log=lambda _: None)
+    old = {"model": {k: v for k, v in to_dict(ModelConfig()).items() if k != "require_accelerator"}}
+    out = tmp_path / "p" / "stage"
+
+    def fn():
+        built.append(1)
+        out.mkdir(exist_ok=True)
+        (out / "x").write_text("x")
+
+    pipe.stage("s", old, out, fn)
+    pipe.stage("s", {"model": to_dict(ModelConfig())}, out, fn)
+    assert len(built) == 1
+    pipe.stage("s", {"model": to_dict(ModelConfig(require_accelerator=True))}, out, fn)
+    assert len(built) == 2
+    shared = {"hashes": {}}
+    a = _train_inputs(RunConfig(), shared)
+    b = _train_inputs(RunConfig(distill=TrainConfig(report_to="tensorboard", timeout_minutes=5)), shared)
+    assert a == b
