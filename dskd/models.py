@@ -166,7 +166,12 @@ def output_scaling(model: nn.Module) -> str | None:
     cfg = text_config(model.config)
     for key in ("logit_scale", "logits_scaling", "final_logit_softcapping"):
         v = getattr(cfg, key, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v and not (key != "final_logit_softcapping" and v == 1):
+        if (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and v
+            and not (key != "final_logit_softcapping" and v == 1)
+        ):
             return key
     return None
 

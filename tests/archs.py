@@ -132,8 +132,16 @@ def _gpt2(v):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=v, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # deterministic in train mode, as the other families
+        vocab_size=v,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # deterministic in train mode, as the other families
     )
 
 
@@ -247,18 +255,13 @@ def _read_table(text: str) -> dict[str, dict[str, str]]:
         return {}
     title_to_stage = {t: k for k, t in STAGES.items()}
     stages = [title_to_stage.get(t) for t in rows[0][1:]]
-    return {
-        r[0].strip("`"): {s: c for s, c in zip(stages, r[1:], strict=False) if s and c}
-        for r in rows[2:]
-    }
+    return {r[0].strip("`"): {s: c for s, c in zip(stages, r[1:], strict=False) if s and c} for r in rows[2:]}
 
 
 def _render(cells: dict[str, dict[str, str]]) -> str:
     head = "| architecture | " + " | ".join(STAGES.values()) + " |"
     rule = "|---" * (len(STAGES) + 1) + "|"
-    rows = [
-        f"| `{a}` | " + " | ".join(cells.get(a, {}).get(s, "") for s in STAGES) + " |" for a in ARCHS
-    ]
+    rows = [f"| `{a}` | " + " | ".join(cells.get(a, {}).get(s, "") for s in STAGES) + " |" for a in ARCHS]
     return "\n".join([_BEGIN, head, rule, *rows, _END])
 
 
@@ -277,9 +280,7 @@ def record(name: str, stage: str, status: str) -> None:
         cells.setdefault(name, {})[stage] = status
         table = _render(cells)
         text = (
-            text.split(_BEGIN, 1)[0] + table + text.split(_END, 1)[1]
-            if _BEGIN in text
-            else text + "\n" + table + "\n"
+            text.split(_BEGIN, 1)[0] + table + text.split(_END, 1)[1] if _BEGIN in text else text + "\n" + table + "\n"
         )
         tmp = TABLE.with_suffix(".tmp")
         tmp.write_text(text)

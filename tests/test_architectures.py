@@ -48,6 +48,15 @@ def seqs(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(3, V, (n,), generator=g) for n in LENGTHS]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for these toy models: on a busy shared CPU, thread hand-offs cost 100x the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def built():
     """name -> (teacher, student truncated to STUDENT_LAYERS with its top TRAINABLE layers trainable)."""
