@@ -45,6 +45,7 @@ from torch import nn
 
 from dskd.config import ConfigError, DataConfig, DskdError, EvalConfig, FidelityConfig, ModelConfig
 from dskd.io import Artefact, read_sidecar, write_json, write_text_atomic
+from dskd.models import head_problem
 from dskd.models import lm_head_logits as _head
 
 if TYPE_CHECKING:
@@ -248,6 +249,10 @@ def measure(
         ``probe_hit`` probe hits. The teacher's own ``kl`` and ``agree`` are 0 and ``n``.
     """
     names = ["teacher", *models]
+    for name, mod in (("teacher", teacher), *models.items()):
+        # fidelity applies the head to the decoder's last state: refuse a model where that is not its logits
+        if (problem := head_problem(mod)) is not None:
+            raise FidelityError(f"fidelity cannot score {name}: {problem}")
     sums = {m: {k: np.zeros(len(docs)) for k in SUMS} for m in names}
     bar = None
     if desc:

@@ -7,8 +7,11 @@ in the local Hugging Face cache or the network is reachable).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,8 +126,18 @@ def load_model(
     return model
 
 
+def text_config(config):
+    """The config of a model's text decoder: ``config`` itself, or its ``text_config`` (multimodal models such
+    as Gemma-3 4B-27B keep the decoder's layer count, window and soft-cap there)."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
 def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's LM head applied to final-norm states, in float32, with its logit soft-capping if any.
+    """The model's own logits from final-norm states, in float32: its LM head, then the output scaling its
+    forward applies (Cohere ``logit_scale``, Granite ``logits_scaling``, Gemma-2/3 ``final_logit_softcapping``).
+
+    Whether this equals the model's forward for a given model is probed by :func:`head_problem`.
 
     Args:
         model: A causal LM.
@@ -134,10 +147,100 @@ def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         (..., V) logits.
     """
     logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cfg = text_config(model.config)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    div = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if isinstance(div, (int, float)) and not isinstance(div, bool) and div:
+        logits = logits / div
+    cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def output_scaling(model: nn.Module) -> str | None:
+    """The config entry by which the model's forward changes its LM head's output (``logit_scale``,
+    ``logits_scaling``, ``final_logit_softcapping``), or None when its logits are the head's output."""
+    cfg = text_config(model.config)
+    for key in ("logit_scale", "logits_scaling", "final_logit_softcapping"):
+        v = getattr(cfg, key, None)
+        if (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and v
+            and not (key != "final_logit_softcapping" and v == 1)
+        ):
+            return key
+    return None
+
+
+def smallest_window(model: nn.Module) -> int | None:
+    """The shortest attention window of a model's layers (None: every layer attends to the whole prefix)."""
+    cfg = text_config(model.config)
+    w = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and "sliding_attention" not in types:
+        return None  # a window in the config that no layer uses (Qwen2 without use_sliding_window)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(w) if isinstance(w, int) and w > 0 else None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """For the duration the model is in eval mode (no dropout: probes are deterministic), then as it was."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+_PROBE_CAP = 2048  # longest probe sequence (a window beyond it is not seen by the probes)
+
+
+def probe_inputs(model: nn.Module, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two probe rows (2, T) of arbitrary ids and their attention mask (the second right-padded by a quarter),
+    on the model's device. T is 12, or 16 more than the smallest sliding window (capped at 2,048), so that
+    probes see sliding-window layers slide."""
+    dev = next(model.parameters()).device
+    v = vocab or model.get_input_embeddings().weight.shape[0]
+    w = smallest_window(model)
+    T = 12 if w is None else min(w + 16, _PROBE_CAP)
+    ids = (torch.arange(2 * T, device=dev) * 7919 % v).view(2, T)  # (2, T)
+    mask = torch.ones_like(ids)
+    mask[1, T - max(1, T // 4) :] = 0  # right padding, as batches have
+    return ids, mask
+
+
+_HEAD_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def head_problem(model: nn.Module) -> str | None:
+    """Why :func:`lm_head_logits` of the decoder's last state (``model.get_decoder()``) is not the model's own
+    logits, or None when it is (probe rows with padding, longer than the smallest window; cached per model)."""
+    if model in _HEAD_PROBLEM:
+        return _HEAD_PROBLEM[model]
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    problem = None
+    if model.get_output_embeddings() is None:
+        problem = f"{kind}: the model has no output embeddings"
+    else:
+        ids, mask = probe_inputs(model)
+        with mixed_precision(model), eval_mode(model):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            h = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            again = lm_head_logits(model, h)
+        real = mask.bool()
+        tol = 1e-3 * float(logits[real].abs().max().clamp(min=1.0))
+        if again.shape != logits.shape or not torch.allclose(again[real], logits[real], atol=tol, rtol=0):
+            problem = f"{kind}: the LM head applied to the decoder's last state does not give the model's logits"
+    _HEAD_PROBLEM[model] = problem
+    return problem
 
 
 def mixed_precision(model: nn.Module):
@@ -221,10 +324,13 @@ def truncate(teacher: nn.Module, n_layers: int, share: bool = False) -> nn.Modul
     if not 1 <= n_layers <= total:
         raise ModelError(f"--model.student_layers: must be in [1, {total}] for this teacher (got {n_layers})")
     config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = n_layers
+    # the decoder's own config: the top one, or a multimodal model's text_config (the student is then the
+    # same multimodal class, its vision tower kept, its text decoder truncated)
+    part = text_config(config)
+    part.num_hidden_layers = n_layers
     for key in ("layer_types", "sliding_window_pattern_list"):
-        if isinstance(getattr(config, key, None), list):
-            setattr(config, key, getattr(config, key)[:n_layers])
+        if isinstance(getattr(part, key, None), list):
+            setattr(part, key, getattr(part, key)[:n_layers])
     dtype = next(teacher.parameters()).dtype
     with torch.device("meta"):
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -361,6 +467,9 @@ def shared_head_problem(teacher: nn.Module, student: nn.Module, vocab_size: int)
     t_head, s_head = teacher.get_output_embeddings(), student.get_output_embeddings()
     if t_head is None or s_head is None:
         return "a model has no output embeddings"
+    if (key := output_scaling(teacher)) is not None:
+        kind = getattr(teacher.config, "model_type", type(teacher).__name__)
+        return f"{kind}: the teacher's forward rescales its LM head's output ({key})"
     t_p, s_p = dict(t_head.named_parameters()), dict(s_head.named_parameters())
     if set(t_p) != set(s_p):
         return "the student's LM head has other parameters than the teacher's"
@@ -380,7 +489,8 @@ def shared_head_problem(teacher: nn.Module, student: nn.Module, vocab_size: int)
         again = s_head(h.to(s_head.weight.device))[..., :vocab_size].float().to(logits.device)
     tol = 1e-3 * float(logits.abs().max().clamp(min=1.0))
     if not torch.allclose(logits, again, atol=tol, rtol=0):
-        return "the teacher's logits are not its LM head applied to its last hidden state"
+        kind = getattr(teacher.config, "model_type", type(teacher).__name__)
+        return f"{kind}: the teacher's logits are not its LM head applied to its last hidden state (output scaling)"
     return None
 
 

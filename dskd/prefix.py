@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dskd.models import decoder_layers, mixed_precision
+from dskd.models import decoder_layers, eval_mode, mixed_precision, probe_inputs
 
 _FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 # config entries that list one value per layer: only the first n describe the prefix
@@ -57,15 +57,29 @@ def layer_range(
     dec, attr, norm = decoder_parts(model)
     layers = getattr(dec, attr)
     saved_norm = getattr(dec, norm) if norm else None
+    # per-layer settings the decoder's forward looks up by position in the list (Gemma-2/3, OLMo-3, Qwen2,
+    # gpt-oss: config.layer_types[i] picks the mask and rope of layer i) follow the sliced layers
+    cfg = getattr(dec, "config", None)
+    saved_cfg = {k: getattr(cfg, k) for k in _PER_LAYER_KEYS if isinstance(getattr(cfg, k, None), list)}
+    if saved_cfg:
+        # a KV cache built from the sliced config would not have the kept layers' indices: run without one
+        saved_cfg["use_cache"] = getattr(cfg, "use_cache", None)
     setattr(dec, attr, nn.ModuleList(list(layers)[start:stop]))
     if not final_norm and norm:
         setattr(dec, norm, nn.Identity())
     try:
+        for k in _PER_LAYER_KEYS:
+            if k in saved_cfg:
+                setattr(cfg, k, saved_cfg[k][start:stop])
+        if saved_cfg:
+            cfg.use_cache = False
         yield dec
     finally:
         setattr(dec, attr, layers)
         if norm:
             setattr(dec, norm, saved_norm)
+        for k, v in saved_cfg.items():
+            setattr(cfg, k, v)
 
 
 def prefix_states(model: nn.Module, n: int, **inputs: Any) -> torch.Tensor:
@@ -110,12 +124,9 @@ def split_ok(model: nn.Module, n: int) -> bool:
         return False
     seen = _SPLIT_OK.setdefault(model, {})
     if n not in seen:
-        dev = next(model.parameters()).device
-        vocab = model.get_input_embeddings().weight.shape[0]
-        ids = (torch.arange(24, device=dev) * 7919 % vocab).view(2, 12)  # (2, 12) arbitrary ids
-        mask = torch.ones_like(ids)
-        mask[1, 9:] = 0  # right padding, as batches have
-        with mixed_precision(model):  # as training runs a model with float32 master weights
+        ids, mask = probe_inputs(model)  # longer than the smallest sliding window, right-padded
+        # as training runs a model with float32 master weights; without dropout
+        with mixed_precision(model), eval_mode(model):
             whole = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
             states = prefix_states(model, n, input_ids=ids, attention_mask=mask)
             split = suffix_hidden(model, n, states, attention_mask=mask)
@@ -145,11 +156,16 @@ def prefix_tensors(model: nn.Module, n: int) -> dict[str, torch.Tensor]:
 def _config_part(model: nn.Module, n: int) -> str:
     from dskd.models import _VOLATILE_KEYS
 
-    d = model.config.to_dict()
-    d = {k: v for k, v in d.items() if k not in _VOLATILE_KEYS and k != "num_hidden_layers"}
-    for k in _PER_LAYER_KEYS:
-        if isinstance(d.get(k), list):
-            d[k] = d[k][:n]
+    def part(d: dict[str, Any]) -> dict[str, Any]:
+        d = {k: v for k, v in d.items() if k not in _VOLATILE_KEYS and k != "num_hidden_layers"}
+        for k in _PER_LAYER_KEYS:
+            if isinstance(d.get(k), list):
+                d[k] = d[k][:n]
+        if isinstance(d.get("text_config"), dict):  # a multimodal model's decoder
+            d["text_config"] = repr(sorted(part(d["text_config"]).items()))
+        return d
+
+    d = part(model.config.to_dict())
     d["_attn"] = getattr(model.config, "_attn_implementation", None)
     return repr(sorted(d.items()))
 
@@ -177,8 +193,9 @@ def prefix_fingerprint(model: nn.Module, n: int) -> str:
 
 def shared_prefix_layers(teacher: nn.Module, student: nn.Module) -> int:
     """How many bottom decoder layers the student computes exactly as the teacher: frozen, equal to
-    the teacher's, over the same frozen embeddings (0 when the embeddings differ or are trained, or the
-    split fails :func:`split_ok`).
+    the teacher's, over the same frozen embeddings and with the same per-layer settings (0 when the
+    embeddings differ or are trained, or the split of either model fails :func:`split_ok`: the teacher
+    cache runs the teacher's split, training the student's).
 
     Each layer is compared tensor by tensor (no hashing: both models are in memory).
     """
@@ -208,7 +225,11 @@ def shared_prefix_layers(teacher: nn.Module, student: nn.Module) -> int:
     n = 0
     while n < min(n_s, n_t) and same([k for k in s_all if k.startswith(f"{attr}.{n}.")]):
         n += 1
-    if n and not split_ok(student, n):
+    # per-layer settings (attention type, window) of the shared layers must agree too
+    while n and _config_part(student, n) != _config_part(teacher, n):
+        n -= 1
+    # the cache splits the teacher at n, training the student: both splits must be exact
+    if n and not (split_ok(student, n) and split_ok(teacher, n)):
         return 0
     return n
 

@@ -12,6 +12,7 @@ Stage tests parametrize over :data:`ARCHS`; :data:`SLIDING` names the families w
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,7 +132,16 @@ def _gpt2(v):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=v, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2
+        vocab_size=v,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # deterministic in train mode, as the other families
     )
 
 
@@ -212,3 +222,72 @@ def build(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- the stage table
+#
+# docs/architectures.md lists, per architecture, what each stage does: "exact" or "refused: <reason>".
+# A stage test calls record(name, stage, status) with what it found. By default the committed table must
+# already say that (a changed behaviour fails the test until the table is regenerated); with the
+# environment variable DSKD_WRITE_ARCH_TABLE=1 the cell is written instead. Another test file adds a
+# column by adding its stage to STAGES and calling record(); cells of stages not run are kept.
+
+STAGES: dict[str, str] = {  # stage key -> column title, in table order
+    "truncate": "truncation",
+    "split": "prefix split (teacher and student)",
+    "cached_kd": "cached == online KD",
+    "head_at_targets": "head at targets",
+    "fidelity": "fidelity logits",
+    "gather": "gathering",
+    "export": "export + reload",
+}
+TABLE = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+_BEGIN, _END = "<!-- arch-table:begin -->", "<!-- arch-table:end -->"
+
+
+def _read_table(text: str) -> dict[str, dict[str, str]]:
+    """{arch: {stage: cell}} from the table between the markers (empty when there is none)."""
+    if _BEGIN not in text:
+        return {}
+    body = text.split(_BEGIN, 1)[1].split(_END, 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines() if "|" in line]
+    if len(rows) < 2:
+        return {}
+    title_to_stage = {t: k for k, t in STAGES.items()}
+    stages = [title_to_stage.get(t) for t in rows[0][1:]]
+    return {r[0].strip("`"): {s: c for s, c in zip(stages, r[1:], strict=False) if s and c} for r in rows[2:]}
+
+
+def _render(cells: dict[str, dict[str, str]]) -> str:
+    head = "| architecture | " + " | ".join(STAGES.values()) + " |"
+    rule = "|---" * (len(STAGES) + 1) + "|"
+    rows = [f"| `{a}` | " + " | ".join(cells.get(a, {}).get(s, "") for s in STAGES) + " |" for a in ARCHS]
+    return "\n".join([_BEGIN, head, rule, *rows, _END])
+
+
+def record(name: str, stage: str, status: str) -> None:
+    """File what a stage test found for architecture ``name``: ``exact[; notes]`` or ``refused: <reason>``.
+
+    Checks it against the committed table (or writes it there with DSKD_WRITE_ARCH_TABLE=1).
+    """
+    import os
+
+    assert stage in STAGES, stage
+    assert status.startswith(("exact", "refused: ")), status
+    text = TABLE.read_text() if TABLE.is_file() else ""
+    cells = _read_table(text)
+    if os.environ.get("DSKD_WRITE_ARCH_TABLE") == "1":
+        cells.setdefault(name, {})[stage] = status
+        table = _render(cells)
+        text = (
+            text.split(_BEGIN, 1)[0] + table + text.split(_END, 1)[1] if _BEGIN in text else text + "\n" + table + "\n"
+        )
+        tmp = TABLE.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(TABLE)
+        return
+    committed = cells.get(name, {}).get(stage)
+    assert committed == status, (
+        f"docs/architectures.md says {committed!r} for {name} / {STAGES[stage]}, the test finds {status!r}: "
+        "regenerate it with DSKD_WRITE_ARCH_TABLE=1 pytest tests/test_architectures.py"
+    )
