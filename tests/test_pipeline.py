@@ -238,3 +238,58 @@ def test_quick_run_with_the_packaged_smollm2(tmp_path):
     assert (out / "report.md").is_file() and (out / "figures" / "losses.png").is_file()
     report = (out / "report.md").read_text()
     assert "| dskd |" in report and "| teacher |" in report
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_adopts_or_refuses_a_student_trained_by_distill_and_never_deletes_one(tiny_teacher_dir, tmp_path, capsys):
+    """README step 3: students trained by `dskd distill` (as under `accelerate launch`) carry no stage
+    inputs hash. `dskd run` with other flags keeps their bytes: adopted when the fields that shape a
+    student agree, refused with one line naming the field otherwise; a student the run itself trained
+    with other inputs is moved under replaced/, never deleted."""
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(recipe), "--until", "cache"]) == 0
+    dskd = out / "students" / "dskd"
+    argv = ["--config", str(recipe), "--distill.lexicon_dir", str(out / "lexicon")]
+    argv += ["--distill.senses_dir", str(out / "senses"), "--distill.grad_accum", "1"]
+    assert main(["distill", *argv, "--out", str(dskd)]) == 0
+    trained = _tree_bytes(dskd)
+    assert "student/model.safetensors" in trained
+    capsys.readouterr()
+
+    # another training field: refused before any work, one line naming it and the flag that adopts it
+    assert main(["run", "--config", str(recipe), "--until", "students"]) != 0
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()[-1]
+    assert err.startswith("dskd run: error: ") and "distill.grad_accum 1 (recipe: 2)" in err, err
+    assert "pass --distill.grad_accum 1 to use it" in err
+    assert "[run ]" not in cap.out, cap.out  # not even the KD student was trained
+    assert _tree_bytes(dskd) == trained
+
+    # the same training fields, other evaluation flags: adopted, not retrained
+    run2 = ["run", "--config", str(recipe), "--until", "students", "--distill.grad_accum", "1"]
+    assert main([*run2, "--eval.paper_limit", "0"]) == 0
+    log = capsys.readouterr().out
+    assert "adopted" in log and "[run ] train:dskd" not in log, log
+    assert "[run ] train:kd" in log
+    meta = json.loads((dskd / "meta.json").read_text())
+    assert "inputs_hash" in meta
+    assert {k: v for k, v in _tree_bytes(dskd).items() if k != "meta.json"} == {
+        k: v for k, v in trained.items() if k != "meta.json"
+    }
+    assert main(run2) == 0
+    assert "[run ]" not in capsys.readouterr().out  # an unchanged rerun skips every stage
+
+    # a changed loss option retrains DSKD: the adopted student is moved aside, byte for byte
+    assert main([*run2, "--loss.kappa", "1"]) == 0
+    log = capsys.readouterr().out
+    assert "[run ] train:dskd" in log and "[run ] train:kd" not in log
+    aside = list((out / "replaced").glob("*/students/dskd"))
+    assert len(aside) == 1, log
+    kept = _tree_bytes(aside[0])
+    assert kept["student/model.safetensors"] == trained["student/model.safetensors"]
+    assert kept.keys() == trained.keys()
+    assert (dskd / "student" / "model.safetensors").read_bytes() != trained["student/model.safetensors"]
