@@ -543,7 +543,7 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
     run_dir = pipe.out / "students" / key
 
     inputs = _train_inputs(c, shared)
-    if not pipe.force:
+    if not pipe.force and "hash" not in pipe.state.get(f"train:{key}", {}):
         adopt_trained(run_dir, c, shared, stable_hash(inputs), pipe.log)
 
     def do() -> None:
@@ -761,7 +761,7 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
         return result
     for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
         c = _arm_config(cfg, arm)
-        if not force:
+        if not force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (a legacy entry: Pipeline._adopt)
             adopt_trained(out / "students" / arm, c, shared, stable_hash(_train_inputs(c, shared)), pipe.log)
     students = {"untrained": export_untrained(cfg, pipe)}
     for arm in ("kd", "dskd"):
