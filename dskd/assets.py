@@ -331,6 +331,8 @@ def assets_command(force: bool = False, wordnet: str | None = None) -> int:
             failed = True
             print(f"  [missing ] {r.name}: {r.error}")
         else:
-            print(f"  [{'prepared' if r.did_work else 'ok'}] {r.name}: {r.path}")
+            src = Path(r.path) / "corpora" / "wordnet" / "LICENSE" if r.name.startswith("WordNet") else None
+            origin = f" ({src.read_text().strip()})" if src is not None and src.is_file() else ""
+            print(f"  [{'prepared' if r.did_work else 'ok'}] {r.name}: {r.path}{origin}")
     print(f"done in {time.time() - t0:.1f}s" + (" with errors (see the install commands above)" if failed else ""))
     return 1 if failed else 0

@@ -293,3 +293,29 @@ def test_run_adopts_or_refuses_a_student_trained_by_distill_and_never_deletes_on
     assert kept["student/model.safetensors"] == trained["student/model.safetensors"]
     assert kept.keys() == trained.keys()
     assert (dskd / "student" / "model.safetensors").read_bytes() != trained["student/model.safetensors"]
+
+
+def test_an_unfinished_student_resumes_whatever_the_evaluation_flags(tmp_path):
+    """The sections that do not shape a student come from the run's own config.yaml, so distill's
+    resume check passes; another training field is no resume (the run is then moved aside)."""
+    import dataclasses
+
+    from dskd.config import RunConfig, config_diff, dump_yaml, to_dict
+    from dskd.pipeline import _resume_config, training_changes
+
+    saved = RunConfig(name="r")
+    dump_yaml(saved, tmp_path / "config.yaml")
+    now = RunConfig(name="r", eval=dataclasses.replace(saved.eval, paper_limit=0))
+    rc = _resume_config(tmp_path, now)
+    assert rc is not None and config_diff(to_dict(saved), to_dict(rc)) == []
+    lr = RunConfig(name="r", distill=dataclasses.replace(saved.distill, lr=1e-3))
+    assert _resume_config(tmp_path, lr) is None
+    assert training_changes(to_dict(saved), lr) == ["distill.lr"]
+    # paths and logging cadence shape no student; without the sense loss, neither do its options
+    where = RunConfig(name="r", distill=dataclasses.replace(saved.distill, senses_dir="x", save_every=7))
+    assert training_changes(to_dict(saved), where) == []
+    kd = RunConfig(name="r", loss=dataclasses.replace(saved.loss, lam=0.0))
+    kd_saved = to_dict(kd)
+    kd_saved["loss"]["kappa"] = 9
+    assert training_changes(kd_saved, kd) == []
+    assert training_changes(kd_saved, RunConfig(name="r")) == ["loss.kappa", "loss.lam"]
