@@ -496,7 +496,8 @@ def adopt_trained(run_dir: Path, c: RunConfig, shared: dict[str, Any], h: str, l
         hint = f"pass {' '.join(flags)} to use it, or " if flags and len(flags) == len(diffs) else ""
         raise ConfigError(
             f"{run_dir}: a finished student trained by `dskd distill` with other settings: {'; '.join(shown)}; "
-            f"{hint}move the folder away to train it anew"
+            f"{hint}move the folder away (or pass --force: every output is moved under replaced/ and rebuilt) "
+            "to train it anew"
         )
     record_inputs(run_dir, RUN_ARTEFACT, h)
     log(f"[keep] {'train:' + run_dir.name:<24} {run_dir}  (trained by `dskd distill` with these settings: adopted)")
