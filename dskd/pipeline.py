@@ -441,8 +441,10 @@ TRAIN_ONLY_PATHS = (
 def training_changes(saved: dict[str, Any], c: RunConfig) -> list[str]:
     """The fields that shape a student (:data:`TRAIN_SECTIONS`, less :data:`TRAIN_ONLY_PATHS`; sense
     options not at all without the sense loss) in which ``c`` differs from a run's saved config."""
-    now = to_dict(c)
-    diffs = config_diff({k: saved.get(k) or {} for k in TRAIN_SECTIONS}, {k: now[k] for k in TRAIN_SECTIONS})
+    now, defaults = to_dict(c), to_dict(RunConfig())
+    # a field added after the run was trained counts as its default (what the code did before)
+    old = {k: {**defaults[k], **(saved.get(k) or {})} for k in TRAIN_SECTIONS}
+    diffs = config_diff(old, {k: now[k] for k in TRAIN_SECTIONS})
     diffs = [d for d in diffs if d not in TRAIN_ONLY_PATHS]
     if c.loss.lam == 0 and (saved.get("loss") or {}).get("lam") == 0:
         diffs = [d for d in diffs if not (d.startswith("loss.") and d.split(".", 1)[1] in SENSE_FIELDS)]

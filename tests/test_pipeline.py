@@ -314,6 +314,9 @@ def test_an_unfinished_student_resumes_whatever_the_evaluation_flags(tmp_path):
     # paths and logging cadence shape no student; without the sense loss, neither do its options
     where = RunConfig(name="r", distill=dataclasses.replace(saved.distill, senses_dir="x", save_every=7))
     assert training_changes(to_dict(saved), where) == []
+    older = to_dict(saved)
+    del older["distill"]["seed"]  # a field added after the run: its default is what the run did
+    assert training_changes(older, saved) == []
     kd = RunConfig(name="r", loss=dataclasses.replace(saved.loss, lam=0.0))
     kd_saved = to_dict(kd)
     kd_saved["loss"]["kappa"] = 9
