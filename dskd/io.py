@@ -53,7 +53,8 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     """Move the finished folder ``src`` to ``dst``, replacing any folder there whole or not at all.
 
     The previous ``dst`` is renamed aside first, restored if the final rename fails, and deleted only
-    once ``src`` is in place.
+    once ``src`` is in place, unless it is a finished artefact (its ``meta.json`` says ``complete``):
+    that one is kept beside as ``<name>.replaced-<UTC time>`` (a rebuild never deletes finished work).
     """
     src, dst = Path(src), Path(dst)
     old = None
@@ -66,8 +67,26 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         if old is not None and not dst.exists():
             old.rename(dst)  # put the previous folder back
         raise
-    if old is not None:
+    if old is None:
+        return
+    if _finished_folder(old):
+        import time
+
+        kept = dst.with_name(f"{dst.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        while kept.exists():
+            kept = kept.with_name(f"{kept.name}-{uuid.uuid4().hex[:4]}")
+        old.rename(kept)
+        print(f"(kept the previous {dst.name} of other inputs as {kept})")
+    else:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _finished_folder(d: Path) -> bool:
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get("complete"))
 
 
 @contextmanager

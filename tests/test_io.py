@@ -60,3 +60,15 @@ def test_replace_dir_restores_the_old_folder_when_the_rename_fails(tmp_path, mon
     with pytest.raises(OSError):
         replace_dir(src, out)
     assert (out / "old.txt").read_text() == "old"
+
+
+def test_replace_dir_keeps_a_finished_folder_and_drops_an_unfinished_one(tmp_path):
+    out = tmp_path / "lexicon"
+    for complete in ("false", "true", "true"):
+        with atomic_dir(out) as tmp:
+            (tmp / "meta.json").write_text(f'{{"complete": {complete}}}')
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name != "lexicon")
+    # the unfinished first folder was dropped; the finished second one was kept beside, under a dated name
+    assert len(kept) == 1 and kept[0].startswith("lexicon.replaced-"), kept
+    assert '"complete": true' in (tmp_path / kept[0] / "meta.json").read_text()
+    assert '"complete": true' in (out / "meta.json").read_text()

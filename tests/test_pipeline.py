@@ -238,3 +238,87 @@ def test_quick_run_with_the_packaged_smollm2(tmp_path):
     assert (out / "report.md").is_file() and (out / "figures" / "losses.png").is_file()
     report = (out / "report.md").read_text()
     assert "| dskd |" in report and "| teacher |" in report
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_adopts_or_refuses_a_student_trained_by_distill_and_never_deletes_one(tiny_teacher_dir, tmp_path, capsys):
+    """README step 3: students trained by `dskd distill` (as under `accelerate launch`) carry no stage
+    inputs hash. `dskd run` with other flags keeps their bytes: adopted when the fields that shape a
+    student agree, refused with one line naming the field otherwise; a student the run itself trained
+    with other inputs is moved under replaced/, never deleted."""
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(recipe), "--until", "cache"]) == 0
+    dskd = out / "students" / "dskd"
+    argv = ["--config", str(recipe), "--distill.lexicon_dir", str(out / "lexicon")]
+    argv += ["--distill.senses_dir", str(out / "senses"), "--distill.grad_accum", "1"]
+    assert main(["distill", *argv, "--out", str(dskd)]) == 0
+    trained = _tree_bytes(dskd)
+    assert "student/model.safetensors" in trained
+    capsys.readouterr()
+
+    # another training field: refused before any work, one line naming it and the flag that adopts it
+    assert main(["run", "--config", str(recipe), "--until", "students"]) != 0
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()[-1]
+    assert err.startswith("dskd run: error: ") and "distill.grad_accum 1 (recipe: 2)" in err, err
+    assert "pass --distill.grad_accum 1 to use it" in err
+    assert "[run ]" not in cap.out, cap.out  # not even the KD student was trained
+    assert _tree_bytes(dskd) == trained
+
+    # the same training fields, other evaluation flags: adopted, not retrained
+    run2 = ["run", "--config", str(recipe), "--until", "students", "--distill.grad_accum", "1"]
+    assert main([*run2, "--eval.paper_limit", "0"]) == 0
+    log = capsys.readouterr().out
+    assert "adopted" in log and "[run ] train:dskd" not in log, log
+    assert "[run ] train:kd" in log
+    meta = json.loads((dskd / "meta.json").read_text())
+    assert "inputs_hash" in meta
+    assert {k: v for k, v in _tree_bytes(dskd).items() if k != "meta.json"} == {
+        k: v for k, v in trained.items() if k != "meta.json"
+    }
+    assert main(run2) == 0
+    assert "[run ]" not in capsys.readouterr().out  # an unchanged rerun skips every stage
+
+    # a changed loss option retrains DSKD: the adopted student is moved aside, byte for byte
+    assert main([*run2, "--loss.kappa", "1"]) == 0
+    log = capsys.readouterr().out
+    assert "[run ] train:dskd" in log and "[run ] train:kd" not in log
+    aside = list((out / "replaced").glob("*/students/dskd"))
+    assert len(aside) == 1, log
+    kept = _tree_bytes(aside[0])
+    assert kept["student/model.safetensors"] == trained["student/model.safetensors"]
+    assert kept.keys() == trained.keys()
+    assert (dskd / "student" / "model.safetensors").read_bytes() != trained["student/model.safetensors"]
+
+
+def test_an_unfinished_student_resumes_whatever_the_evaluation_flags(tmp_path):
+    """The sections that do not shape a student come from the run's own config.yaml, so distill's
+    resume check passes; another training field is no resume (the run is then moved aside)."""
+    import dataclasses
+
+    from dskd.config import RunConfig, config_diff, dump_yaml, to_dict
+    from dskd.pipeline import _resume_config, training_changes
+
+    saved = RunConfig(name="r")
+    dump_yaml(saved, tmp_path / "config.yaml")
+    now = RunConfig(name="r", eval=dataclasses.replace(saved.eval, paper_limit=0))
+    rc = _resume_config(tmp_path, now)
+    assert rc is not None and config_diff(to_dict(saved), to_dict(rc)) == []
+    lr = RunConfig(name="r", distill=dataclasses.replace(saved.distill, lr=1e-3))
+    assert _resume_config(tmp_path, lr) is None
+    assert training_changes(to_dict(saved), lr) == ["distill.lr"]
+    # paths and logging cadence shape no student; without the sense loss, neither do its options
+    where = RunConfig(name="r", distill=dataclasses.replace(saved.distill, senses_dir="x", save_every=7))
+    assert training_changes(to_dict(saved), where) == []
+    older = to_dict(saved)
+    del older["distill"]["seed"]  # a field added after the run: its default is what the run did
+    assert training_changes(older, saved) == []
+    kd = RunConfig(name="r", loss=dataclasses.replace(saved.loss, lam=0.0))
+    kd_saved = to_dict(kd)
+    kd_saved["loss"]["kappa"] = 9
+    assert training_changes(kd_saved, kd) == []
+    assert training_changes(kd_saved, RunConfig(name="r")) == ["loss.kappa", "loss.lam"]

@@ -211,6 +211,11 @@ def test_paper_configs_follow_the_reference_recipe(name):
     assert (cfg.model.student_layers, cfg.model.trainable_layers, cfg.model.dtype) == (16, 2, "bfloat16")
     assert cfg.eval.dtype == "bfloat16" and cfg.eval.shots == 5 and cfg.data.shots == 5
     assert cfg.data.sample_frac == 0.25
+    # method.md 1.6, 9: the sense corpus holds the training prompts; the reference clips no gradient
+    assert "prompts" in cfg.senses.corpus and cfg.distill.max_grad_norm == 0
+    # what the offline corpus fills (4,454,540 tokens of the default mix with SmolLM2's tokenizer)
+    assert cfg.senses.corpus == ["default", "prompts"] and cfg.senses.max_tokens <= 4_454_540
+    assert llama or cfg.model.teacher == "mistralai/Mistral-7B-Instruct-v0.1"  # the paper's and its code's
     plan = make_plan(cfg, ["--config", f"configs/{name}"], gpus=3)
     dist = next(st for st in plan["stages"] if st["name"] == "distill:dskd")
     # 3 processes x grad_accum 1: one optimiser step per 3 sequences, 2 epochs
