@@ -191,10 +191,15 @@ def _normalise(p, name: str, argv: list[str], positional: list[str]) -> tuple[li
     out: list[str] = []
     configs: list[str] = []
     positionals: list[str] = []
+    after_bool: dict[int, str] = {}  # a bare word right after a bare bool flag: the flag's bad value?
     i = 0
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("-") or tok == "-":
+            if i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+                prev = options.get(argv[i - 1]) or options.get("--" + argv[i - 1][2:].replace("-", "_"))
+                if prev is not None and _is_bool(_typehint(prev)):
+                    after_bool[len(positionals)] = argv[i - 1]
             positionals.append(tok)
             i += 1
             continue
@@ -234,6 +239,10 @@ def _normalise(p, name: str, argv: list[str], positional: list[str]) -> tuple[li
         else:
             named += [f"--{param}", positionals[k]]
     if len(positionals) > len(positional):
+        extra = next((k for k in sorted(after_bool) if k >= len(positional)), None)
+        if extra is not None:
+            flag = after_bool[extra]
+            raise ConfigError(f"{flag}: expected true or false, got {positionals[extra]!r}", flag=flag[2:])
         raise ConfigError(f"unexpected argument {positionals[len(positional)]!r} (see dskd {name} --help)")
     return named + out, configs
 
@@ -247,28 +256,69 @@ def _unknown_option(p, name: str, key: str) -> str:
     return f"{key}: unknown option{hint} (see dskd {name} --help)"
 
 
-def _load_config_files(p, files: list[str], sig: _Signature) -> None:
-    """Set the parser's defaults from the recipe files: the sections this command declares."""
-    from dskd.config import load_yaml_dict
+def _load_config_files(p, files: list[str], sig: _Signature) -> dict[str, str]:
+    """Set the parser's defaults from the recipe files: the sections this command declares. Every value
+    of every section is checked against its field's type first (as a flag is), a mismatch naming the
+    field and the file.
 
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+    Returns:
+        The dotted field -> the file that set it last (for errors found later, by the bounds checks).
+    """
+    from dskd.config import check_value, field_types, load_yaml_dict
+
+    top = field_types(RunConfig)
+    origin: dict[str, str] = {}
     for f in files:
         data = load_yaml_dict(f)
         flat: dict[str, Any] = {}
         for key, value in data.items():
-            if key not in names:
-                raise ConfigError(f"--{key}: unknown option; valid: {', '.join(sorted(names))} [in {f}]")
-            if sig.recipe is None and key not in sig.sections:
-                continue  # another stage's section
-            if isinstance(value, dict):
-                flat |= {f"{key}.{k}": v for k, v in value.items()}
-            elif value is not None or sig.recipe is not None:
-                flat[key] = value
+            if key not in top:
+                raise ConfigError(f"--{key}: unknown option; valid: {', '.join(sorted(top))} [in {f}]")
+            section = top[key]
+            try:
+                if _is_dataclass_type(section):
+                    if value is None:
+                        continue
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"--{key}: expected a mapping of options, got {value!r}")
+                    fields = field_types(section)
+                    for k, v in value.items():
+                        if k not in fields:
+                            raise ConfigError(f"--{key}.{k}: unknown option; valid: {', '.join(sorted(fields))}")
+                        v = check_value(v, fields[k], f"{key}.{k}")  # every section: one recipe, one check
+                        if sig.recipe is not None or key in sig.sections:
+                            flat[f"{key}.{k}"] = v
+                else:
+                    value = check_value(value, section, key)
+                    if sig.recipe is not None:
+                        flat[key] = value
+            except ConfigError as e:
+                raise ConfigError(f"{e} [in {f}]") from e
         for k, v in flat.items():
             try:
                 p.set_defaults({k: v})
             except Exception as e:  # jsonargparse: no such key
                 raise ConfigError(f"--{k}: unknown option [in {f}]") from e
+            origin[k] = f
+    return origin
+
+
+def _flag_error(p, name: str, args: list[str], e: Exception) -> ConfigError:
+    """jsonargparse's type error for a flag as one line in the recipe's words: ``--distill.lr: expected a
+    float, got 'abc'`` (the parser's own text when the flag cannot be told)."""
+    import re
+
+    from dskd.config import describe_type
+
+    msg = " ".join(str(e).split())
+    m = re.search(r'Parser key "([^"]+)"', msg)
+    if m:
+        key = f"--{m.group(1)}"
+        action = p._option_string_actions.get(key)  # noqa: SLF001
+        given = [args[i + 1] for i in range(len(args) - 1) if args[i] == key]
+        if action is not None and given and _typehint(action) is not None:
+            return ConfigError(f"{key}: expected {describe_type(_typehint(action))}, got {given[-1]!r}", flag=key[2:])
+    return ConfigError(f"{msg} (see dskd {name} --help)")
 
 
 def _plain(x: Any) -> Any:
@@ -297,21 +347,27 @@ def parse_command(name: str, fn: Callable[..., Any], argv: Sequence[str]) -> dic
     p: ArgumentParser = build_parser(name, fn)
     sig = _signature(fn)
     args, configs = _normalise(p, name, list(argv), sig.positional)
-    _load_config_files(p, configs, sig)
+    origin = _load_config_files(p, configs, sig)
+    for flag in args:  # a flag wins over the file: its errors are the flag's
+        origin.pop(flag[2:], None)
     try:
         ns = p.parse_args(args)
     except Exception as e:  # argparse.ArgumentError, jsonargparse's type errors
-        msg = " ".join(str(e).split())
-        raise ConfigError(f"{msg} (see dskd {name} --help)") from e
+        raise _flag_error(p, name, args, e) from e
     d = _plain(ns.as_dict())
     d.pop("config", None)
     kwargs: dict[str, Any] = {}
-    if sig.recipe:
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        cfg = from_dict({k: d.pop(k) for k in list(d) if k in fields})
-        kwargs[sig.recipe] = _apply_placement(cfg, d.pop("device", None), d.pop("dtype", None))
-    for key, cls in sig.sections.items():
-        kwargs[key] = from_dict(d.pop(key) or {}, cls, prefix=key)
+    try:
+        if sig.recipe:
+            fields = {f.name for f in dataclasses.fields(RunConfig)}
+            cfg = from_dict({k: d.pop(k) for k in list(d) if k in fields})
+            kwargs[sig.recipe] = _apply_placement(cfg, d.pop("device", None), d.pop("dtype", None))
+        for key, cls in sig.sections.items():
+            kwargs[key] = from_dict(d.pop(key) or {}, cls, prefix=key)
+    except ConfigError as e:  # a bound or choice: name the recipe file when the value came from one
+        if e.flag in origin:
+            raise ConfigError(f"{e} [in {origin[e.flag]}]", flag=e.flag) from e
+        raise
     if sig.wants_argv:
         kwargs[RECIPE_ARGV] = _recipe_argv(list(argv), p, sig)
     params = inspect.signature(fn).parameters
