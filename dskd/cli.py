@@ -396,12 +396,98 @@ def _recipe_argv(argv: list[str], p, sig: _Signature) -> list[str]:
     return keep
 
 
+# What a run folder of `dskd run` / `dskd experiment` may already hold (an earlier or unfinished run).
+_RUN_FOLDER_ENTRIES = ("pipeline.json", "config.yaml", "lexicon", "senses", "students", "teacher_cache", "eval")
+_TEXT_SUFFIXES = (".md", ".txt", "")
+_FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _holds_any(*names: str) -> Callable[[Any], bool]:
+    return lambda path: any((path / n).exists() for n in names)
+
+
+def _is_text_not_artefact(path: Any) -> bool:
+    """A plain text file (a report table), not a JSON artefact a report would overwrite by mistake."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        return not isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return True
+
+
+def check_outputs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check, before the command runs (before any model or corpus is read), every output command ``name``
+    will write (:func:`dskd.io.check_output`): it can be created and written, and a target already there
+    is the command's own kind. Raises :class:`ConfigError` naming the flag and the path."""
+    from pathlib import Path
+
+    from dskd.io import check_output
+
+    out = kwargs.get("out")
+    if name == "lexicon build":
+        from dskd.lexicon import ARTEFACT
+
+        check_output(out, "--out", folder=True, kind=ARTEFACT)
+    elif name == "senses build":
+        from dskd.senses.cli import STORE_ARTEFACT
+
+        check_output(out, "--out", folder=True, kind=STORE_ARTEFACT)
+    elif name in ("eval", "fidelity") and out is not None:
+        if name == "eval":
+            from dskd.report import RESULT_ARTEFACT
+        else:
+            from dskd.fidelity import RESULT_ARTEFACT
+        check_output(out, "--out", folder=False, kind=RESULT_ARTEFACT)
+        md = Path(out).with_suffix(".md")
+        if Path(out).suffix != ".json":
+            raise ConfigError(f"--out {out}: a result is a .json file (its table goes beside it as .md)", flag="out")
+        check_output(md, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
+    elif name == "report" and out is not None:
+        check_output(out, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
+    elif name == "plot senses":
+        if Path(out).suffix not in _FIGURE_SUFFIXES:
+            raise ConfigError(f"--out {out}: a figure is a {', '.join(_FIGURE_SUFFIXES)} file", flag="out")
+        check_output(out, "--out", folder=False, what="figure")
+        check_output(Path(out).with_suffix(".json"), "--out", folder=False, what="figure's numbers")
+    elif name in ("distill", "cache build", "run", "experiment"):
+        cfg: RunConfig = next(v for v in kwargs.values() if isinstance(v, RunConfig))
+        if name in ("run", "experiment") and kwargs.get("quick"):
+            from dskd.pipeline import quick_config
+
+            cfg = quick_config(cfg)
+        run_dir = cfg.out_dir
+        if name == "distill":
+            from dskd.distill import RUN_ARTEFACT
+
+            check_output(
+                run_dir, "--out", folder=True, kind=RUN_ARTEFACT, accept=_holds_any("config.yaml", "checkpoints")
+            )
+        elif name == "cache build":
+            from dskd.data import CACHE_ARTEFACT
+
+            if cfg.distill.cache_dir:
+                check_output(cfg.distill.cache_dir, "--distill.cache_dir", folder=True, kind=CACHE_ARTEFACT)
+            else:  # <out>/../teacher_cache/<key>: a folder of caches
+                check_output(run_dir.parent / "teacher_cache", "--out", folder=True, what="teacher cache folder")
+        else:
+            check_output(run_dir, "--out", folder=True, what="dskd run folder", accept=_holds_any(*_RUN_FOLDER_ENTRIES))
+        if name != "cache build" and cfg.distill.cache_dir:
+            from dskd.data import CACHE_ARTEFACT
+
+            check_output(cfg.distill.cache_dir, "--distill.cache_dir", folder=True, kind=CACHE_ARTEFACT)
+
+
 def run_command(name: str, argv: Sequence[str]) -> int:
-    """Parse ``argv`` and call the function of command ``name``; an int result is the exit status."""
+    """Parse ``argv``, check the command's outputs (:func:`check_outputs`) and call the function of
+    command ``name``; an int result is the exit status."""
     target, _ = COMMANDS[name]
     module, func = target.split(":")
     fn = getattr(importlib.import_module(module), func)
     kwargs = parse_command(name, fn, argv)
+    check_outputs(name, kwargs)
     args = [kwargs.pop(k) for k in _signature(fn).positional]
     result = fn(*args, **kwargs)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
