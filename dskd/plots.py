@@ -181,7 +181,7 @@ def senses_figure(
     if per_word < 1 or k < 1:
         raise PlotError(f"--per_word / --k: must be >= 1 (got {per_word}, {k})")
     out = Path(out)
-    sources = corpus_sources(list(corpus))  # bad corpus specs fail before the model loads
+    sources = corpus_sources(list(corpus), flag="--corpus")  # bad corpus specs fail before the model loads
     tok = load_tokenizer(teacher_spec)
     occs = find_occurrences((d for _, fn in sources for d in fn()), words, per_word)
     flat = [o for w in words for o in occs[w]]
