@@ -480,14 +480,70 @@ def check_outputs(name: str, kwargs: dict[str, Any]) -> None:
             check_output(cfg.distill.cache_dir, "--distill.cache_dir", folder=True, kind=CACHE_ARTEFACT)
 
 
+def _check_artefact_input(path: Any, flag: str, kind: Any, missing_ok: bool = False) -> None:
+    """An input artefact folder given by ``flag``: its sidecar and data files whole (dskd.io), before
+    any model loads; errors are the artefact's one line, with the flag in front."""
+    from pathlib import Path
+
+    from dskd.io import check_files, read_sidecar
+
+    if path is None or (missing_ok and not Path(path).exists()):
+        return
+    try:
+        read_sidecar(path, kind)
+        if Path(path).is_dir():
+            check_files(path, kind)
+    except Exception as e:
+        if not isinstance(e, DskdError):
+            raise
+        raise type(e)(f"{flag}: {e}") from e
+
+
+def check_inputs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check the artefact folders a command will read later in its work (the lexicon and sense store
+    of the sense loss, a teacher cache to reuse) before it starts: a missing, foreign or damaged one is
+    one line naming the flag and the file, before any model loads."""
+
+    def lexicon_kind():
+        from dskd.lexicon import ARTEFACT
+
+        return ARTEFACT
+
+    def store_kind():
+        from dskd.senses.cli import STORE_ARTEFACT
+
+        return STORE_ARTEFACT
+
+    if name in ("senses build", "fidelity"):
+        _check_artefact_input(kwargs.get("lexicon_dir"), "--lexicon_dir", lexicon_kind())
+    if name == "fidelity":
+        _check_artefact_input(kwargs.get("senses_dir"), "--senses_dir", store_kind())
+    if name == "plot senses":
+        _check_artefact_input(kwargs.get("store"), "--store", store_kind())
+    if name in ("distill", "cache build"):
+        cfg: RunConfig = next(v for v in kwargs.values() if isinstance(v, RunConfig))
+        if cfg.loss.lam > 0 and name == "distill":
+            _check_artefact_input(cfg.distill.lexicon_dir, "--distill.lexicon_dir", lexicon_kind())
+            _check_artefact_input(cfg.distill.senses_dir, "--distill.senses_dir", store_kind())
+        if cfg.distill.teacher_cache and cfg.distill.cache_dir:
+            from pathlib import Path
+
+            from dskd.data import CACHE_ARTEFACT
+
+            cache = Path(cfg.distill.cache_dir)
+            if (cache / "meta.json").is_file():  # an existing cache is reused when it matches: whole?
+                _check_artefact_input(cache, "--distill.cache_dir", CACHE_ARTEFACT, missing_ok=True)
+
+
 def run_command(name: str, argv: Sequence[str]) -> int:
-    """Parse ``argv``, check the command's outputs (:func:`check_outputs`) and call the function of
-    command ``name``; an int result is the exit status."""
+    """Parse ``argv``, check the command's outputs and input artefacts (:func:`check_outputs`,
+    :func:`check_inputs`) and call the function of command ``name``; an int result is the exit status."""
     target, _ = COMMANDS[name]
     module, func = target.split(":")
     fn = getattr(importlib.import_module(module), func)
     kwargs = parse_command(name, fn, argv)
     check_outputs(name, kwargs)
+    check_inputs(name, kwargs)
     args = [kwargs.pop(k) for k in _signature(fn).positional]
     result = fn(*args, **kwargs)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

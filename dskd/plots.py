@@ -218,7 +218,9 @@ def senses_figure(
     _draw(xy[: len(x_all)], xy[len(x_all) :], [lab for lab in labels if lab in shown], cent_labels, shown, info, out)
     info["states"] = len(x_all)
     info["sentences"] = len(used)
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    from dskd.io import write_json
+
+    write_json(out.with_suffix(".json"), info, indent=1)
     if progress:
         near = ", ".join(f"{w}->{info['words'][w]['nearest']}" for w in shown if info["words"][w]["nearest"])
         print(f"nearest word by mean-state MSE: {near}")
@@ -279,7 +281,9 @@ def _draw(
     fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 130)), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.09, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # atomic: a temporary name, then a rename
+    fig.savefig(tmp, dpi=150, format=out.suffix.lstrip(".") or "png")
+    tmp.replace(out)
     plt.close(fig)
 
 
