@@ -525,7 +525,7 @@ def check_inputs(name: str, kwargs: dict[str, Any]) -> None:
         if cfg.loss.lam > 0 and name == "distill":
             _check_artefact_input(cfg.distill.lexicon_dir, "--distill.lexicon_dir", lexicon_kind())
             _check_artefact_input(cfg.distill.senses_dir, "--distill.senses_dir", store_kind())
-        if cfg.distill.teacher_cache and cfg.distill.cache_dir:
+        if cfg.distill.teacher_cache and cfg.distill.cache_dir and not kwargs.get("force"):
             from pathlib import Path
 
             from dskd.data import CACHE_ARTEFACT

@@ -729,14 +729,22 @@ def from_dict(data: dict[str, Any], cls: type = RunConfig, prefix: str = "") -> 
 
 
 def load_yaml_dict(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML recipe, not yet validated; a missing or unparsable file names ``--config``."""
+    """The mapping in a YAML recipe, not yet validated; a missing, empty, unparsable or non-mapping file
+    is one line naming ``--config`` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
+        raise ConfigError(
+            f"--config: {'a folder, not a recipe file' if path.is_dir() else 'file not found'}: {path}", flag="config"
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not a text (YAML) file ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"--config: {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if data is None:
+        raise ConfigError(f"--config: {path} is empty (a recipe is a mapping of sections, see configs/)")
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
     return data
