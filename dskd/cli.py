@@ -264,7 +264,7 @@ def _load_config_files(p, files: list[str], sig: _Signature) -> dict[str, str]:
     Returns:
         The dotted field -> the file that set it last (for errors found later, by the bounds checks).
     """
-    from dskd.config import check_value, field_types, load_yaml_dict
+    from dskd.config import check_value, field_types, from_dict, load_yaml_dict
 
     top = field_types(RunConfig)
     origin: dict[str, str] = {}
@@ -288,6 +288,8 @@ def _load_config_files(p, files: list[str], sig: _Signature) -> dict[str, str]:
                         v = check_value(v, fields[k], f"{key}.{k}")  # every section: one recipe, one check
                         if sig.recipe is not None or key in sig.sections:
                             flat[f"{key}.{k}"] = v
+                    if sig.recipe is None and key not in sig.sections:  # a section this command ignores
+                        from_dict(value, section, prefix=key)  # is still checked (bounds, choices)
                 else:
                     value = check_value(value, section, key)
                     if sig.recipe is not None:
@@ -499,6 +501,20 @@ def _check_artefact_input(path: Any, flag: str, kind: Any, missing_ok: bool = Fa
         raise type(e)(f"{flag}: {e}") from e
 
 
+def _check_text_inputs(cfg: RunConfig, name: str) -> None:
+    """The recipe's text files read late in the work (``data.text_files``; for ``run`` / ``experiment``
+    also the sense corpus's files): present, text, and (``.jsonl``) every line a document."""
+    from pathlib import Path
+
+    from dskd.corpus import file_documents, sources
+
+    for f in cfg.data.text_files:
+        for _ in file_documents(Path(f).expanduser(), flag="--data.text_files", max_chars=0):
+            pass
+    if name in ("run", "experiment"):
+        sources([s for s in cfg.senses.corpus if not s.startswith("hf:") and s != "prompts"], "--senses.corpus")
+
+
 def check_inputs(name: str, kwargs: dict[str, Any]) -> None:
     """Check the artefact folders a command will read later in its work (the lexicon and sense store
     of the sense loss, a teacher cache to reuse) before it starts: a missing, foreign or damaged one is
@@ -520,6 +536,19 @@ def check_inputs(name: str, kwargs: dict[str, Any]) -> None:
         _check_artefact_input(kwargs.get("senses_dir"), "--senses_dir", store_kind())
     if name == "plot senses":
         _check_artefact_input(kwargs.get("store"), "--store", store_kind())
+    if name in ("eval", "fidelity"):  # local model folders: config.json and whole weights
+        from dskd.evaluate import resolve_model_spec
+        from dskd.models import check_weights, resolve_spec
+
+        specs = [kwargs.get("model")] if name == "eval" else [s.partition("=")[2] or s for s in kwargs["students"]]
+        for spec in specs:
+            if isinstance(spec, str) and not kwargs.get("list_tasks"):
+                local = resolve_model_spec(spec)
+                resolve_spec(local)  # a folder without config.json, a path that does not exist
+                check_weights(local)
+    recipe = next((v for v in kwargs.values() if isinstance(v, RunConfig)), None)
+    if recipe is not None and name in ("distill", "cache build", "run", "experiment"):
+        _check_text_inputs(recipe, name)
     if name in ("distill", "cache build"):
         cfg: RunConfig = next(v for v in kwargs.values() if isinstance(v, RunConfig))
         if cfg.loss.lam > 0 and name == "distill":

@@ -309,6 +309,15 @@ def check_output(
         return ConfigError(f"{flag} {path}: {why}", flag=flag.lstrip("-"))
 
     if path.exists() or path.is_symlink():
+        meta_file = path / META_FILE if folder else path
+        if kind is not None and meta_file.is_file() and meta_file.stat().st_size:
+            try:
+                json.loads(meta_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(
+                    f"{flag} {meta_file}: exists and is damaged ({_why(e)}); move it away or pick another {flag}",
+                    flag=flag.lstrip("-"),
+                ) from e
         if folder and not path.is_dir():
             raise fail(f"exists and is a file; a {what} is a folder (pick another {flag})")
         if not folder and path.is_dir():
