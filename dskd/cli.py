@@ -530,9 +530,10 @@ def check_inputs(name: str, kwargs: dict[str, Any]) -> None:
 
         return STORE_ARTEFACT
 
-    if name in ("senses build", "fidelity"):
+    if name == "senses build":
         _check_artefact_input(kwargs.get("lexicon_dir"), "--lexicon_dir", lexicon_kind())
-    if name == "fidelity":
+    if name == "fidelity" and kwargs.get("senses_dir") and kwargs.get("lexicon_dir"):  # one alone: its own error
+        _check_artefact_input(kwargs.get("lexicon_dir"), "--lexicon_dir", lexicon_kind())
         _check_artefact_input(kwargs.get("senses_dir"), "--senses_dir", store_kind())
     if name == "plot senses":
         _check_artefact_input(kwargs.get("store"), "--store", store_kind())
