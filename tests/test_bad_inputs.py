@@ -399,6 +399,18 @@ for _how in ("missing", "truncated-jsonl", "not-text", "wrong-type-jsonl"):
     case(f"corpus-{_how}-cache-build")(_corpus_cache)
 
 
+def _no_heads_corpus(a, t):
+    """A text corpus none of whose words is a head of the lexicon (hot, cold, good, ...): the store
+    would cover none of them, so it is refused, not written."""
+    corpus = _write(t / "c.txt", "The red car and the blue bus. Prices rise and fall. " * 200)
+    out = t / "store"
+    argv = ["senses", "build", "--config", a["recipe"], "--senses.corpus", corpus, "--lexicon_dir", a["lexicon"]]
+    return [*argv, "--out", out], ["--senses.corpus", corpus, "only 0 of the lexicon's 8 heads", "not written"], [out]
+
+
+case("corpus-no-lexicon-heads-senses-build")(_no_heads_corpus)
+
+
 # ---- pairs file: lexicon build --lexicon.sources pairs:FILE:ant
 def _pairs_case(how: str) -> Case:
     def make(a, t):

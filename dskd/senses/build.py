@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -771,6 +772,17 @@ def _build(
     plan = _plan(tok, cfg, block_chars, dist)
     if plan.n_pos < 1:
         raise SenseError(f"--senses.corpus {','.join(cfg.corpus)}: fewer than 2 tokens of text")
+    if lex is not None and cfg.key == "actual" and plan.tokens is not None and dist.world == 1:
+        # states are filed under the token that follows: a head absent from the corpus gets no sense, so
+        # the store's head coverage is known (bounded) before the teacher runs
+        heads = lex.heads()
+        present = np.isin(np.asarray(heads, dtype=np.int64), np.concatenate(plan.tokens)).sum() if heads else 0
+        if heads and present < MIN_HEAD_SHARE * len(heads):
+            raise SenseError(
+                f"--senses.corpus {','.join(cfg.corpus)}: only {int(present):,} of the lexicon's {len(heads):,} heads "
+                f"occur in its first {plan.n_pos + 1:,} tokens (under {100 * MIN_HEAD_SHARE:g}%): the store would "
+                f"cover almost none of --lexicon_dir {lexicon_dir}; not written to {out}"
+            )
     options = dataclasses.asdict(cfg)
     identity: dict[str, Any] = {
         "teacher": teacher_fp,
@@ -869,6 +881,7 @@ def _build(
     if cov["lexicon_heads"] and cov["lexicon_heads_with_senses"] < MIN_HEAD_SHARE * cov["lexicon_heads"]:
         if dist.world > 1:
             dist.barrier()  # release the processes waiting for the store; this one fails the launch
+        shutil.rmtree(work, ignore_errors=True)  # its gather (keyed by this corpus) would not be reused
         raise SenseError(
             f"--senses.corpus {','.join(cfg.corpus)}: the store would hold senses for "
             f"{cov['lexicon_heads_with_senses']:,} of the lexicon's {cov['lexicon_heads']:,} heads "
