@@ -647,3 +647,19 @@ def test_every_field_is_typed_in_a_recipe_and_as_a_flag(flag, hint, how, tmp_pat
     else:
         line = refused(["plan", f"--{flag}", text], [f"--{flag}:"], [], capsys)
     assert repr(value if how == "yaml" else text) in line or "must be one of" in line, line
+
+
+def test_a_store_covering_too_few_heads_is_refused_not_written(tiny_artefacts, tmp_path, monkeypatch):
+    """After gathering (key predicted: what the teacher predicts is known only then), a store holding
+    senses for under MIN_HEAD_SHARE of the lexicon's heads is refused and nothing is left at ``out``.
+    The threshold is raised above 1 here so that this tiny store, whatever it covers, is under it."""
+    import dskd.senses.build as B
+    from dskd.config import SenseConfig
+    from dskd.senses import SenseError, build_senses
+
+    monkeypatch.setattr(B, "MIN_HEAD_SHARE", 1.01)
+    cfg = SenseConfig(corpus=[str(tiny_artefacts["corpus"])], k=2, max_tokens=600, seq_len=64, key="predicted")
+    out = tmp_path / "store"
+    with pytest.raises(SenseError, match=r"the store would hold senses for \d+ of the lexicon's 8 heads.*not written"):
+        build_senses(str(tiny_artefacts["teacher"]), cfg, tiny_artefacts["lexicon"], out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
