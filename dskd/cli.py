@@ -437,6 +437,8 @@ def check_outputs(name: str, kwargs: dict[str, Any]) -> None:
         from dskd.senses.cli import STORE_ARTEFACT
 
         check_output(out, "--out", folder=True, kind=STORE_ARTEFACT)
+    elif name == "eval" and out is None and not kwargs.get("list_tasks"):
+        raise ConfigError("--out: required (a .json file)", flag="out")
     elif name in ("eval", "fidelity") and out is not None:
         if name == "eval":
             from dskd.report import RESULT_ARTEFACT

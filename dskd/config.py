@@ -4,6 +4,9 @@ Each stage owns one dataclass. Field names follow the paper's symbols where it h
 (``k``, ``kappa``, ``lam``, ``T``, ``alpha``, ``margin``). Every dataclass validates itself on
 creation (``__post_init__``) and raises :class:`ConfigError` with the dotted flag name, so a bad
 value is reported before any long work starts, whether it came from YAML or from the command line.
+Before that, a value read from YAML is checked against its field's type annotation (:func:`check_value`:
+bool, int, float, str, Path, Literal choices, Optional/unions, lists, tuples, dicts), as the flag parser
+checks a flag, so a new field is typed with no new code.
 
 The top-level :class:`RunConfig` groups the stage configs; YAML files in ``configs/`` are instances
 of it, and dotted CLI overrides (``--distill.lr 3e-4``) address its fields.

@@ -6,7 +6,7 @@ teacher itself rather than from a sense store, so that every word can be shown h
 covers it:
 
 1. Sentences containing each word (written lower-case after a space, as the lexicon maps words) are
-   taken from a text corpus (the same specs as ``dskd senses build --corpus``), at most ``per_word``
+   taken from a text corpus (the same specs as ``dskd senses build --senses.corpus``), at most ``per_word``
    per word.
 2. The teacher runs over each sentence. A word's *contextual state* is the state the sense
    dictionary would file under it: the last hidden state after the final norm (the LM head's input)
@@ -161,7 +161,7 @@ def senses_figure(
         teacher_spec: Teacher model spec.
         words: Words to show (single- or multi-token).
         out: Image path (.png, .pdf, .svg).
-        corpus: Corpus specs to take sentences from (as ``dskd senses build --corpus``).
+        corpus: Corpus specs to take sentences from (as ``dskd senses build --senses.corpus``).
         per_word: Sentences per word at most.
         k: Centroids per word at most.
         seed: Seed of k-means and t-SNE.

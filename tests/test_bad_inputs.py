@@ -553,6 +553,7 @@ OPTION_CASES: dict[str, tuple[Callable[[Path], list[Any]], list[str]]] = {
         ["--distill.grad_checkpointing", "maybe"],
     ),
     "missing-value": (lambda o: ["eval", "--out", o, "--model"], ["--model", "expects a value"]),
+    "missing-out": (lambda o: ["eval", "--eval.limit", "1"], ["--out: required"]),
     "extra-argument": (lambda o: ["senses", "show", "a", "b", "c"], ["'c'"]),
 }
 for _name, (_argv, _must) in OPTION_CASES.items():
