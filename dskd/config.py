@@ -74,6 +74,8 @@ def describe_type(hint: Any) -> str:
         return "one of " + ", ".join(str(a) for a in args)
     if origin in _UNION_TYPES:
         return " or ".join(describe_type(a) for a in args)
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
     if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
         inner = describe_type(args[0]) if args and args[0] is not Ellipsis else "values"
         return f"a list of {_plural(inner)}"

@@ -664,3 +664,41 @@ def test_a_store_covering_too_few_heads_is_refused_not_written(tiny_artefacts, t
     with pytest.raises(SenseError, match=r"the store would hold senses for \d+ of the lexicon's 8 heads.*not written"):
         build_senses(str(tiny_artefacts["teacher"]), cfg, tiny_artefacts["lexicon"], out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_type_check_knows_every_annotation_a_field_may_have():
+    """Types no field has today (a Literal, a dict, a tuple) are checked too, so a field added with one
+    is typed in recipes without new code; a float given as an int or as YAML's string ``3e-4`` is a float."""
+    from dskd.config import ConfigError, check_value
+
+    ok = [
+        (3, float, 3.0),
+        ("3e-4", float, 3e-4),
+        ("fp32", Literal["fp32", "bf16"], "fp32"),
+        (None, int | None, None),
+        (["a", "b"], list[str], ["a", "b"]),
+        ({"a": 1.0, "b": 2}, dict[str, float], {"a": 1.0, "b": 2.0}),
+        ([1, "x"], tuple[int, str], (1, "x")),
+        ("p", Path, Path("p")),
+        (True, bool, True),
+    ]
+    for value, hint, want in ok:
+        got = check_value(value, hint, "s.f")
+        assert got == want and type(got) is type(want), (value, hint, got)
+    bad = [
+        ("abc", float, "--s.f: expected a float, got 'abc'"),
+        (True, int, "--s.f: expected an integer, got True"),
+        (1.5, int, "--s.f: expected an integer, got 1.5"),
+        ("fp16", Literal["fp32", "bf16"], "--s.f: expected one of fp32, bf16, got 'fp16'"),
+        ("x", int | None, "--s.f: expected an integer or null, got 'x'"),
+        ("a,b", list[str], "--s.f: expected a list of strings, got 'a,b'"),
+        ([1], list[str], "--s.f: expected a list of strings, got [1]"),
+        ({"a": "x"}, dict[str, float], "--s.f: expected a mapping, got {'a': 'x'}"),
+        ([1], tuple[int, str], "--s.f: expected a list of 2 values (an integer, a string), got [1]"),
+        ("yes", bool, "--s.f: expected true or false, got 'yes'"),
+        (5, str, "--s.f: expected a string, got 5"),
+    ]
+    for value, hint, msg in bad:
+        with pytest.raises(ConfigError) as e:
+            check_value(value, hint, "s.f")
+        assert str(e.value) == msg and e.value.flag == "s.f"
