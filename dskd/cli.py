@@ -508,10 +508,13 @@ def _check_text_inputs(cfg: RunConfig, name: str) -> None:
     also the sense corpus's files): present, text, and (``.jsonl``) every line a document."""
     from pathlib import Path
 
-    from dskd.corpus import file_documents, sources
+    from dskd.corpus import check_text_files, file_documents, sources
 
     for f in cfg.data.text_files:
-        for _ in file_documents(Path(f).expanduser(), flag="--data.text_files", max_chars=0):
+        path = Path(f).expanduser()
+        if path.is_file():
+            check_text_files([path], f, "--data.text_files", allow_empty=True)
+        for _ in file_documents(path, flag="--data.text_files", max_chars=0):
             pass
     if name in ("run", "experiment"):
         sources([s for s in cfg.senses.corpus if not s.startswith("hf:") and s != "prompts"], "--senses.corpus")

@@ -55,6 +55,7 @@ _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # a save
 _SCAN = 1 << 16  # bytes read at a time while looking for a document boundary
 TEXT_SAMPLE_BYTES = 1 << 16  # bytes of the start of each corpus file checked for being text
 MAX_BAD_BYTES_SHARE = 0.1  # a file whose sample has more undecodable / control bytes than this is refused
+TEXT_CHECK_BUDGET = 1 << 20  # bytes sampled per corpus spec at most (a folder's first files)
 
 
 class CorpusError(DskdError, ValueError):
@@ -121,12 +122,12 @@ def file_documents(path: str | Path, flag: str = "--senses.corpus", max_chars: i
         max_chars: Size of a ``.txt`` document (paragraphs are joined up to it; 0: one per paragraph).
 
     Raises:
-        CorpusError: a missing file, or a ``.jsonl`` line that is not a JSON object with a text field.
+        CorpusError: a missing file, or a ``.jsonl`` line that is not a JSON object with a text field
+            (whether it is text at all: :func:`check_text_files`, when the spec is resolved).
     """
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{flag}: no such file: {path}")
-    check_text_files([path], str(path), flag, allow_empty=True)
     with path.open(encoding="utf-8", errors="replace") as f:
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(((f"{path}:{i}", line) for i, line in enumerate(f, 1)), flag)
@@ -373,7 +374,8 @@ def bad_bytes_share(data: bytes, cut: bool = False) -> float:
 def check_text_files(files: list[Path], spec: str, flag: str, allow_empty: bool = False) -> None:
     """Refuse a corpus spec that is not text, before any model reads it: every one of its files empty,
     or a file whose first ``TEXT_SAMPLE_BYTES`` hold more than ``MAX_BAD_BYTES_SHARE`` of bytes that are
-    not text (:func:`bad_bytes_share`); the error names the file and the share.
+    not text (:func:`bad_bytes_share`); the error names the file and the share. Files are sampled in
+    order until ``TEXT_CHECK_BUDGET`` bytes are read (the first files of a large folder).
 
     Raises:
         CorpusError: naming ``flag``, the file and the share of bad bytes.
@@ -381,10 +383,14 @@ def check_text_files(files: list[Path], spec: str, flag: str, allow_empty: bool 
     if not allow_empty and all(f.stat().st_size == 0 for f in files):
         where = files[0] if len(files) == 1 else spec
         raise CorpusError(f"{flag} {where}: empty (no text)")
+    budget = TEXT_CHECK_BUDGET
     for f in files:
+        if budget <= 0:
+            break  # a large folder: its first files stand for it (listing a corpus stays cheap)
         with f.open("rb") as fh:
             data = fh.read(TEXT_SAMPLE_BYTES + 1)
         cut = len(data) > TEXT_SAMPLE_BYTES
+        budget -= len(data)
         share = bad_bytes_share(data[:TEXT_SAMPLE_BYTES], cut=cut)
         if share > MAX_BAD_BYTES_SHARE:
             raise CorpusError(
