@@ -191,10 +191,15 @@ def _normalise(p, name: str, argv: list[str], positional: list[str]) -> tuple[li
     out: list[str] = []
     configs: list[str] = []
     positionals: list[str] = []
+    after_bool: dict[int, str] = {}  # a bare word right after a bare bool flag: the flag's bad value?
     i = 0
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("-") or tok == "-":
+            if i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+                prev = options.get(argv[i - 1]) or options.get("--" + argv[i - 1][2:].replace("-", "_"))
+                if prev is not None and _is_bool(_typehint(prev)):
+                    after_bool[len(positionals)] = argv[i - 1]
             positionals.append(tok)
             i += 1
             continue
@@ -234,6 +239,10 @@ def _normalise(p, name: str, argv: list[str], positional: list[str]) -> tuple[li
         else:
             named += [f"--{param}", positionals[k]]
     if len(positionals) > len(positional):
+        extra = next((k for k in sorted(after_bool) if k >= len(positional)), None)
+        if extra is not None:
+            flag = after_bool[extra]
+            raise ConfigError(f"{flag}: expected true or false, got {positionals[extra]!r}", flag=flag[2:])
         raise ConfigError(f"unexpected argument {positionals[len(positional)]!r} (see dskd {name} --help)")
     return named + out, configs
 
@@ -247,28 +256,71 @@ def _unknown_option(p, name: str, key: str) -> str:
     return f"{key}: unknown option{hint} (see dskd {name} --help)"
 
 
-def _load_config_files(p, files: list[str], sig: _Signature) -> None:
-    """Set the parser's defaults from the recipe files: the sections this command declares."""
-    from dskd.config import load_yaml_dict
+def _load_config_files(p, files: list[str], sig: _Signature) -> dict[str, str]:
+    """Set the parser's defaults from the recipe files: the sections this command declares. Every value
+    of every section is checked against its field's type first (as a flag is), a mismatch naming the
+    field and the file.
 
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+    Returns:
+        The dotted field -> the file that set it last (for errors found later, by the bounds checks).
+    """
+    from dskd.config import check_value, field_types, from_dict, load_yaml_dict
+
+    top = field_types(RunConfig)
+    origin: dict[str, str] = {}
     for f in files:
         data = load_yaml_dict(f)
         flat: dict[str, Any] = {}
         for key, value in data.items():
-            if key not in names:
-                raise ConfigError(f"--{key}: unknown option; valid: {', '.join(sorted(names))} [in {f}]")
-            if sig.recipe is None and key not in sig.sections:
-                continue  # another stage's section
-            if isinstance(value, dict):
-                flat |= {f"{key}.{k}": v for k, v in value.items()}
-            elif value is not None or sig.recipe is not None:
-                flat[key] = value
+            if key not in top:
+                raise ConfigError(f"--{key}: unknown option; valid: {', '.join(sorted(top))} [in {f}]")
+            section = top[key]
+            try:
+                if _is_dataclass_type(section):
+                    if value is None:
+                        continue
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"--{key}: expected a mapping of options, got {value!r}")
+                    fields = field_types(section)
+                    for k, v in value.items():
+                        if k not in fields:
+                            raise ConfigError(f"--{key}.{k}: unknown option; valid: {', '.join(sorted(fields))}")
+                        v = check_value(v, fields[k], f"{key}.{k}")  # every section: one recipe, one check
+                        if sig.recipe is not None or key in sig.sections:
+                            flat[f"{key}.{k}"] = v
+                    if sig.recipe is None and key not in sig.sections:  # a section this command ignores
+                        from_dict(value, section, prefix=key)  # is still checked (bounds, choices)
+                else:
+                    value = check_value(value, section, key)
+                    if sig.recipe is not None:
+                        flat[key] = value
+            except ConfigError as e:
+                raise ConfigError(f"{e} [in {f}]") from e
         for k, v in flat.items():
             try:
                 p.set_defaults({k: v})
             except Exception as e:  # jsonargparse: no such key
                 raise ConfigError(f"--{k}: unknown option [in {f}]") from e
+            origin[k] = f
+    return origin
+
+
+def _flag_error(p, name: str, args: list[str], e: Exception) -> ConfigError:
+    """jsonargparse's type error for a flag as one line in the recipe's words: ``--distill.lr: expected a
+    float, got 'abc'`` (the parser's own text when the flag cannot be told)."""
+    import re
+
+    from dskd.config import describe_type
+
+    msg = " ".join(str(e).split())
+    m = re.search(r'Parser key "([^"]+)"', msg)
+    if m:
+        key = f"--{m.group(1)}"
+        action = p._option_string_actions.get(key)  # noqa: SLF001
+        given = [args[i + 1] for i in range(len(args) - 1) if args[i] == key]
+        if action is not None and given and _typehint(action) is not None:
+            return ConfigError(f"{key}: expected {describe_type(_typehint(action))}, got {given[-1]!r}", flag=key[2:])
+    return ConfigError(f"{msg} (see dskd {name} --help)")
 
 
 def _plain(x: Any) -> Any:
@@ -297,21 +349,27 @@ def parse_command(name: str, fn: Callable[..., Any], argv: Sequence[str]) -> dic
     p: ArgumentParser = build_parser(name, fn)
     sig = _signature(fn)
     args, configs = _normalise(p, name, list(argv), sig.positional)
-    _load_config_files(p, configs, sig)
+    origin = _load_config_files(p, configs, sig)
+    for flag in args:  # a flag wins over the file: its errors are the flag's
+        origin.pop(flag[2:], None)
     try:
         ns = p.parse_args(args)
     except Exception as e:  # argparse.ArgumentError, jsonargparse's type errors
-        msg = " ".join(str(e).split())
-        raise ConfigError(f"{msg} (see dskd {name} --help)") from e
+        raise _flag_error(p, name, args, e) from e
     d = _plain(ns.as_dict())
     d.pop("config", None)
     kwargs: dict[str, Any] = {}
-    if sig.recipe:
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        cfg = from_dict({k: d.pop(k) for k in list(d) if k in fields})
-        kwargs[sig.recipe] = _apply_placement(cfg, d.pop("device", None), d.pop("dtype", None))
-    for key, cls in sig.sections.items():
-        kwargs[key] = from_dict(d.pop(key) or {}, cls, prefix=key)
+    try:
+        if sig.recipe:
+            fields = {f.name for f in dataclasses.fields(RunConfig)}
+            cfg = from_dict({k: d.pop(k) for k in list(d) if k in fields})
+            kwargs[sig.recipe] = _apply_placement(cfg, d.pop("device", None), d.pop("dtype", None))
+        for key, cls in sig.sections.items():
+            kwargs[key] = from_dict(d.pop(key) or {}, cls, prefix=key)
+    except ConfigError as e:  # a bound or choice: name the recipe file when the value came from one
+        if e.flag in origin:
+            raise ConfigError(f"{e} [in {origin[e.flag]}]", flag=e.flag) from e
+        raise
     if sig.wants_argv:
         kwargs[RECIPE_ARGV] = _recipe_argv(list(argv), p, sig)
     params = inspect.signature(fn).parameters
@@ -340,12 +398,187 @@ def _recipe_argv(argv: list[str], p, sig: _Signature) -> list[str]:
     return keep
 
 
+# What a run folder of `dskd run` / `dskd experiment` may already hold (an earlier or unfinished run).
+_RUN_FOLDER_ENTRIES = ("pipeline.json", "config.yaml", "lexicon", "senses", "students", "teacher_cache", "eval")
+_TEXT_SUFFIXES = (".md", ".txt", "")
+_FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _holds_any(*names: str) -> Callable[[Any], bool]:
+    return lambda path: any((path / n).exists() for n in names)
+
+
+def _is_text_not_artefact(path: Any) -> bool:
+    """A plain text file (a report table), not a JSON artefact a report would overwrite by mistake."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        return not isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return True
+
+
+def check_outputs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check, before the command runs (before any model or corpus is read), every output command ``name``
+    will write (:func:`dskd.io.check_output`): it can be created and written, and a target already there
+    is the command's own kind. Raises :class:`ConfigError` naming the flag and the path."""
+    from pathlib import Path
+
+    from dskd.io import check_output
+
+    out = kwargs.get("out")
+    if name == "lexicon build":
+        from dskd.lexicon import ARTEFACT
+
+        check_output(out, "--out", folder=True, kind=ARTEFACT)
+    elif name == "senses build":
+        from dskd.senses.cli import STORE_ARTEFACT
+
+        check_output(out, "--out", folder=True, kind=STORE_ARTEFACT)
+    elif name == "eval" and out is None and not kwargs.get("list_tasks"):
+        raise ConfigError("--out: required (a .json file)", flag="out")
+    elif name in ("eval", "fidelity") and out is not None:
+        if name == "eval":
+            from dskd.report import RESULT_ARTEFACT
+        else:
+            from dskd.fidelity import RESULT_ARTEFACT
+        check_output(out, "--out", folder=False, kind=RESULT_ARTEFACT)
+        md = Path(out).with_suffix(".md")
+        if Path(out).suffix != ".json":
+            raise ConfigError(f"--out {out}: a result is a .json file (its table goes beside it as .md)", flag="out")
+        check_output(md, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
+    elif name == "report" and out is not None:
+        check_output(out, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
+    elif name == "plot senses":
+        if Path(out).suffix not in _FIGURE_SUFFIXES:
+            raise ConfigError(f"--out {out}: a figure is a {', '.join(_FIGURE_SUFFIXES)} file", flag="out")
+        check_output(out, "--out", folder=False, what="figure")
+        check_output(Path(out).with_suffix(".json"), "--out", folder=False, what="figure's numbers")
+    elif name in ("distill", "cache build", "run", "experiment"):
+        cfg: RunConfig = next(v for v in kwargs.values() if isinstance(v, RunConfig))
+        if name in ("run", "experiment") and kwargs.get("quick"):
+            from dskd.pipeline import quick_config
+
+            cfg = quick_config(cfg)
+        run_dir = cfg.out_dir
+        if name == "distill":
+            from dskd.distill import RUN_ARTEFACT
+
+            check_output(
+                run_dir, "--out", folder=True, kind=RUN_ARTEFACT, accept=_holds_any("config.yaml", "checkpoints")
+            )
+        elif name == "cache build":
+            from dskd.data import CACHE_ARTEFACT
+
+            if cfg.distill.cache_dir:
+                check_output(cfg.distill.cache_dir, "--distill.cache_dir", folder=True, kind=CACHE_ARTEFACT)
+            else:  # <out>/../teacher_cache/<key>: a folder of caches
+                check_output(run_dir.parent / "teacher_cache", "--out", folder=True, what="teacher cache folder")
+        else:
+            check_output(run_dir, "--out", folder=True, what="dskd run folder", accept=_holds_any(*_RUN_FOLDER_ENTRIES))
+        if name != "cache build" and cfg.distill.cache_dir:
+            from dskd.data import CACHE_ARTEFACT
+
+            check_output(cfg.distill.cache_dir, "--distill.cache_dir", folder=True, kind=CACHE_ARTEFACT)
+
+
+def _check_artefact_input(path: Any, flag: str, kind: Any, missing_ok: bool = False) -> None:
+    """An input artefact folder given by ``flag``: its sidecar and data files whole (dskd.io), before
+    any model loads; errors are the artefact's one line, with the flag in front."""
+    from pathlib import Path
+
+    from dskd.io import check_files, read_sidecar
+
+    if path is None or (missing_ok and not Path(path).exists()):
+        return
+    try:
+        read_sidecar(path, kind)
+        if Path(path).is_dir():
+            check_files(path, kind)
+    except Exception as e:
+        if not isinstance(e, DskdError):
+            raise
+        raise type(e)(f"{flag}: {e}") from e
+
+
+def _check_text_inputs(cfg: RunConfig, name: str) -> None:
+    """The recipe's text files read late in the work (``data.text_files``; for ``run`` / ``experiment``
+    also the sense corpus's files): present, text, and (``.jsonl``) every line a document."""
+    from pathlib import Path
+
+    from dskd.corpus import check_text_files, file_documents, sources
+
+    for f in cfg.data.text_files:
+        path = Path(f).expanduser()
+        if path.is_file():
+            check_text_files([path], f, "--data.text_files", allow_empty=True)
+        for _ in file_documents(path, flag="--data.text_files", max_chars=0):
+            pass
+    if name in ("run", "experiment"):
+        sources([s for s in cfg.senses.corpus if not s.startswith("hf:") and s != "prompts"], "--senses.corpus")
+
+
+def check_inputs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check the artefact folders a command will read later in its work (the lexicon and sense store
+    of the sense loss, a teacher cache to reuse) before it starts: a missing, foreign or damaged one is
+    one line naming the flag and the file, before any model loads."""
+
+    def lexicon_kind():
+        from dskd.lexicon import ARTEFACT
+
+        return ARTEFACT
+
+    def store_kind():
+        from dskd.senses.cli import STORE_ARTEFACT
+
+        return STORE_ARTEFACT
+
+    if name == "senses build":
+        _check_artefact_input(kwargs.get("lexicon_dir"), "--lexicon_dir", lexicon_kind())
+    if name == "fidelity" and kwargs.get("senses_dir") and kwargs.get("lexicon_dir"):  # one alone: its own error
+        _check_artefact_input(kwargs.get("lexicon_dir"), "--lexicon_dir", lexicon_kind())
+        _check_artefact_input(kwargs.get("senses_dir"), "--senses_dir", store_kind())
+    if name == "plot senses":
+        _check_artefact_input(kwargs.get("store"), "--store", store_kind())
+    if name in ("eval", "fidelity"):  # local model folders: config.json and whole weights
+        from dskd.evaluate import resolve_model_spec
+        from dskd.models import check_weights, resolve_spec
+
+        specs = [kwargs.get("model")] if name == "eval" else [s.partition("=")[2] or s for s in kwargs["students"]]
+        for spec in specs:
+            if isinstance(spec, str) and not kwargs.get("list_tasks"):
+                local = resolve_model_spec(spec)
+                resolve_spec(local)  # a folder without config.json, a path that does not exist
+                check_weights(local)
+    recipe = next((v for v in kwargs.values() if isinstance(v, RunConfig)), None)
+    if recipe is not None and name in ("distill", "cache build", "run", "experiment"):
+        _check_text_inputs(recipe, name)
+    if name in ("distill", "cache build"):
+        cfg: RunConfig = next(v for v in kwargs.values() if isinstance(v, RunConfig))
+        if cfg.loss.lam > 0 and name == "distill":
+            _check_artefact_input(cfg.distill.lexicon_dir, "--distill.lexicon_dir", lexicon_kind())
+            _check_artefact_input(cfg.distill.senses_dir, "--distill.senses_dir", store_kind())
+        if cfg.distill.teacher_cache and cfg.distill.cache_dir and not kwargs.get("force"):
+            from pathlib import Path
+
+            from dskd.data import CACHE_ARTEFACT
+
+            cache = Path(cfg.distill.cache_dir)
+            if (cache / "meta.json").is_file():  # an existing cache is reused when it matches: whole?
+                _check_artefact_input(cache, "--distill.cache_dir", CACHE_ARTEFACT, missing_ok=True)
+
+
 def run_command(name: str, argv: Sequence[str]) -> int:
-    """Parse ``argv`` and call the function of command ``name``; an int result is the exit status."""
+    """Parse ``argv``, check the command's outputs and input artefacts (:func:`check_outputs`,
+    :func:`check_inputs`) and call the function of command ``name``; an int result is the exit status."""
     target, _ = COMMANDS[name]
     module, func = target.split(":")
     fn = getattr(importlib.import_module(module), func)
     kwargs = parse_command(name, fn, argv)
+    check_outputs(name, kwargs)
+    check_inputs(name, kwargs)
     args = [kwargs.pop(k) for k in _signature(fn).positional]
     result = fn(*args, **kwargs)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

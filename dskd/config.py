@@ -4,6 +4,9 @@ Each stage owns one dataclass. Field names follow the paper's symbols where it h
 (``k``, ``kappa``, ``lam``, ``T``, ``alpha``, ``margin``). Every dataclass validates itself on
 creation (``__post_init__``) and raises :class:`ConfigError` with the dotted flag name, so a bad
 value is reported before any long work starts, whether it came from YAML or from the command line.
+Before that, a value read from YAML is checked against its field's type annotation (:func:`check_value`:
+bool, int, float, str, Path, Literal choices, Optional/unions, lists, tuples, dicts), as the flag parser
+checks a flag, so a new field is typed with no new code.
 
 The top-level :class:`RunConfig` groups the stage configs; YAML files in ``configs/`` are instances
 of it, and dotted CLI overrides (``--distill.lr 3e-4``) address its fields.
@@ -12,6 +15,8 @@ of it, and dotted CLI overrides (``--distill.lr 3e-4``) address its fields.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,12 +31,162 @@ class DskdError(Exception):
 
 
 class ConfigError(DskdError, ValueError):
-    """A user-facing configuration error; the message names the flag or file."""
+    """A user-facing configuration error; the message names the flag or file.
+
+    Args:
+        message: The one line shown to the user.
+        flag: The dotted field it is about (``distill.lr``), when there is one: the CLI adds the recipe
+            file that set it.
+    """
+
+    def __init__(self, message: str, flag: str | None = None) -> None:
+        super().__init__(message)
+        self.flag = flag
 
 
 def _check(cond: bool, flag: str, msg: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"--{flag}: {msg} (got {value!r})")
+        raise ConfigError(f"--{flag}: {msg} (got {value!r})", flag=flag)
+
+
+# ---- types: a recipe value is checked against its field's annotation, as the flag parser checks a flag ----
+_UNION_TYPES = (typing.Union, types.UnionType)
+
+
+def describe_type(hint: Any) -> str:
+    """Words for what a field of type ``hint`` takes (``a float``, ``an integer or null``, ``one of a, b``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return "any value"
+    if hint is type(None):
+        return "null"
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a float"
+    if hint is str:
+        return "a string"
+    if hint is Path:
+        return "a path"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in _UNION_TYPES:
+        return " or ".join(describe_type(a) for a in args)
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
+        inner = describe_type(args[0]) if args and args[0] is not Ellipsis else "values"
+        return f"a list of {_plural(inner)}"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return "a mapping of options"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plural(words: str) -> str:
+    for one, many in (("an integer", "integers"), ("a float", "floats"), ("a string", "strings"), ("a path", "paths")):
+        words = words.replace(one, many)
+    return words
+
+
+class _Wrong(Exception):
+    """A value that does not fit its type (internal: :func:`check_value` turns it into a ConfigError)."""
+
+
+def _fit(value: Any, hint: Any) -> Any:
+    """``value`` as a value of ``hint`` (an int where a float goes becomes a float, a float in a string
+    a float, as on the command line); raises :class:`_Wrong` when it does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Wrong
+    if origin in _UNION_TYPES:
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _fit(value, arm)
+            except _Wrong:
+                continue
+        raise _Wrong
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise _Wrong
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Wrong
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Wrong
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string; the flag parser takes it
+            try:
+                return float(value)
+            except ValueError:
+                raise _Wrong from None
+        raise _Wrong
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _Wrong
+    if hint is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise _Wrong
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Wrong
+        if not args:
+            return list(value)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise _Wrong
+            return tuple(_fit(v, a) for v, a in zip(value, args, strict=True))
+        items = [_fit(v, args[0]) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise _Wrong
+        if not args:
+            return dict(value)
+        return {_fit(k, args[0]): _fit(v, args[1]) for k, v in value.items()}
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise _Wrong
+    return value  # a typing construct this checker does not know: left to the dataclass
+
+
+def check_value(value: Any, hint: Any, flag: str) -> Any:
+    """``value`` checked against the type ``hint`` of the field ``flag`` (dotted, without dashes), as the
+    flag parser checks a flag: a mismatch is one line, ``--distill.lr: expected a float, got 'abc'``.
+
+    Returns:
+        The value, with an int given for a float made a float (and a float written as a string parsed).
+    """
+    try:
+        return _fit(value, hint)
+    except _Wrong:
+        raise ConfigError(f"--{flag}: expected {describe_type(hint)}, got {value!r}", flag=flag) from None
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of each field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
@@ -581,18 +736,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"--{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
+        raise ConfigError(f"--{prefix or 'config'}: expected a mapping of options, got {data!r}", flag=prefix or None)
+    names = field_types(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         flag = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(f"--{flag}: unknown option; valid: {', '.join(sorted(names))}")
-        sub = names[key].default_factory  # type: ignore[misc]
-        if dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value or {}, flag)
+            raise ConfigError(f"--{flag}: unknown option; valid: {', '.join(sorted(names))}", flag=flag)
+        sub = names[key]
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            kwargs[key] = value if isinstance(value, sub) else _build(sub, {} if value is None else value, flag)
         else:
-            kwargs[key] = value
+            kwargs[key] = check_value(value, sub, flag)
     return cls(**kwargs)
 
 
@@ -603,14 +758,22 @@ def from_dict(data: dict[str, Any], cls: type = RunConfig, prefix: str = "") -> 
 
 
 def load_yaml_dict(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML recipe, not yet validated; a missing or unparsable file names ``--config``."""
+    """The mapping in a YAML recipe, not yet validated; a missing, empty, unparsable or non-mapping file
+    is one line naming ``--config`` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
+        raise ConfigError(
+            f"--config: {'a folder, not a recipe file' if path.is_dir() else 'file not found'}: {path}", flag="config"
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not a text (YAML) file ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"--config: {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if data is None:
+        raise ConfigError(f"--config: {path} is empty (a recipe is a mapping of sections, see configs/)")
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
     return data

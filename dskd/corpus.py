@@ -9,7 +9,7 @@ Documents of a file:
   the sense corpus, 0 (one paragraph per document) for ``data.text_files``, as each reader asks;
 - ``.jsonl``: one document per non-blank line, the ``text`` field, else ``passage`` or ``content``.
 
-A corpus spec (``--corpus``) is a file, a folder (every ``.txt`` / ``.jsonl`` file below it, sorted by
+A corpus spec (``--senses.corpus``) is a file, a folder (every ``.txt`` / ``.jsonl`` file below it, sorted by
 path), a glob (``'data/*.txt'``), a Hugging Face dataset (``hf:NAME``, optionally ``hf:NAME:CONFIG``,
 ``@SPLIT`` (default ``train``), read with ``datasets`` streaming, or a ``save_to_disk`` folder, read
 memory-mapped; the text is the ``text`` column, else ``passage`` or ``content``), or a built-in corpus:
@@ -53,6 +53,9 @@ TEXT_FIELDS = ("text", "passage", "content")
 DOC_CHARS = 4000  # a .txt document's size; also the nominal document size of blocks cut by document count
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # a save_to_disk folder
 _SCAN = 1 << 16  # bytes read at a time while looking for a document boundary
+TEXT_SAMPLE_BYTES = 1 << 16  # bytes of the start of each corpus file checked for being text
+MAX_BAD_BYTES_SHARE = 0.1  # a file whose sample has more undecodable / control bytes than this is refused
+TEXT_CHECK_BUDGET = 1 << 20  # bytes sampled per corpus spec at most (a folder's first files)
 
 
 class CorpusError(DskdError, ValueError):
@@ -62,7 +65,7 @@ class CorpusError(DskdError, ValueError):
 # ------------------------------------------------------------------------------------ documents of a file
 
 
-def text_of_json(obj: Any, where: str, flag: str = "--corpus") -> str:
+def text_of_json(obj: Any, where: str, flag: str = "--senses.corpus") -> str:
     """The document of a parsed ``.jsonl`` line: its ``text``, else ``passage`` or ``content`` field."""
     if isinstance(obj, dict):
         for key in TEXT_FIELDS:
@@ -110,7 +113,7 @@ def _jsonl_documents(lines: Iterator[tuple[str, str]], flag: str) -> Iterator[st
             yield text_of_json(obj, where, flag)
 
 
-def file_documents(path: str | Path, flag: str = "--corpus", max_chars: int = DOC_CHARS) -> Iterator[str]:
+def file_documents(path: str | Path, flag: str = "--senses.corpus", max_chars: int = DOC_CHARS) -> Iterator[str]:
     """The documents of a whole ``.txt`` / ``.jsonl`` file, read line by line (see the module docstring).
 
     Args:
@@ -119,7 +122,8 @@ def file_documents(path: str | Path, flag: str = "--corpus", max_chars: int = DO
         max_chars: Size of a ``.txt`` document (paragraphs are joined up to it; 0: one per paragraph).
 
     Raises:
-        CorpusError: a missing file, or a ``.jsonl`` line that is not a JSON object with a text field.
+        CorpusError: a missing file, or a ``.jsonl`` line that is not a JSON object with a text field
+            (whether it is text at all: :func:`check_text_files`, when the spec is resolved).
     """
     path = Path(path)
     if not path.is_file():
@@ -170,7 +174,7 @@ def read_span(path: Path, a: int, b: int) -> bytes:
         return f.read(b - a)
 
 
-def span_documents(path: Path, j: int, block_bytes: int, flag: str = "--corpus") -> Iterator[str]:
+def span_documents(path: Path, j: int, block_bytes: int, flag: str = "--senses.corpus") -> Iterator[str]:
     """The documents of block j of a file: only its own bytes are read (plus the boundary search)."""
     a, b = file_span(path, j, block_bytes)
     if b <= a:
@@ -349,7 +353,54 @@ def _lazy_list_source(name: str, make: Callable[[], list[str]]) -> Source:
     return Source(name, lambda: iter(get()), blocks)
 
 
-def sources(specs: list[str], flag: str = "--corpus") -> list[Source]:
+def bad_bytes_share(data: bytes, cut: bool = False) -> float:
+    """The share of ``data`` that is not text: bytes that are not valid UTF-8, and control characters
+    other than tab, newline, carriage return and form feed (a NUL is valid UTF-8 but no text).
+
+    Args:
+        data: The bytes.
+        cut: ``data`` is a prefix of a longer file (a character cut at its end is not counted).
+    """
+    if not data:
+        return 0.0
+    import codecs
+
+    # an incremental decoder holds back a character cut by the sample's end instead of flagging it
+    text = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape").decode(data, final=not cut)
+    bad = sum(1 for ch in text if "\udc80" <= ch <= "\udcff" or (ch < " " and ch not in "\t\n\r\f") or ch == "\x7f")
+    return bad / len(data)
+
+
+def check_text_files(files: list[Path], spec: str, flag: str, allow_empty: bool = False) -> None:
+    """Refuse a corpus spec that is not text, before any model reads it: every one of its files empty,
+    or a file whose first ``TEXT_SAMPLE_BYTES`` hold more than ``MAX_BAD_BYTES_SHARE`` of bytes that are
+    not text (:func:`bad_bytes_share`); the error names the file and the share. Files are sampled in
+    order until ``TEXT_CHECK_BUDGET`` bytes are read (the first files of a large folder).
+
+    Raises:
+        CorpusError: naming ``flag``, the file and the share of bad bytes.
+    """
+    if not allow_empty and all(f.stat().st_size == 0 for f in files):
+        where = files[0] if len(files) == 1 else spec
+        raise CorpusError(f"{flag} {where}: empty (no text)")
+    budget = TEXT_CHECK_BUDGET
+    for f in files:
+        if budget <= 0:
+            break  # a large folder: its first files stand for it (listing a corpus stays cheap)
+        with f.open("rb") as fh:
+            data = fh.read(TEXT_SAMPLE_BYTES + 1)
+        cut = len(data) > TEXT_SAMPLE_BYTES
+        budget -= len(data)
+        share = bad_bytes_share(data[:TEXT_SAMPLE_BYTES], cut=cut)
+        if share > MAX_BAD_BYTES_SHARE:
+            raise CorpusError(
+                f"{flag} {f}: not text: {100 * share:.0f}% of {'its first ' if cut else ''}"
+                f"{min(len(data), TEXT_SAMPLE_BYTES):,} bytes are not UTF-8 text "
+                f"(at most {100 * MAX_BAD_BYTES_SHARE:.0f}% is accepted)"
+            )
+
+
+def sources(specs: list[str], flag: str = "--senses.corpus") -> list[Source]:
     """Resolve corpus specs into sources (``default`` expands to three); nothing is read yet.
 
     Raises:
@@ -379,16 +430,17 @@ def sources(specs: list[str], flag: str = "--corpus") -> list[Source]:
                 f"{flag} {spec!r}: no such file, or no .txt/.jsonl file under it "
                 f"(built-in corpora: default, {', '.join(BUILTIN_CORPORA)})"
             )
+        check_text_files(files, spec, flag)
         out.append(_file_source(spec, files, flag))
     return out
 
 
-def corpus_sources(specs: list[str], flag: str = "--corpus") -> list[tuple[str, Callable[[], Iterator[str]]]]:
+def corpus_sources(specs: list[str], flag: str = "--senses.corpus") -> list[tuple[str, Callable[[], Iterator[str]]]]:
     """Corpus specs as (name, documents) pairs (``default`` expands to three); nothing is read yet."""
     return [(s.name, s.documents) for s in sources(specs, flag)]
 
 
-def iter_blocks(specs: list[str], block_chars: int, flag: str = "--corpus") -> Iterator[tuple[int, Block]]:
+def iter_blocks(specs: list[str], block_chars: int, flag: str = "--senses.corpus") -> Iterator[tuple[int, Block]]:
     """Every corpus's blocks (see the module docstring), taken round-robin across corpora (an
     exhausted corpus drops out), numbered 0, 1, ...; listed without reading any text, and the same
     for every number of readers.

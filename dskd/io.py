@@ -288,3 +288,86 @@ def open_artefact(path: str | Path, kind: Artefact, opener: Callable[[dict[str, 
 
 def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs checked before work: a command that writes checks, before it loads a model or reads a corpus,
+# that it can create and write its target and that a target already there is its own kind of artefact.
+
+
+def check_output(
+    path: str | Path,
+    flag: str,
+    *,
+    folder: bool,
+    kind: Artefact | None = None,
+    what: str | None = None,
+    accept: Callable[[Path], bool] | None = None,
+) -> None:
+    """Refuse, as one :class:`dskd.config.ConfigError` line naming ``flag`` and ``path``, an output that
+    cannot be written: a file where a folder goes or the reverse, a parent that is a file or not
+    writable, or an existing target of another kind (never replaced: it may be what a user made). Writes
+    nothing.
+
+    Args:
+        path: The target (a folder when ``folder``, else a file).
+        flag: The flag that named it (``--out``).
+        folder: Whether the target is a folder.
+        kind: The artefact it is: an existing target must carry this kind's ``format.name`` (a folder in
+            its ``meta.json``, a JSON file in itself); complete or not, it is then the command's own.
+        what: Words for the target (default: ``kind.what``).
+        accept: Also accept an existing non-empty target this says is the command's own (a run folder
+            with checkpoints but no sidecar yet).
+    """
+    from dskd.config import ConfigError
+
+    path = Path(path)
+    what = what or (kind.what if kind else ("folder" if folder else "file"))
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{flag} {path}: {why}", flag=flag.lstrip("-"))
+
+    if path.exists() or path.is_symlink():
+        meta_file = path / META_FILE if folder else path
+        if kind is not None and meta_file.is_file() and meta_file.stat().st_size:
+            try:
+                json.loads(meta_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(
+                    f"{flag} {meta_file}: exists and is damaged ({_why(e)}); move it away or pick another {flag}",
+                    flag=flag.lstrip("-"),
+                ) from e
+        if folder and not path.is_dir():
+            raise fail(f"exists and is a file; a {what} is a folder (pick another {flag})")
+        if not folder and path.is_dir():
+            raise fail(f"exists and is a folder; a {what} is a file (pick another {flag})")
+        if not _own_output(path, folder, kind, accept):
+            raise fail(f"exists and is not a {what}; refusing to replace it (pick another {flag} or move it)")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise fail("exists and is not writable")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise fail(f"cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise fail(f"cannot be created: {parent} is not writable")
+
+
+def _own_output(path: Path, folder: bool, kind: Artefact | None, accept: Callable[[Path], bool] | None) -> bool:
+    """Whether the existing ``path`` may be written over: an empty folder, this kind's artefact, or what
+    ``accept`` says is the command's own."""
+    if folder and not any(p for p in path.iterdir() if not p.name.startswith(".")):
+        return True
+    if not folder and path.stat().st_size == 0:
+        return True
+    if accept is not None and accept(path):
+        return True
+    if kind is None:
+        return accept is None
+    meta_file = path / META_FILE if folder else path
+    try:
+        fmt = json.loads(meta_file.read_text()).get("format")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(fmt, dict) and fmt.get("name") == kind.name

@@ -804,6 +804,8 @@ def build_lexicon(
     for s in specs:
         ts = time.time()
         r = read_source(s, cfg, show_progress=not quiet)
+        if s.path is not None and not any(r.pairs.values()):
+            raise LexiconError(f"--lexicon.sources {s.text!r}: {s.path}: no word pairs in it ({r.lines} lines)")
         per_source[s.text] = {**r.stats(), "seconds": round(time.time() - ts, 2)}
         results.append(r)
         warn = f"; {r.malformed} malformed lines (first at line {r.first_malformed})" if r.malformed else ""
@@ -811,9 +813,14 @@ def build_lexicon(
             f"  source {s.text}: {r.lines} lines, {len(r.pairs['syn'])} synonym and {len(r.pairs['ant'])} "
             f"antonym pairs{warn}"
         )
+    source_words = {
+        s.text: {w for kind in r.pairs.values() for pair in kind for w in pair}
+        for s, r in zip(specs, results, strict=True)
+    }
     words = combine(results, cfg.normalize_negation)
     del results
     tok = map_tokens(tokenizer, words, cfg, show_progress=not quiet)
+    _check_maps_to_tokens(specs, source_words, tok, cfg)
     counts = {**words.counts, **tok.counts}
     relations = _relations_json(tok)
     words_json = json.dumps(
@@ -845,6 +852,36 @@ def build_lexicon(
     log(format_counts(counts))
     log(f"lexicon: wrote {out} in {time.time() - t0:.1f}s (fingerprint {fingerprint})")
     return out
+
+
+def _check_maps_to_tokens(
+    specs: list[SourceSpec], source_words: dict[str, set[str]], tok: TokenRelations, cfg: LexiconConfig
+) -> None:
+    """Refuse a lexicon with no head, and a file source none of whose words is a head of this tokenizer
+    (a single token of at least ``min_head_chars`` characters): most likely another language or the
+    wrong file. Nothing is written then.
+
+    Raises:
+        LexiconError: naming the source (and its file) and how many of its words were tried.
+    """
+
+    def is_head(w: str) -> bool:
+        ids = tok.word_ids.get(w)
+        return ids is not None and len(ids) == 1 and len(w) >= cfg.min_head_chars
+
+    for s in specs:
+        words = source_words.get(s.text, set())
+        if s.path is not None and words and not any(is_head(w) for w in words):
+            raise LexiconError(
+                f"--lexicon.sources {s.text!r}: {s.path}: none of its {len(words):,} words is a single token "
+                f"of the tokenizer (of at least --lexicon.min_head_chars {cfg.min_head_chars} characters), so it "
+                "gives no relation; is it the right file for this teacher?"
+            )
+    if not tok.heads:
+        raise LexiconError(
+            f"--lexicon.sources {','.join(s.text for s in specs)}: no word of the sources maps to a head token "
+            "of the tokenizer; the lexicon would be empty (nothing written)"
+        )
 
 
 def format_counts(counts: dict[str, int]) -> str:

@@ -87,10 +87,24 @@ def check_weights(path: str | Path) -> None:
     folder = Path(path)
     if not folder.is_dir():
         return  # a hub id: transformers reads its own cache
-    run_meta = folder.parent / "meta.json"
-    rebuild = "dskd distill" if folder.name == "student" and run_meta.is_file() else "a fresh export of the model"
+    run = folder.parent
+    if folder.name == "student" and (run / "meta.json").is_file():  # a dskd run folder's student
+        recipe = run / "config.yaml" if (run / "config.yaml").is_file() else "RECIPE.yaml"
+        hint = f"rebuild it with `dskd distill --config {recipe} --out {run}-rebuilt`"
+    else:
+        from dskd.assets import default_model_dir
+
+        if folder.resolve() == default_model_dir().resolve():
+            hint = "export it again with `dskd assets --force`"
+        else:
+            hint = "save or download this model folder again (it is not one dskd builds)"
+
+    class _Model(Artefact):
+        def fail(self, where: Path | str, why: str) -> Exception:
+            return self.error(f"{where}: {why}; {hint}")
+
     files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-    check_files(folder, Artefact("hf-model", 0, "model folder", rebuild, ModelError), files)
+    check_files(folder, _Model("hf-model", 0, "model folder", hint, ModelError), files)
 
 
 def load_model(

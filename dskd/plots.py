@@ -6,7 +6,7 @@ teacher itself rather than from a sense store, so that every word can be shown h
 covers it:
 
 1. Sentences containing each word (written lower-case after a space, as the lexicon maps words) are
-   taken from a text corpus (the same specs as ``dskd senses build --corpus``), at most ``per_word``
+   taken from a text corpus (the same specs as ``dskd senses build --senses.corpus``), at most ``per_word``
    per word.
 2. The teacher runs over each sentence. A word's *contextual state* is the state the sense
    dictionary would file under it: the last hidden state after the final norm (the LM head's input)
@@ -161,7 +161,7 @@ def senses_figure(
         teacher_spec: Teacher model spec.
         words: Words to show (single- or multi-token).
         out: Image path (.png, .pdf, .svg).
-        corpus: Corpus specs to take sentences from (as ``dskd senses build --corpus``).
+        corpus: Corpus specs to take sentences from (as ``dskd senses build --senses.corpus``).
         per_word: Sentences per word at most.
         k: Centroids per word at most.
         seed: Seed of k-means and t-SNE.
@@ -181,7 +181,7 @@ def senses_figure(
     if per_word < 1 or k < 1:
         raise PlotError(f"--per_word / --k: must be >= 1 (got {per_word}, {k})")
     out = Path(out)
-    sources = corpus_sources(list(corpus))  # bad corpus specs fail before the model loads
+    sources = corpus_sources(list(corpus), flag="--corpus")  # bad corpus specs fail before the model loads
     tok = load_tokenizer(teacher_spec)
     occs = find_occurrences((d for _, fn in sources for d in fn()), words, per_word)
     flat = [o for w in words for o in occs[w]]
@@ -218,7 +218,9 @@ def senses_figure(
     _draw(xy[: len(x_all)], xy[len(x_all) :], [lab for lab in labels if lab in shown], cent_labels, shown, info, out)
     info["states"] = len(x_all)
     info["sentences"] = len(used)
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    from dskd.io import write_json
+
+    write_json(out.with_suffix(".json"), info, indent=1)
     if progress:
         near = ", ".join(f"{w}->{info['words'][w]['nearest']}" for w in shown if info["words"][w]["nearest"])
         print(f"nearest word by mean-state MSE: {near}")
@@ -279,7 +281,9 @@ def _draw(
     fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 130)), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.09, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # atomic: a temporary name, then a rename
+    fig.savefig(tmp, dpi=150, format=out.suffix.lstrip(".") or "png")
+    tmp.replace(out)
     plt.close(fig)
 
 

@@ -308,7 +308,7 @@ def fidelity_section(path: Path | str, baseline: str | None = None) -> str:
 def _is_fidelity(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("format", {}).get("name") == "dskd-fidelity"
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 
 

@@ -112,3 +112,52 @@ def packaged_model_dir() -> Path:
 
     path, _ = export_smollm2()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artefacts(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
+    """One of each artefact kind, built tiny through the CLI from a recipe on the tiny teacher: a corpus,
+    a pairs file, the recipe, a lexicon, a sense store, a teacher cache, a distillation run (its
+    ``student/`` folder) and an evaluation result JSON. Tests copy what they damage."""
+    import yaml
+
+    from dskd.__main__ import main
+
+    d = tmp_path_factory.mktemp("artefacts")
+    corpus = d / "corpus.txt"
+    corpus.write_text(TOY_TEXT)
+    pairs = d / "ant.txt"
+    pairs.write_text("hot cold\ngood bad\nbig small\nlight dark\n")
+    recipe = d / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"teacher": str(tiny_teacher_dir), "student_layers": 2, "trainable_layers": 1},
+                "lexicon": {"sources": [f"pairs:{pairs}:ant"]},
+                "senses": {"corpus": [str(corpus)], "k": 2, "max_tokens": 1500, "seq_len": 64, "key": "actual"},
+                "data": {"tasks": [], "text_files": [str(corpus)], "max_length": 32},
+                "loss": {"lam": 0.0},
+                "distill": {"max_steps": 1, "grad_accum": 1, "save_every": 0, "cache_dir": str(d / "cache")},
+                "eval": {"tasks": ["arc_easy"], "limit": 2, "bootstrap": 0},
+            }
+        )
+    )
+    c = ["--config", str(recipe)]
+    paths = {
+        "dir": d,
+        "corpus": corpus,
+        "pairs": pairs,
+        "recipe": recipe,
+        "lexicon": d / "lex",
+        "store": d / "store",
+        "cache": d / "cache",
+        "run": d / "run",
+        "result": d / "res.json",
+        "teacher": tiny_teacher_dir,
+    }
+    assert main(["lexicon", "build", *c, "--out", str(paths["lexicon"]), "--quiet"]) == 0
+    assert main(["senses", "build", *c, "--out", str(paths["store"])]) == 0
+    assert main(["cache", "build", *c]) == 0
+    assert main(["distill", *c, "--out", str(paths["run"])]) == 0
+    assert main(["eval", *c, "--model", str(paths["run"]), "--out", str(paths["result"])]) == 0
+    return paths

@@ -1,24 +1,13 @@
-"""The artefact contract (dskd.io): every stage's output, damaged in one file, gives one line naming the
-file and the command that rebuilds it (no traceback), and the contract's pieces on their own."""
+"""The artefact contract (dskd.io) and its pieces on their own. Every stage's output, damaged in one file,
+giving one line naming the file and the command that rebuilds it: tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import yaml
-from conftest import TOY_TEXT
 
-from dskd.__main__ import main
 from dskd.io import Artefact, ArtefactError, check_files, is_built, read_sidecar, safetensors_problem, sidecar
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.startswith("dskd ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _truncate(path, keep: float = 0.5) -> None:
@@ -26,70 +15,7 @@ def _truncate(path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def test_a_damaged_file_of_each_artefact_kind_is_one_line(tiny_teacher_dir, tmp_path, capsys):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(TOY_TEXT)
-    ant = tmp_path / "ant.txt"
-    ant.write_text("hot cold\ngood bad\nbig small\nlight dark\n")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"teacher": str(tiny_teacher_dir), "student_layers": 2, "trainable_layers": 1},
-                "lexicon": {"sources": [f"pairs:{ant}:ant"]},
-                "senses": {"corpus": [str(corpus)], "k": 2, "max_tokens": 1500, "seq_len": 64, "key": "actual"},
-                "data": {"tasks": [], "text_files": [str(corpus)], "max_length": 32},
-                "loss": {"lam": 0.0},
-                "distill": {"max_steps": 1, "grad_accum": 1, "save_every": 0, "cache_dir": str(tmp_path / "cache")},
-                "eval": {"tasks": ["arc_easy"], "limit": 2, "bootstrap": 0},
-            }
-        )
-    )
-    c = ["--config", str(recipe)]
-    lex, store, run, res = tmp_path / "lex", tmp_path / "store", tmp_path / "run", tmp_path / "res.json"
-    assert main(["lexicon", "build", *c, "--out", str(lex)]) == 0
-    assert main(["senses", "build", *c, "--out", str(store)]) == 0
-    assert main(["cache", "build", *c]) == 0
-    assert main(["distill", *c, "--out", str(run)]) == 0
-    assert main(["eval", *c, "--model", str(run), "--out", str(res)]) == 0
-    capsys.readouterr()
-
-    # sense store: a truncated .safetensors (a raw SafetensorError / numpy error before)
-    store_file = next(store.glob("*.safetensors"))
-    _truncate(store_file)
-    assert main(["senses", "show", str(store), "red"]) == 2
-    line = _error_line(capsys)
-    assert str(store_file) in line and "truncated" in line and "`dskd senses build`" in line
-
-    # lexicon: a corrupt relations.json
-    (lex / "relations.json").write_text('{"heads": {')
-    assert main(["lexicon", "show", str(lex), "hot"]) == 2
-    line = _error_line(capsys)
-    assert str(lex / "relations.json") in line and "`dskd lexicon build`" in line
-
-    # teacher cache: a truncated shard
-    from dskd.data import CacheError, TeacherCache
-
-    shard = tmp_path / "cache" / json.loads((tmp_path / "cache" / "meta.json").read_text())["shards"][0]
-    _truncate(shard)
-    with pytest.raises(CacheError) as e:
-        TeacherCache.open(tmp_path / "cache")
-    assert str(shard) in str(e.value) and "`dskd cache build`" in str(e.value) and "\n" not in str(e.value)
-    assert main(["distill", *c, "--out", str(tmp_path / "run2")]) == 2
-    assert str(shard) in _error_line(capsys)
-
-    # student weights: a truncated model.safetensors of the exported student
-    weights = run / "student" / "model.safetensors"
-    _truncate(weights, 0.9)
-    assert main(["eval", *c, "--model", str(run), "--out", str(tmp_path / "res2.json")]) == 2
-    line = _error_line(capsys)
-    assert str(weights) in line and "`dskd distill`" in line
-
-    # evaluation result: corrupt JSON
-    res.write_text(res.read_text()[:100])
-    assert main(["report", str(res)]) == 2
-    line = _error_line(capsys)
-    assert str(res) in line and "`dskd eval`" in line
+# A damaged file of each artefact kind given to the commands that read it: tests/test_bad_inputs.py.
 
 
 KIND = Artefact("dskd-thing", 2, "thing", "dskd thing build", ArtefactError)

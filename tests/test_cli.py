@@ -158,18 +158,8 @@ def test_a_recipe_drives_a_section_command_and_flags_win(tmp_path):
     assert kw["senses"].max_tokens == cfg.senses.max_tokens
 
 
-def test_config_errors_of_every_command_name_the_flag(tmp_path, capsys):
-    assert main(["senses", "build", "--senses.k", "0", "--out", str(tmp_path)]) == 2
-    assert "--senses.k: must be >= 1" in capsys.readouterr().err
-    assert main(["senses", "build", "--k", "3", "--out", str(tmp_path)]) == 2  # the old spelling
-    assert "--k: unknown option; did you mean --senses.k?" in capsys.readouterr().err
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("eval:\n  limit: -1\n")
-    assert main(["eval", "--config", str(bad), "--out", str(tmp_path / "x.json")]) == 2
-    assert "--eval.limit: must be >= 0" in capsys.readouterr().err
-    bad.write_text("senses:\n  kk: 3\n")
-    assert main(["senses", "build", "--config", str(bad), "--out", str(tmp_path / "s")]) == 2
-    assert "--senses.kk: unknown option" in capsys.readouterr().err
+# Config errors of every command (a flag out of bounds, an old spelling, a recipe's bad value or unknown
+# key), one line naming the flag and the file: tests/test_bad_inputs.py.
 
 
 def test_data_and_report_do_not_import_the_scorer():

@@ -28,7 +28,7 @@ def test_jsonl_fields_and_errors_name_the_flag(tmp_path):
     f.write_text(json.dumps({"title": "x"}) + "\n")
     with pytest.raises(C.CorpusError, match=r"--data.text_files: .*d.jsonl:1"):
         list(C.file_documents(f, flag="--data.text_files"))
-    with pytest.raises(C.CorpusError, match="--corpus: no such file"):
+    with pytest.raises(C.CorpusError, match="--senses.corpus: no such file"):
         list(C.file_documents(tmp_path / "nope.txt"))
 
 

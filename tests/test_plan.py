@@ -162,9 +162,15 @@ def test_paper_config_header_commands_pass_parsing_and_validation(name, tmp_path
 
     def fake_run(cfg, *, until="report", force=False):
         seen["run"].append(cfg)
-        # what `dskd run` writes for this recipe (dskd.pipeline.prepare_shared)
-        for stage in ("lexicon", "senses"):
+        # what `dskd run` writes for this recipe (dskd.pipeline.prepare_shared): the folders, with the
+        # sidecars that the CLI's input checks read before any distill command starts
+        from dskd.io import sidecar, write_sidecar
+        from dskd.lexicon import ARTEFACT
+        from dskd.senses.cli import STORE_ARTEFACT
+
+        for stage, kind in (("lexicon", ARTEFACT), ("senses", STORE_ARTEFACT)):
             (cfg.out_dir / stage).mkdir(parents=True, exist_ok=True)
+            write_sidecar(cfg.out_dir / stage, sidecar(kind))
         return {}
 
     def fake_distill(cfg, out=None, resume=True, **kw):

@@ -312,7 +312,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, tiny_teacher_dir, to
 
 
 def test_corpus_errors(tokenizer, tmp_path):
-    with pytest.raises(S.CorpusError, match="--corpus"):
+    with pytest.raises(S.CorpusError, match="--senses.corpus"):
         S.token_stream(tokenizer, [str(tmp_path / "nope")], 100)
     (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
     with pytest.raises(S.CorpusError, match="bad.jsonl:1"):

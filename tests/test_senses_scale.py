@@ -286,9 +286,9 @@ def test_hugging_face_dataset_folder_is_a_corpus(tmp_path, tokenizer):
     want += tokenizer("the blue bus")["input_ids"] + [tokenizer.eos_token_id]
     assert stream.tolist() == want
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "bad")
-    with pytest.raises(S.CorpusError, match="--corpus .*text column"):
+    with pytest.raises(S.CorpusError, match="--senses.corpus .*text column"):
         S.token_stream(tokenizer, [str(tmp_path / "bad")], 10)
-    with pytest.raises(S.CorpusError, match="--corpus hf:"):
+    with pytest.raises(S.CorpusError, match="--senses.corpus hf:"):
         S.token_stream(tokenizer, ["hf:no-such-owner/no-such-dataset"], 10)
 
 

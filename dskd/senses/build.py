@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -78,6 +79,9 @@ _DIST_PER_BATCH = 512
 # Options that do not change the store (left out of the identity used to skip a rebuild).
 # The runtime options (device, dtypes, block size) enter the identity as resolved values instead.
 _RUNTIME = ("device", "dtype", "sample_dtype", "block_chars")
+# A store holding senses for fewer than this share of its lexicon's heads is refused, not written: the
+# sense loss would find almost no related position (the main job's stores cover about 30-40%).
+MIN_HEAD_SHARE = 0.01
 _NON_IDENTITY = ("checkpoint_every", *_RUNTIME)
 # Options that do not change the gathered samples (a partial gather survives a change of these).
 _NON_GATHER = ("k", "kmeans_iters", "kmeans_init", "store_dtype", "checkpoint_every", "keep_samples", *_RUNTIME)
@@ -767,7 +771,18 @@ def _build(
     lex_fp = lex.fingerprint if lex is not None else None
     plan = _plan(tok, cfg, block_chars, dist)
     if plan.n_pos < 1:
-        raise SenseError(f"--corpus {' '.join(cfg.corpus)}: fewer than 2 tokens of text")
+        raise SenseError(f"--senses.corpus {','.join(cfg.corpus)}: fewer than 2 tokens of text")
+    if lex is not None and cfg.key == "actual" and plan.tokens is not None and dist.world == 1:
+        # states are filed under the token that follows: a head absent from the corpus gets no sense, so
+        # the store's head coverage is known (bounded) before the teacher runs
+        heads = lex.heads()
+        present = np.isin(np.asarray(heads, dtype=np.int64), np.concatenate(plan.tokens)).sum() if heads else 0
+        if heads and present < MIN_HEAD_SHARE * len(heads):
+            raise SenseError(
+                f"--senses.corpus {','.join(cfg.corpus)}: only {int(present):,} of the lexicon's {len(heads):,} heads "
+                f"occur in its first {plan.n_pos + 1:,} tokens (under {100 * MIN_HEAD_SHARE:g}%): the store would "
+                f"cover almost none of --lexicon_dir {lexicon_dir}; not written to {out}"
+            )
     options = dataclasses.asdict(cfg)
     identity: dict[str, Any] = {
         "teacher": teacher_fp,
@@ -862,6 +877,17 @@ def _build(
                 "processes": dist.world,
             }
     parts = _write_store(work, source, tokens, seen, dist_t, cfg, vocab, dim, lex, dev, show)
+    cov = parts["coverage"]
+    if cov["lexicon_heads"] and cov["lexicon_heads_with_senses"] < MIN_HEAD_SHARE * cov["lexicon_heads"]:
+        if dist.world > 1:
+            dist.barrier()  # release the processes waiting for the store; this one fails the launch
+        shutil.rmtree(work, ignore_errors=True)  # its gather (keyed by this corpus) would not be reused
+        raise SenseError(
+            f"--senses.corpus {','.join(cfg.corpus)}: the store would hold senses for "
+            f"{cov['lexicon_heads_with_senses']:,} of the lexicon's {cov['lexicon_heads']:,} heads "
+            f"(under {100 * MIN_HEAD_SHARE:g}%; {cov['vocab_tokens_with_senses']:,} tokens in all): too little "
+            f"or no real text for --lexicon_dir {lexicon_dir}; not written to {out}"
+        )
     from dskd import __version__
 
     q = (
