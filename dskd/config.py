@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -222,6 +222,16 @@ class LossConfig:
         reference_antonyms: Reproduce the reference code: append y's own senses to the antonyms.
         hidden: Direct hidden-state loss between student and teacher last states: none, mse, cosine.
         hidden_weight: Weight of the direct hidden-state loss.
+        sense_scale: How the sense loss is scaled. ``none`` (default, the paper's): plain MSE weighted by
+            lam. ``variance``: every MSE of the sense loss (and its margins) divides each dimension's
+            squared difference by the per-dimension variance of the teacher's last hidden states (measured
+            at the target positions of the first ``margin_calibration_seqs`` training sequences), so a few
+            high-variance dimensions no longer set the loss. ``grad_share``: lam is set once, at the first
+            step after the learning-rate warm-up, so that the lam-weighted sense gradient's norm is
+            ``sense_share`` times the KD + CE gradient's (measured on that step's first micro-batch;
+            loss.lam weighs the warm-up steps), then frozen (recorded in meta.json).
+        sense_share: The share of ``grad_share``: ||lam * grad sense|| / ||grad (KD + CE)|| at the step
+            lam is set (in (0, 10]).
     """
 
     divergence: str = "forward_kl"
@@ -247,6 +257,8 @@ class LossConfig:
     reference_antonyms: bool = False
     hidden: str = "none"
     hidden_weight: float = 0.0
+    sense_scale: Literal["none", "variance", "grad_share"] = "none"
+    sense_share: float = 0.3
 
     def __post_init__(self) -> None:
         _choice(
@@ -279,6 +291,21 @@ class LossConfig:
         _check(0.0 <= self.position_frac <= 1.0, "loss.position_frac", "must be in [0, 1]", self.position_frac)
         _choice(self.hidden, ("none", "mse", "cosine"), "loss.hidden")
         _check(self.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0", self.hidden_weight)
+        _choice(self.sense_scale, ("none", "variance", "grad_share"), "loss.sense_scale")
+        _check(0.0 < self.sense_share <= 10.0, "loss.sense_share", "must be in (0, 10]", self.sense_share)
+        if self.sense_scale == "grad_share":
+            _check(
+                self.lam > 0,
+                "loss.lam",
+                "must be > 0 with loss.sense_scale grad_share (it weighs the warm-up)",
+                self.lam,
+            )
+            _check(
+                self.hidden == "none" or self.hidden_weight == 0,
+                "loss.sense_scale",
+                "grad_share measures the sense gradient alone: set loss.hidden none",
+                self.sense_scale,
+            )
 
 
 @dataclass
