@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import TOY_TEXT
@@ -270,3 +271,79 @@ def test_variance_scale_uses_the_teacher_state_variance(tiny_teacher_dir, text_f
         allh.append(states(None, b)[0][b["labels"][0] != -100])
     ref = torch.cat(allh).double().var(0, unbiased=False)
     assert torch.allclose(var, ref, rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- report and figure
+
+
+def _gap_result(path, name, ll, gold, task="arc_easy"):
+    items = {"id": [f"q{i}" for i in range(len(gold))], "gold": gold, "pred": [0] * len(gold), "loglik": ll}
+    data = {
+        "format": {"name": "dskd-eval", "version": 1},
+        "name": name,
+        "model": f"models/{name}",
+        "complete": True,
+        "tasks": {task: {"n": len(gold), "metrics": {"acc": 0.5}, "items": items}},
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_answer_gap_golden_and_paired_against_the_baseline(tmp_path):
+    from dskd.report import answer_gap_section, answer_gaps, paired_bootstrap
+
+    e = {"items": {"id": ["a", "b"], "gold": [0, 1], "loglik": [[-1.0, -3.0, -2.0], [-1.0, -3.0, -2.0]]}}
+    assert answer_gaps(e) == {"a": 1.0, "b": -2.0}  # -1 - (-2); -3 - (-1)
+    assert answer_gaps({"items": {"id": ["a"], "gold": [0], "pred": [0]}}) == {}  # no log-likelihoods: none
+    g = np.random.default_rng(0)
+    gold = [0] * 50
+    base_ll = g.normal(size=(50, 4)).tolist()
+    better_ll = [[r[0] + 0.5, *r[1:]] for r in base_ll]  # the gold choice 0.5 nats more likely everywhere
+    kd = _gap_result(tmp_path / "kd.json", "kd", base_ll, gold)
+    dskd = _gap_result(tmp_path / "dskd.json", "dskd", better_ll, gold)
+    text = answer_gap_section([kd, dskd], baseline="kd", n_boot=500)
+    a = np.array(
+        [answer_gaps({"items": {"id": list(range(50)), "gold": gold, "loglik": better_ll}})[i] for i in range(50)]
+    )
+    b = np.array(
+        [answer_gaps({"items": {"id": list(range(50)), "gold": gold, "loglik": base_ll}})[i] for i in range(50)]
+    )
+    d, lo, hi = paired_bootstrap(a, b, None, 500, 0)
+    assert d == pytest.approx(0.5)
+    assert f"| dskd | {a.mean():.3f} Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}]*" in text
+    assert f"| kd | {b.mean():.3f} | {b.mean():.3f} |" in text
+
+
+def test_diagnostics_figure_and_report_section(tmp_path):
+    from dskd.plots import plot_diagnostics
+    from dskd.report import training_diagnostics_section
+
+    run = tmp_path / "dskd"
+    run.mkdir()
+    rows = [
+        {"step": 5, "sense": 3.0, "sense_above_floor": 0.7, "aux_grad_ratio": 1.2, "aux_grad_cos": -0.1},
+        {"step": 10, "sense": 2.8, "sense_above_floor": 0.5, "aux_grad_ratio": 1.5, "aux_grad_cos": 0.2},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kd = tmp_path / "kd"
+    kd.mkdir()
+    (kd / "metrics.jsonl").write_text(json.dumps({"step": 5, "kd": 1.0}) + "\n")
+    assert plot_diagnostics({"kd": kd}, tmp_path / "none.png") is None
+    png = plot_diagnostics({"kd": kd, "dskd": run}, tmp_path / "d.png")
+    assert png is not None and png.stat().st_size > 0
+    meta = {
+        "loss": {"lam": 1.0},
+        "sense_scale": {"mode": "none"},
+        "diagnostics": {
+            "sense_floor": {"floor": 2.3},
+            "sense_above_floor": {"first": 0.7, "last": 0.5},
+            "aux_grad_ratio": {"first": 1.2, "mean": 1.35, "last": 1.5},
+            "aux_grad_cos": {"first": -0.1, "mean": 0.05, "last": 0.2},
+        },
+    }
+    (run / "meta.json").write_text(json.dumps(meta))
+    (kd / "meta.json").write_text(json.dumps({"diagnostics": {"logged_steps": 1}}))
+    text = training_diagnostics_section({"kd": kd, "dskd": run})
+    assert "| dskd | none | 1 | 2.3 | 0.7 → 0.5 | 1.2 / 1.35 / 1.5 | -0.10 / +0.05 / +0.20 |" in text
+    assert "| kd |" not in text
+    assert training_diagnostics_section({"kd": kd}) == ""
