@@ -212,6 +212,10 @@ class LossConfig:
         margin_calibration_seqs: Training sequences (in the first epoch's order) whose antonym
             terms calibrate ``antonym_quantile``; more are read while fewer than 100 terms are found.
         positive_margin: beta_p: synonyms within this MSE are not pulled further.
+        positive_margin_mode: ``absolute`` (default, the paper's): beta_p = positive_margin.
+            ``teacher``: beta_p = MSE(p, h^t_i) + positive_margin per kept positive p, so the pull stops
+            once the student's state is as close to the sense as the teacher's own state is (the loss at
+            the teacher's states, the floor, has no positive part).
         max_synonyms: Cap on sampled synonyms per position.
         max_antonyms: Cap on sampled antonyms per position.
         min_positions: Lower bound of the number of related positions sampled per sequence.
@@ -247,6 +251,7 @@ class LossConfig:
     margin_quantile: float = 0.25
     margin_calibration_seqs: int = 32
     positive_margin: float = 0.0
+    positive_margin_mode: Literal["absolute", "teacher"] = "absolute"
     max_synonyms: int = 25
     max_antonyms: int = 25
     min_positions: int = 25
@@ -291,6 +296,7 @@ class LossConfig:
         _check(0.0 <= self.position_frac <= 1.0, "loss.position_frac", "must be in [0, 1]", self.position_frac)
         _choice(self.hidden, ("none", "mse", "cosine"), "loss.hidden")
         _check(self.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0", self.hidden_weight)
+        _choice(self.positive_margin_mode, ("absolute", "teacher"), "loss.positive_margin_mode")
         _choice(self.sense_scale, ("none", "variance", "grad_share"), "loss.sense_scale")
         _check(0.0 < self.sense_share <= 10.0, "loss.sense_share", "must be in (0, 10]", self.sense_share)
         if self.sense_scale == "grad_share":

@@ -288,7 +288,16 @@ def sense_floor(
             batch = D.collate([data.seqs[i]], pad_id)
             t_h = teacher_states([i], batch)
             so = sense_loss(
-                t_h, t_h, batch["labels"].to(t_h.device), [plan], table, lc.kappa, lc.positive_margin, 1.0, scale
+                t_h,
+                t_h,
+                batch["labels"].to(t_h.device),
+                [plan],
+                table,
+                lc.kappa,
+                lc.positive_margin,
+                1.0,
+                scale,
+                lc.positive_margin_mode == "teacher",
             )
             total += float(so.loss)
             terms += plan.n_terms
@@ -587,7 +596,10 @@ def micro_batch_loss(
     sstats = None
     if use_sense:
         h = o.hidden_states[-1]  # (B, T, d), after the final norm
-        so = sense_loss(h, t_h, labels, plans, table, lc.kappa, lc.positive_margin, n_terms, scale)
+        so = sense_loss(
+            h, t_h, labels, plans, table, lc.kappa, lc.positive_margin, n_terms, scale,
+            lc.positive_margin_mode == "teacher",
+        )  # fmt: skip
         terms["sense"], sstats = so.loss, so.stats
     if use_hidden:
         terms["hidden"] = hidden_loss(o.hidden_states[-1], t_h, labels, lc.hidden, n_tok)

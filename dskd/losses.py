@@ -374,6 +374,7 @@ def sense_loss(
     positive_margin: float = 0.0,
     num_terms: torch.Tensor | float | None = None,
     scale: torch.Tensor | None = None,
+    teacher_margin: bool = False,
 ) -> SenseOutput:
     """The DSKD sense loss (method.md section 5) of one micro-batch.
 
@@ -396,6 +397,9 @@ def sense_loss(
         scale: Per-dimension factor (d,) applied to the student state, the teacher state and every
             sense before the selection and the MSEs: with 1 / std of the teacher's states per dimension
             (``loss.sense_scale: variance``) each MSE is sum_j (a_j - b_j)^2 / var_j / d. None: plain MSE.
+        teacher_margin: beta_p = MSE(p, h^t_i) + positive_margin per positive (``positive_margin_mode:
+            teacher``): a positive is pulled only while the student's state is farther from it than the
+            teacher's state is.
 
     Returns:
         :class:`SenseOutput` with the loss and diagnostics sums.
@@ -438,7 +442,11 @@ def sense_loss(
     d = hs.shape[-1]
     p_mse = (p_vec - hs[:, None, :]).pow(2).sum(-1) / d  # (n, k)
     n_mse = (n_vec - hs[:, None, :]).pow(2).sum(-1) / d  # (n, k)
-    p_term = _masked_mean((p_mse - positive_margin).clamp(min=0), p_ok)  # (n,)
+    beta_p: torch.Tensor | float = positive_margin
+    if teacher_margin:
+        with torch.no_grad():
+            beta_p = (p_vec - ht[:, None, :]).pow(2).sum(-1) / d + positive_margin  # (n, k)
+    p_term = _masked_mean((p_mse - beta_p).clamp(min=0), p_ok)  # (n,)
     n_term = _masked_mean((table.margin - n_mse).clamp(min=0), n_ok)  # (n,)
     per = p_term + n_term  # (n,)
     loss = per.sum() / _denominator(num_terms, torch.tensor(float(n_terms), device=dev))

@@ -370,11 +370,11 @@ SENSE_FIELDS = (
     "kappa", "margin", "margin_mode", "margin_quantile", "margin_calibration_seqs", "positive_margin",
     "max_synonyms", "max_antonyms", "min_positions",
     "position_frac", "self_sense", "use_synonyms", "use_antonyms", "reference_antonyms",
-    "sense_scale", "sense_share",
+    "sense_scale", "sense_share", "positive_margin_mode",
 )  # fmt: skip
 # loss fields added after run folders were made: left out of a student's inputs at their defaults, so
 # existing students still skip (their runs used these defaults)
-_LOSS_ADDED = {"sense_scale": "none", "sense_share": 0.3}
+_LOSS_ADDED = {"sense_scale": "none", "sense_share": 0.3, "positive_margin_mode": "absolute"}
 
 
 def _train_inputs(c: RunConfig, shared: dict[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,30 @@ def test_positive_margin_stops_the_pull_at_the_teacher_distance():
     assert float(sense_loss(h, h, labels, plan, table, kappa=1, positive_margin=0.25).loss) == pytest.approx(0.75)
 
 
+def test_teacher_positive_margin_stops_the_pull_where_the_teacher_is():
+    """positive_margin_mode teacher: beta_p = MSE(p, h_t): no loss (and no floor) at the teacher's own state,
+    MSE(p, h_s) - MSE(p, h_t) farther out, nothing closer in."""
+    table = _one_term_table(torch.tensor([0.0, 0.0]))
+    labels = torch.tensor([[1]])
+    plan = [SensePlan(related=torch.tensor([0]), self_=torch.zeros(0, dtype=torch.long))]
+    ht = torch.tensor([[[1.0, 1.0]]])  # MSE 1 to the sense
+    assert float(sense_loss(ht, ht, labels, plan, table, kappa=1, teacher_margin=True).loss) == 0.0
+    assert float(sense_loss(ht, ht, labels, plan, table, kappa=1).loss) == pytest.approx(1.0)  # the plain floor
+    far = torch.tensor([[[2.0, 2.0]]], requires_grad=True)  # MSE 4
+    out = sense_loss(far, ht, labels, plan, table, kappa=1, teacher_margin=True).loss
+    assert float(out) == pytest.approx(4.0 - 1.0)
+    out.backward()
+    assert torch.allclose(far.grad, torch.tensor([[[2.0, 2.0]]]))  # d/dh of ||h||^2 / 2, as without a margin
+    near = torch.tensor([[[0.5, 0.5]]])
+    assert float(sense_loss(near, ht, labels, plan, table, kappa=1, teacher_margin=True).loss) == 0.0
+    # plus the absolute positive_margin on top
+    assert float(
+        sense_loss(far, ht, labels, plan, table, kappa=1, positive_margin=0.5, teacher_margin=True).loss
+    ) == pytest.approx(2.5)
+    with pytest.raises(ConfigError, match="--loss.positive_margin_mode"):
+        LossConfig(positive_margin_mode="student")
+
+
 def test_sense_scale_config_checks():
     with pytest.raises(ConfigError, match="--loss.sense_scale"):
         LossConfig(sense_scale="std")
