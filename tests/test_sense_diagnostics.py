@@ -371,3 +371,32 @@ def test_diagnostics_figure_and_report_section(tmp_path):
     assert "| dskd | none | 1 | 2.3 | 0.7 → 0.5 | 1.2 / 1.35 / 1.5 | -0.10 / +0.05 / +0.20 |" in text
     assert "| kd |" not in text
     assert training_diagnostics_section({"kd": kd}) == ""
+
+
+def test_grad_share_lambda_survives_a_resume(tiny_teacher_dir, text_file, senses, tmp_path):
+    """A run killed after lambda was set resumes with that lambda and ends where an uninterrupted run does."""
+    store, lex = senses
+    kw = {"store": store, "lexicon": lex, "progress": False}
+    over = {"loss__sense_scale": "grad_share", "distill__warmup_frac": 0.25, "distill__max_steps": 4}
+    cfg = make_cfg(tiny_teacher_dir, text_file, distill__save_every=1, **over)
+    whole = distill(cfg, tmp_path / "whole", **kw)
+    part = distill(cfg, tmp_path / "part", stop_after=2, **kw)
+    assert not (part / "meta.json").is_file()
+    distill(cfg, part, resume=True, **kw)
+    a, b = metrics(whole), metrics(part)
+    assert [r["lam"] for r in a] == [r["lam"] for r in b] and a[0]["lam"] == 1.0 and a[1]["lam"] != 1.0
+    wa, wb = trainable(whole), trainable(part)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    meta = json.loads((part / "meta.json").read_text())["sense_scale"]
+    assert meta["lam"] == a[-1]["lam"] and meta["step"] == 2
+
+
+def test_teacher_positive_margin_floor_has_no_positive_part(tiny_teacher_dir, text_file, senses, tmp_path):
+    store, lex = senses
+    floors = {}
+    for mode in ("absolute", "teacher"):
+        cfg = make_cfg(tiny_teacher_dir, text_file, loss__positive_margin_mode=mode, distill__max_steps=1)
+        run = distill(cfg, tmp_path / mode, store=store, lexicon=lex, progress=False)
+        floors[mode] = json.loads((run / "meta.json").read_text())["diagnostics"]["sense_floor"]["floor"]
+    # the plain floor is mostly the positives' MSE; with the teacher margin only antonym hinge terms remain
+    assert 0 <= floors["teacher"] < 0.5 * floors["absolute"]
