@@ -230,7 +230,8 @@ class LossConfig:
             lam. ``variance``: every MSE of the sense loss (and its margins) divides each dimension's
             squared difference by the per-dimension variance of the teacher's last hidden states (measured
             at the target positions of the first ``margin_calibration_seqs`` training sequences), so a few
-            high-variance dimensions no longer set the loss. ``grad_share``: lam is set once, at the first
+            high-variance dimensions no longer set the loss (an ``absolute`` margin is in these units; the
+            ``antonym_quantile`` one is calibrated in them). ``grad_share``: lam is set once, at the first
             step after the learning-rate warm-up, so that the lam-weighted sense gradient's norm is
             ``sense_share`` times the KD + CE gradient's (measured on that step's first micro-batch;
             loss.lam weighs the warm-up steps), then frozen (recorded in meta.json).
@@ -299,6 +300,12 @@ class LossConfig:
         _choice(self.positive_margin_mode, ("absolute", "teacher"), "loss.positive_margin_mode")
         _choice(self.sense_scale, ("none", "variance", "grad_share"), "loss.sense_scale")
         _check(0.0 < self.sense_share <= 10.0, "loss.sense_share", "must be in (0, 10]", self.sense_share)
+        _check(
+            not (self.sense_scale == "variance" and self.margin_mode == "state_median"),
+            "loss.margin_mode",
+            "state_median is in unscaled MSE units; with loss.sense_scale variance use antonym_quantile or absolute",
+            self.margin_mode,
+        )
         if self.sense_scale == "grad_share":
             _check(
                 self.lam > 0,

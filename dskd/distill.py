@@ -906,7 +906,9 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
         set_lam = share_step is not None and run.lam is None and step >= share_step
         diag: dict[str, float] = {}
         # the diagnostic's micro-batch: the first with sense terms (a sequence may have none)
-        diag_j = next((j for j, mb in enumerate(mine) if sum(plans[i].n_terms for i in mb if i in plans)), 0)
+        diag_j = next(
+            (j for j, mb in enumerate(mine) if mb is not None and sum(plans[i].n_terms for i in mb if i in plans)), 0
+        )
         if not mine:  # a short last window: this process still joins the gradient all-reduce
             mine = [None]  # type: ignore[list-item]
         for j, mb in enumerate(mine):

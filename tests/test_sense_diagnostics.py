@@ -173,6 +173,8 @@ def test_sense_scale_config_checks():
         LossConfig(sense_scale="grad_share", lam=0.0)
     with pytest.raises(ConfigError, match="--loss.sense_scale"):
         LossConfig(sense_scale="grad_share", hidden="mse", hidden_weight=1.0)
+    with pytest.raises(ConfigError, match="--loss.margin_mode"):
+        LossConfig(sense_scale="variance", margin_mode="state_median")
     assert LossConfig().sense_scale == "none"  # the paper's, by default
 
 
