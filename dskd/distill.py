@@ -786,7 +786,7 @@ def setup(
             )
         run.floor = sense_floor(run.data, run.table, cfg.loss, cfg.distill.seed, run.pad_id, states, run.scale)
         run.table.info["sense_floor"] = run.floor
-        _print_sense_targets(run, acc)
+        _print_sense_targets(run, acc, store)
         run.sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": run.table.info}
     _optimiser(run)
     if ckpt is not None:
@@ -1165,7 +1165,7 @@ def _log_distill_placement(acc, weights_dtype: torch.dtype, n_master: int, amp, 
     )
 
 
-def _print_sense_targets(run: Training, acc) -> None:
+def _print_sense_targets(run: Training, acc, store) -> None:
     """How many training targets (distinct tokens and positions) have k clustered senses, only raw states, none."""
     info, table = run.table.info, run.table
     if not acc.is_main_process:
@@ -1182,6 +1182,13 @@ def _print_sense_targets(run: Training, acc) -> None:
         c = info["targets_clustered"]
         line += f" ({c:,} clustered into k-means senses, {info['targets_with_senses'] - c:,} only raw states)"
     line += f"; {int(has.sum()):,} of {int(y.numel()):,} target positions"
+    counts_of = getattr(store, "counts", None)
+    if callable(counts_of) and int(has.sum()):
+        toks = torch.unique(y[has]).tolist()
+        clustered = torch.tensor([int(counts_of(t).sum()) > int(store.n_senses(t)) for t in toks], dtype=torch.bool)
+        at = torch.isin(y[has], torch.tensor(toks)[clustered]) if clustered.any() else torch.zeros(0, dtype=torch.bool)
+        info["target_positions_clustered"] = int(at.sum())
+        line += f" ({int(at.sum()):,} with clustered senses)"
     floor = run.floor.get("floor")
     if floor is not None:
         line += f"; sense floor (the loss at the teacher's own states) {floor:.4g}"
