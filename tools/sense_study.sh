@@ -73,8 +73,6 @@ screen)
   "$DSKD" experiment --config "$C" --out "$A" "${EVAL[@]}" --seeds 1 --arms "$SCREEN" --report-name screen
   # k = 10 senses (kappa = 5 from the recipe): its own store; KD does not read the store, so its student is reused
   link "$MAIN" "$B" lexicon prompts.jsonl prompts.jsonl.meta.json teacher_cache students/untrained students/kd
-  mkdir -p "$B/eval"
-  [ -e "$B/eval/teacher.json" ] || cp "$A/eval/teacher.json" "$B/eval/teacher.json"  # same inputs: not rerun
   "$DSKD" experiment --config "$C" --out "$B" --senses.k 10 "${EVAL[@]}" --seeds 1 --arms kd,dskd --report-name screen_k10
   table
   ;;
