@@ -476,9 +476,12 @@ def training_diagnostics_section(runs: dict[str, Path | str]) -> str:
         floor = (dg.get("sense_floor") or {}).get("floor")
         above = dg.get("sense_above_floor")
         r, c = dg["aux_grad_ratio"], dg.get("aux_grad_cos")
-        lam = sc.get("lam", (meta.get("loss") or {}).get("lam"))
+        loss = meta.get("loss") or {}
+        weight = fl({"v": sc.get("lam", loss.get("lam"))}, "v")
+        if not loss.get("lam") and loss.get("hidden", "none") != "none":  # KD + hidden-state loss
+            weight = f"hidden {loss.get('hidden_weight', 0):.3g}"
         lines.append(
-            f"| {name} | {sc.get('mode', 'none')} | {fl({'v': lam}, 'v')} | {fl({'v': floor}, 'v')} | "
+            f"| {name} | {sc.get('mode', 'none')} | {weight} | {fl({'v': floor}, 'v')} | "
             f"{fl(above, 'first')} → {fl(above, 'last')} | {fl(r, 'first')} / {fl(r, 'mean')} / {fl(r, 'last')} | "
             f"{fl(c, 'first', '{:+.2f}')} / {fl(c, 'mean', '{:+.2f}')} / {fl(c, 'last', '{:+.2f}')} |"
         )
@@ -489,7 +492,7 @@ def training_diagnostics_section(runs: dict[str, Path | str]) -> str:
         "teacher's own states; ratio = ||grad of lambda x sense (+ hidden)|| / ||grad of KD + CE||, cosine "
         "between the two (< 0: the term opposes KD + CE); first / mean / last logged step",
         "",
-        "| run | sense_scale | lambda | sense floor | sense - floor | grad ratio | grad cosine |",
+        "| run | sense_scale | weight (lambda) | sense floor | sense - floor | grad ratio | grad cosine |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     return "\n".join(head + lines) + "\n"
