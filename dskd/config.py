@@ -371,6 +371,10 @@ class LossConfig:
         margin_calibration_seqs: Training sequences (in the first epoch's order) whose antonym
             terms calibrate ``antonym_quantile``; more are read while fewer than 100 terms are found.
         positive_margin: beta_p: synonyms within this MSE are not pulled further.
+        positive_margin_mode: ``absolute`` (default, the paper's): beta_p = positive_margin.
+            ``teacher``: beta_p = MSE(p, h^t_i) + positive_margin per kept positive p, so the pull stops
+            once the student's state is as close to the sense as the teacher's own state is (the loss at
+            the teacher's states, the floor, has no positive part).
         max_synonyms: Cap on sampled synonyms per position.
         max_antonyms: Cap on sampled antonyms per position.
         min_positions: Lower bound of the number of related positions sampled per sequence.
@@ -381,6 +385,17 @@ class LossConfig:
         reference_antonyms: Reproduce the reference code: append y's own senses to the antonyms.
         hidden: Direct hidden-state loss between student and teacher last states: none, mse, cosine.
         hidden_weight: Weight of the direct hidden-state loss.
+        sense_scale: How the sense loss is scaled. ``none`` (default, the paper's): plain MSE weighted by
+            lam. ``variance``: every MSE of the sense loss (and its margins) divides each dimension's
+            squared difference by the per-dimension variance of the teacher's last hidden states (measured
+            at the target positions of the first ``margin_calibration_seqs`` training sequences), so a few
+            high-variance dimensions no longer set the loss (an ``absolute`` margin is in these units; the
+            ``antonym_quantile`` one is calibrated in them). ``grad_share``: lam is set once, at the first
+            step after the learning-rate warm-up, so that the lam-weighted sense gradient's norm is
+            ``sense_share`` times the KD + CE gradient's (measured on that step's first micro-batch;
+            loss.lam weighs the warm-up steps), then frozen (recorded in meta.json).
+        sense_share: The share of ``grad_share``: ||lam * grad sense|| / ||grad (KD + CE)|| at the step
+            lam is set (in (0, 10]).
     """
 
     divergence: str = "forward_kl"
@@ -396,6 +411,7 @@ class LossConfig:
     margin_quantile: float = 0.25
     margin_calibration_seqs: int = 32
     positive_margin: float = 0.0
+    positive_margin_mode: Literal["absolute", "teacher"] = "absolute"
     max_synonyms: int = 25
     max_antonyms: int = 25
     min_positions: int = 25
@@ -406,6 +422,8 @@ class LossConfig:
     reference_antonyms: bool = False
     hidden: str = "none"
     hidden_weight: float = 0.0
+    sense_scale: Literal["none", "variance", "grad_share"] = "none"
+    sense_share: float = 0.3
 
     def __post_init__(self) -> None:
         _choice(
@@ -438,6 +456,28 @@ class LossConfig:
         _check(0.0 <= self.position_frac <= 1.0, "loss.position_frac", "must be in [0, 1]", self.position_frac)
         _choice(self.hidden, ("none", "mse", "cosine"), "loss.hidden")
         _check(self.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0", self.hidden_weight)
+        _choice(self.positive_margin_mode, ("absolute", "teacher"), "loss.positive_margin_mode")
+        _choice(self.sense_scale, ("none", "variance", "grad_share"), "loss.sense_scale")
+        _check(0.0 < self.sense_share <= 10.0, "loss.sense_share", "must be in (0, 10]", self.sense_share)
+        _check(
+            not (self.sense_scale == "variance" and self.margin_mode == "state_median"),
+            "loss.margin_mode",
+            "state_median is in unscaled MSE units; with loss.sense_scale variance use antonym_quantile or absolute",
+            self.margin_mode,
+        )
+        if self.sense_scale == "grad_share":
+            _check(
+                self.lam > 0,
+                "loss.lam",
+                "must be > 0 with loss.sense_scale grad_share (it weighs the warm-up)",
+                self.lam,
+            )
+            _check(
+                self.hidden == "none" or self.hidden_weight == 0,
+                "loss.sense_scale",
+                "grad_share measures the sense gradient alone: set loss.hidden none",
+                self.sense_scale,
+            )
 
 
 @dataclass

@@ -35,6 +35,7 @@ follow 1 process with accumulation 4).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -55,8 +56,10 @@ from dskd.losses import (
     SenseTable,
     SparseTeacher,
     antonym_teacher_mse,
+    aux_and_main,
     ce_loss,
     combine,
+    grad_comparison,
     hidden_loss,
     kd_loss,
     plan_positions,
@@ -118,9 +121,13 @@ def build_sense_table(
         return [r for t in chosen for r in rows(store.entry_of(tuple(t)))]
 
     table_rows: list[tuple[int, list[int], list[int], list[int], bool]] = []
+    counts_of = getattr(store, "counts", None)
+    clustered: list[int] = []  # target tokens whose own senses are k-means centroids (not raw states)
     for y in sorted(set(tokens)):
         rng = random.Random(f"{seed}-{y}")
         own = rows(y)
+        if own and callable(counts_of) and int(counts_of(y).sum()) > len(own):  # a centroid holds > 1 state
+            clustered.append(y)
         syn = related_rows(list(lexicon.synonyms(y)), cfg.max_synonyms, rng) if cfg.use_synonyms else []
         ant = related_rows(list(lexicon.antonyms(y)), cfg.max_antonyms, rng) if cfg.use_antonyms else []
         neg = ant + (own if cfg.reference_antonyms else [])
@@ -153,6 +160,9 @@ def build_sense_table(
         "margin_mode": cfg.margin_mode,
         "store_median_mse": median,
         "margin_calibrated": cfg.margin_mode != "antonym_quantile",
+        # own senses of the target tokens: k-means centroids, or the raw states of a token seen <= k times
+        "targets_with_senses": sum(1 for r in table_rows if r[1]),
+        "targets_clustered": len(clustered) if callable(counts_of) else None,
     }
     return SenseTable(
         bank=torch.cat(bank) if bank else torch.zeros(0, dim, dtype=bank_dtype),
@@ -166,7 +176,9 @@ def build_sense_table(
     )
 
 
-def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id: int, teacher_states) -> dict[str, Any]:
+def calibrate_margin(
+    data, table: SenseTable, lc: LossConfig, seed: int, pad_id: int, teacher_states, scale: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Set ``table.margin`` to a quantile of the antonym terms' MSE at the teacher's states.
 
     The sequences are the first of epoch 0's order, with the sense positions training will sample
@@ -182,6 +194,7 @@ def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id:
         seed: The run's seed (``distill.seed``), for the data order and sense positions.
         pad_id: Padding id.
         teacher_states: ``f(idx, batch) -> (B, T, d)`` teacher last hidden states of a batch.
+        scale: Per-dimension factor of the sense MSEs (``loss.sense_scale: variance``), None: plain MSE.
 
     Returns:
         What was measured (also stored in ``table.info["margin_calibration"]``).
@@ -198,7 +211,7 @@ def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id:
             continue
         batch = D.collate([data.seqs[i]], pad_id)
         t_h = teacher_states([i], batch)
-        v = antonym_teacher_mse(t_h, batch["labels"].to(t_h.device), [plan], table, lc.kappa).cpu()
+        v = antonym_teacher_mse(t_h, batch["labels"].to(t_h.device), [plan], table, lc.kappa, scale).cpu()
         vals.append(v)
         terms += v.numel()
     allv = torch.cat(vals) if vals else torch.zeros(0)
@@ -215,6 +228,98 @@ def calibrate_margin(data, table: SenseTable, lc: LossConfig, seed: int, pad_id:
         info["note"] = "no antonym terms in the calibration sequences; margin 0"
     table.info.update(margin=table.margin, margin_calibrated=True, margin_calibration=info)
     return info
+
+
+def _first_sequences(data, lc: LossConfig, seed: int):
+    """The first ``lc.margin_calibration_seqs`` sequences of epoch 0's order (what the calibrations read)."""
+    order = [i for mb in D.epoch_batches(len(data), 1, seed, 0) for i in mb]
+    return order[: lc.margin_calibration_seqs]
+
+
+def teacher_state_variance(data, lc: LossConfig, seed: int, pad_id: int, teacher_states) -> torch.Tensor:
+    """Per-dimension variance of the teacher's last hidden states at the target positions of the first
+    ``lc.margin_calibration_seqs`` training sequences (epoch 0's order): the scale of
+    ``loss.sense_scale: variance``.
+
+    Returns:
+        (d,) float64 variance (population, over positions), on the CPU.
+    """
+    n, s1, s2 = 0, None, None
+    for i in _first_sequences(data, lc, seed):
+        batch = D.collate([data.seqs[i]], pad_id)
+        h = teacher_states([i], batch)[0].double().cpu()  # (T, d)
+        h = h[batch["labels"][0] != IGNORE_INDEX]  # (n_i, d)
+        s1 = h.sum(0) if s1 is None else s1 + h.sum(0)
+        s2 = (h * h).sum(0) if s2 is None else s2 + (h * h).sum(0)
+        n += h.shape[0]
+    if not n:
+        raise ConfigError("--loss.sense_scale: variance needs target positions in the first training sequences")
+    mean = s1 / n
+    return (s2 / n - mean * mean).clamp(min=0.0)
+
+
+def variance_scale(var: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 / std per dimension (float32), dimensions of (near) zero variance floored at ``eps`` x the mean variance."""
+    floor = max(float(var.mean()) * eps, 1e-12)
+    return var.clamp(min=floor).rsqrt().float()
+
+
+def sense_floor(
+    data, table: SenseTable, lc: LossConfig, seed: int, pad_id: int, teacher_states, scale: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """The sense loss at the teacher's own states: the floor of the logged sense loss.
+
+    The student's state is replaced by the teacher's (``sense_loss(h_t, h_t, ...)``) at the sense positions
+    training samples in epoch 0 for its first ``lc.margin_calibration_seqs`` sequences, with the run's
+    margin and scale. A student that matched the teacher's states exactly would log this; what the sense
+    term can still pull is ``sense - floor``.
+
+    Returns:
+        ``floor`` (mean per sense term), ``terms``, ``sequences``, and the floor's positive and hinge
+        parts (``pos_mse``: mean MSE of the kept positives to the teacher's state).
+    """
+    total, terms, seqs = 0.0, 0, 0
+    stats: dict[str, float] = {}
+    with torch.no_grad():
+        for i in _first_sequences(data, lc, seed):
+            seqs += 1
+            plan = window_plans(data, [i], table, lc, seed, 0, pad_id)[i]
+            if plan.n_terms == 0:
+                continue
+            batch = D.collate([data.seqs[i]], pad_id)
+            t_h = teacher_states([i], batch)
+            so = sense_loss(
+                t_h,
+                t_h,
+                batch["labels"].to(t_h.device),
+                [plan],
+                table,
+                lc.kappa,
+                lc.positive_margin,
+                1.0,
+                scale,
+                lc.positive_margin_mode == "teacher",
+            )
+            total += float(so.loss)
+            terms += plan.n_terms
+            for k, v in so.stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+    out: dict[str, Any] = {"floor": total / terms if terms else None, "terms": terms, "sequences": seqs}
+    if terms:
+        out.update({k: v for k, v in summarize_sense_stats(stats).items() if k in ("pos_mse", "hinge_active_share")})
+    return out
+
+
+def _teacher_states(cache, teacher, acc):
+    """``f(idx, batch) -> (B, T, d)``: the teacher's last hidden states of a batch (cache or online, no grad)."""
+
+    def states(idx: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if cache is not None:
+            return cache.get(idx, batch["labels"].shape[1])[1].to(acc.device)
+        with torch.no_grad():
+            return D.teacher_forward(teacher, {k: v.to(acc.device) for k, v in batch.items()})[1]
+
+    return states
 
 
 def open_sense_sources(lexicon_dir: Path, senses_dir: Path, tokenizer, teacher_fingerprint: str):
@@ -453,6 +558,7 @@ def micro_batch_loss(
     autocast,
     prefix: tuple[int, torch.Tensor] | None = None,
     head_at_targets: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Student forward and every loss term of one micro-batch, each normalised by the window's counts.
 
@@ -461,6 +567,7 @@ def micro_batch_loss(
             (the teacher cache's, when the bottom n layers are the teacher's, frozen); None: the whole student.
         head_at_targets: Apply the student's (frozen) LM head, and the teacher's when recomputed, only at
             target positions, not at padding (:func:`dskd.models.head_at_targets_ok`); the same losses.
+        scale: Per-dimension factor of the sense MSEs (``loss.sense_scale: variance``); None: plain MSE.
 
     Returns:
         (weighted total, {ce, kd[, sense][, hidden]}, sense diagnostics sums or None)
@@ -499,7 +606,10 @@ def micro_batch_loss(
     sstats = None
     if use_sense:
         h = o.hidden_states[-1]  # (B, T, d), after the final norm
-        so = sense_loss(h, t_h, labels, plans, table, lc.kappa, lc.positive_margin, n_terms)
+        so = sense_loss(
+            h, t_h, labels, plans, table, lc.kappa, lc.positive_margin, n_terms, scale,
+            lc.positive_margin_mode == "teacher",
+        )  # fmt: skip
         terms["sense"], sstats = so.loss, so.stats
     if use_hidden:
         terms["hidden"] = hidden_loss(o.hidden_states[-1], t_h, labels, lc.hidden, n_tok)
@@ -556,6 +666,11 @@ class Training:
     tokens_seen: int = 0
     elapsed: float = 0.0
     t_start: float = 0.0
+    scale: torch.Tensor | None = None  # 1 / std per dimension of the sense MSEs (loss.sense_scale: variance)
+    floor: dict[str, Any] = field(default_factory=dict)  # the sense loss at the teacher's states (sense_floor)
+    lam: float | None = None  # lambda as set by loss.sense_scale grad_share (None: loss.lam)
+    lam_info: dict[str, Any] = field(default_factory=dict)  # how it was set (meta.json, checkpoints)
+    diagnose: bool = True  # the gradient diagnostic at logging steps (it changes no result)
 
     @property
     def pad_id(self) -> int:
@@ -662,16 +777,43 @@ def setup(
             )
         targets = sorted({int(t) for s in run.data.seqs for t in s[1:].tolist()})
         run.table = build_sense_table(store, lexicon, targets, cfg.loss, cfg.distill.seed).to(acc.device)
+        states = _teacher_states(run.cache, run.teacher, acc)
+        if cfg.loss.sense_scale == "variance":
+            var = teacher_state_variance(run.data, cfg.loss, cfg.distill.seed, run.pad_id, states)
+            run.scale = variance_scale(var).to(acc.device)
+            top = var.sort(descending=True).values
+            run.lam_info = {
+                "mode": "variance",
+                "lam": cfg.loss.lam,
+                "mean_variance": float(var.mean()),
+                "max_variance": float(top[0]),
+                "top10_variance_share": float(top[:10].sum() / top.sum()) if float(top.sum()) > 0 else None,
+                "sequences": min(len(run.data), cfg.loss.margin_calibration_seqs),
+            }
         if cfg.loss.margin_mode == "antonym_quantile":
             _resolve_margin(
-                run.table, cfg.loss, run.data, run.cache, run.teacher, ckpt, acc, cfg.distill.seed, run.pair.tokenizer
+                run.table,
+                cfg.loss,
+                run.data,
+                run.cache,
+                run.teacher,
+                ckpt,
+                acc,
+                cfg.distill.seed,
+                run.pair.tokenizer,
+                run.scale,
             )
+        run.floor = sense_floor(run.data, run.table, cfg.loss, cfg.distill.seed, run.pad_id, states, run.scale)
+        run.table.info["sense_floor"] = run.floor
+        _print_sense_targets(run, acc, store)
         run.sources = {"store": _source_info(store), "lexicon": _source_info(lexicon), "table": run.table.info}
     _optimiser(run)
     if ckpt is not None:
         _check_resume_window(ckpt, run)
         st = load_checkpoint(ckpt, run.model, run.opt, run.sched, acc)
         run.start, run.tokens_seen, run.elapsed = st["step"], st["tokens"], st["seconds"]
+        if st.get("sense_lam"):
+            run.lam, run.lam_info = float(st["sense_lam"]["lam"]), st["sense_lam"]
         if acc.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", run.start)
     return run
@@ -783,6 +925,10 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
     cfg, acc, data, table, model = run.cfg, run.acc, run.data, run.table, run.model
     dc, lc, W, rank, pad_id = cfg.distill, cfg.loss, run.acc.num_processes, run.acc.process_index, run.pad_id
     use_sense, V, per_window = lc.lam > 0, run.pair.vocab_size, dc.grad_accum * W
+    use_aux = use_sense or (lc.hidden != "none" and lc.hidden_weight > 0)
+    if run.lam is not None:  # grad_share: the lambda set (and checkpointed) after the warm-up
+        lc = dataclasses.replace(lc, lam=run.lam)
+    share_step = int(dc.warmup_frac * run.total) if lc.sense_scale == "grad_share" and use_sense else None
     bar = tqdm(total=run.total, initial=run.start, desc="distill", disable=not (progress and acc.is_main_process))
     batches: list[list[int]] = []
     batches_epoch = -1
@@ -800,6 +946,13 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
         n_terms = float(sum(p.n_terms for p in plans.values()))
         mine = win[rank::W]
         logged = torch.zeros(len(_TERMS) + len(_SENSE_STATS), device=acc.device)
+        logging = (step + 1) % dc.log_every == 0 or step + 1 == run.total
+        set_lam = share_step is not None and run.lam is None and step >= share_step
+        diag: dict[str, float] = {}
+        # the diagnostic's micro-batch: the first with sense terms (a sequence may have none)
+        diag_j = next(
+            (j for j, mb in enumerate(mine) if mb is not None and sum(plans[i].n_terms for i in mb if i in plans)), 0
+        )
         if not mine:  # a short last window: this process still joins the gradient all-reduce
             mine = [None]  # type: ignore[list-item]
         for j, mb in enumerate(mine):
@@ -832,7 +985,16 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
                     run.autocast,
                     prefix,
                     run.head_at_targets,
+                    run.scale,
                 )
+                if j == diag_j and (set_lam or (logging and use_aux and run.diagnose and acc.is_main_process)):
+                    # on a copy of the gradients (torch.autograd.grad): .grad, the step and the RNG are untouched
+                    diag = grad_comparison(*aux_and_main(terms, lc), run.params)
+                    if set_lam:
+                        lc, loss = _set_grad_share_lam(run, lc, terms, diag, step, W)
+                        set_lam = False
+                        if not logging or not acc.is_main_process:
+                            diag = {}
                 # DDP averages gradients over processes; the loss is already normalised by the global count.
                 # Not acc.backward: it divides by gradient_accumulation_steps, which the counts already hold
                 # (there is no loss scaler: float16 autocast is refused in _accelerator)
@@ -853,6 +1015,12 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
         run.tokens_seen += int(n_tok)
         done = step + 1
         rec = _step_record(logged, use_sense, done, epoch, lr, grad_norm, n_tok, dt, run.elapsed)
+        if use_sense and run.floor.get("floor") is not None:
+            rec["sense_above_floor"] = rec["sense"] - run.floor["floor"]
+        if diag:
+            rec.update({k: diag[k] for k in ("aux_grad_ratio", "aux_grad_cos")})
+        if share_step is not None:
+            rec["lam"] = lc.lam
         _show_and_log(run, bar, rec, done)
         if (dc.save_every and done % dc.save_every == 0) or done == run.total:
             _save(run, done, epoch, window)
@@ -861,6 +1029,40 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
             return False
     bar.close()
     return True
+
+
+def _set_grad_share_lam(run: Training, lc: LossConfig, terms, diag: dict[str, float], step: int, W: int):
+    """``loss.sense_scale: grad_share``: lambda such that ||lambda grad sense|| = sense_share x ||grad (KD + CE)||
+    on this micro-batch (process 0's, for every process), frozen from here; returns (the loss config with it,
+    this micro-batch's loss recomputed with it). A micro-batch without sense gradient postpones it a step."""
+    lam_old, ratio = lc.lam, diag["aux_grad_ratio"]
+    lam = lc.sense_share * lam_old / ratio if ratio > 0 and math.isfinite(ratio) else float("nan")
+    if W > 1:
+        from accelerate.utils import broadcast
+
+        lam = float(broadcast(torch.tensor([lam], device=run.acc.device), from_process=0).item())
+    if not math.isfinite(lam) or lam <= 0:
+        if run.acc.is_main_process:
+            print(f"grad_share: no sense gradient at step {step + 1}; lambda {lam_old:g} kept one more step")
+        return lc, combine(terms, lc)
+    run.lam = lam
+    run.lam_info = {
+        "mode": "grad_share",
+        "share": lc.sense_share,
+        "lam": lam,
+        "step": step + 1,
+        "lam_before": lam_old,
+        "measured_ratio": ratio,
+        "cosine": diag["aux_grad_cos"],
+    }
+    if run.acc.is_main_process:
+        print(
+            f"grad_share: lambda {lam:.4g} from step {step + 1} on (the sense gradient was {ratio:.3g}x KD + CE's "
+            f"at lambda {lam_old:g}; target share {lc.sense_share:g})"
+        )
+    diag["aux_grad_ratio"] = ratio * lam / lam_old
+    lc = dataclasses.replace(lc, lam=lam)
+    return lc, combine(terms, lc)
 
 
 def _logged_values(terms: dict[str, torch.Tensor], sstats, device) -> torch.Tensor:
@@ -918,6 +1120,8 @@ def _save(run: Training, done: int, epoch: int, window: int) -> None:
     if run.table is not None and run.cfg.loss.margin_mode == "antonym_quantile":
         # a resumed run keeps the margin it started with
         state["margin"] = {"value": run.table.margin, "calibration": run.table.info.get("margin_calibration")}
+    if run.lam is not None:  # a resumed grad_share run keeps its lambda
+        state["sense_lam"] = run.lam_info
     save_checkpoint(run.out, done, run.model, run.opt, run.sched, run.acc, state, run.cfg.distill.keep_checkpoints)
 
 
@@ -964,6 +1168,8 @@ def export(run: Training) -> Path:
             else None,
             senses=run.sources or None,
             sense_summary=_sense_summary(out / "metrics.jsonl", table.margin) if table is not None else None,
+            diagnostics=_diagnostics_summary(out / "metrics.jsonl", run.floor),
+            sense_scale={"mode": cfg.loss.sense_scale, **run.lam_info} if table is not None else None,
             processes=acc.num_processes,
             steps=run.total,
             tokens=run.tokens_seen,
@@ -1134,7 +1340,39 @@ def _log_distill_placement(acc, weights_dtype: torch.dtype, n_master: int, amp, 
     )
 
 
-def _resolve_margin(table: SenseTable, lc: LossConfig, data, cache, teacher, ckpt, acc, seed: int, tok) -> None:
+def _print_sense_targets(run: Training, acc, store) -> None:
+    """How many training targets (distinct tokens and positions) have k clustered senses, only raw states, none."""
+    info, table = run.table.info, run.table
+    if not acc.is_main_process:
+        return
+    own = (table.self_idx[:, 0] >= 0).cpu() if table.self_idx.numel() else torch.zeros(0, dtype=torch.bool)
+    row_of = table.row_of.cpu()
+    y = torch.cat([s[1:] for s in run.data.seqs]) if len(run.data) else torch.zeros(0, dtype=torch.long)
+    rows = row_of[y.clamp(0, row_of.numel() - 1)]
+    rows = torch.where(y < row_of.numel(), rows, torch.full_like(rows, -1))
+    has = (rows >= 0) & own[rows.clamp(min=0)] if own.numel() else torch.zeros_like(rows, dtype=torch.bool)
+    info["target_positions"], info["target_positions_with_senses"] = int(y.numel()), int(has.sum())
+    line = f"sense targets: {info['targets_with_senses']:,} of {info['tokens']:,} distinct training targets have senses"
+    if info.get("targets_clustered") is not None:
+        c = info["targets_clustered"]
+        line += f" ({c:,} clustered into k-means senses, {info['targets_with_senses'] - c:,} only raw states)"
+    line += f"; {int(has.sum()):,} of {int(y.numel()):,} target positions"
+    counts_of = getattr(store, "counts", None)
+    if callable(counts_of) and int(has.sum()):
+        toks = torch.unique(y[has]).tolist()
+        clustered = torch.tensor([int(counts_of(t).sum()) > int(store.n_senses(t)) for t in toks], dtype=torch.bool)
+        at = torch.isin(y[has], torch.tensor(toks)[clustered]) if clustered.any() else torch.zeros(0, dtype=torch.bool)
+        info["target_positions_clustered"] = int(at.sum())
+        line += f" ({int(at.sum()):,} with clustered senses)"
+    floor = run.floor.get("floor")
+    if floor is not None:
+        line += f"; sense floor (the loss at the teacher's own states) {floor:.4g}"
+    print(line)
+
+
+def _resolve_margin(
+    table: SenseTable, lc: LossConfig, data, cache, teacher, ckpt, acc, seed: int, tok, scale=None
+) -> None:
     """The antonym_quantile margin: from the checkpoint a run resumes, else calibrated (rank 0's value)."""
     saved = json.loads((ckpt / "state.json").read_text()).get("margin") if ckpt is not None else None
     if saved is not None:
@@ -1149,7 +1387,7 @@ def _resolve_margin(table: SenseTable, lc: LossConfig, data, cache, teacher, ckp
         with torch.no_grad():
             return D.teacher_forward(teacher, {k: v.to(acc.device) for k, v in batch.items()})[1]
 
-    info = calibrate_margin(data, table, lc, seed, pad_id, states)
+    info = calibrate_margin(data, table, lc, seed, pad_id, states, scale)
     if acc.num_processes > 1:  # every process must use the same margin (online teachers may differ in the last bit)
         from accelerate.utils import broadcast
 
@@ -1178,6 +1416,27 @@ def _sense_summary(path: Path, margin: float) -> dict[str, Any]:
                 "first_step": vals[0][0],
                 "last_step": vals[-1][0],
             }
+    return out
+
+
+def _diagnostics_summary(path: Path, floor: dict[str, Any]) -> dict[str, Any]:
+    """What the run's logged steps say about the sense (or hidden-state) term against KD + CE: the sense
+    floor, and first / last / mean of ``sense_above_floor``, ``aux_grad_ratio`` (||grad of lam x sense
+    (+ hidden)|| / ||grad of KD + CE|| on one micro-batch) and ``aux_grad_cos`` (their cosine)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    out: dict[str, Any] = {"logged_steps": len(rows)}
+    for key in ("sense_above_floor", "aux_grad_ratio", "aux_grad_cos"):
+        vals = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if vals:
+            out[key] = {
+                "first": vals[0][1],
+                "last": vals[-1][1],
+                "mean": sum(v for _, v in vals) / len(vals),
+                "first_step": vals[0][0],
+                "last_step": vals[-1][0],
+            }
+    if floor:
+        out["sense_floor"] = floor
     return out
 
 

@@ -334,21 +334,24 @@ class SenseOutput:
 
 
 def _nearest(
-    cand_idx: torch.Tensor, bank: torch.Tensor, anchor: torch.Tensor, kappa: int
+    cand_idx: torch.Tensor, bank: torch.Tensor, anchor: torch.Tensor, kappa: int, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kappa candidates nearest (L2) to ``anchor``, per position.
 
     Args:
         cand_idx: Bank rows of the candidates, -1 padded. (n, C)
         bank: Sense vectors. (R, d)
-        anchor: The teacher states the selection is made against. (n, d)
+        anchor: The teacher states the selection is made against (already scaled when ``scale`` is given). (n, d)
         kappa: Candidates kept.
+        scale: Per-dimension factor applied to the candidates (``loss.sense_scale: variance``). (d,)
 
     Returns:
         (vectors (n, kappa', d) float32, valid mask (n, kappa')), kappa' = min(kappa, C).
     """
     valid = cand_idx >= 0  # (n, C)
     vec = bank[cand_idx.clamp(min=0)].float()  # (n, C, d)
+    if scale is not None:
+        vec = vec * scale
     dist = (vec - anchor[:, None, :]).pow(2).sum(-1).masked_fill(~valid, float("inf"))  # (n, C)
     k = min(kappa, cand_idx.shape[1])
     d_sel, sel = dist.topk(k, dim=-1, largest=False)  # (n, k)
@@ -370,6 +373,8 @@ def sense_loss(
     kappa: int = 5,
     positive_margin: float = 0.0,
     num_terms: torch.Tensor | float | None = None,
+    scale: torch.Tensor | None = None,
+    teacher_margin: bool = False,
 ) -> SenseOutput:
     """The DSKD sense loss (method.md section 5) of one micro-batch.
 
@@ -389,6 +394,12 @@ def sense_loss(
         kappa: Candidates kept per set.
         positive_margin: beta_p; positives within this MSE are not pulled further.
         num_terms: Divisor (default: the number of sampled positions here).
+        scale: Per-dimension factor (d,) applied to the student state, the teacher state and every
+            sense before the selection and the MSEs: with 1 / std of the teacher's states per dimension
+            (``loss.sense_scale: variance``) each MSE is sum_j (a_j - b_j)^2 / var_j / d. None: plain MSE.
+        teacher_margin: beta_p = MSE(p, h^t_i) + positive_margin per positive (``positive_margin_mode:
+            teacher``): a positive is pulled only while the student's state is farther from it than the
+            teacher's state is.
 
     Returns:
         :class:`SenseOutput` with the loss and diagnostics sums.
@@ -409,8 +420,12 @@ def sense_loss(
     b = torch.cat([b_rel, b_self])
     t = torch.cat([t_rel, t_self])
     hs = student_h[b, t].float()  # (n, d)
+    if scale is not None:
+        hs = hs * scale
     with torch.no_grad():
         ht = teacher_h[b, t].float()  # (n, d)
+        if scale is not None:
+            ht = ht * scale
         rows = table.row_of[labels[b, t]]  # (n,)
         n_rel = b_rel.numel()
         pos_idx = table.pos_idx[rows]  # (n, P)
@@ -421,13 +436,17 @@ def sense_loss(
         pos_idx = torch.cat([pos_idx[:n_rel], own[n_rel:]])
         neg_idx = table.neg_idx[rows].clone()  # (n, N)
         neg_idx[n_rel:] = -1
-        p_vec, p_ok = _nearest(pos_idx, table.bank, ht, kappa)  # (n, k, d), (n, k)
-        n_vec, n_ok = _nearest(neg_idx, table.bank, ht, kappa)
+        p_vec, p_ok = _nearest(pos_idx, table.bank, ht, kappa, scale)  # (n, k, d), (n, k)
+        n_vec, n_ok = _nearest(neg_idx, table.bank, ht, kappa, scale)
 
     d = hs.shape[-1]
     p_mse = (p_vec - hs[:, None, :]).pow(2).sum(-1) / d  # (n, k)
     n_mse = (n_vec - hs[:, None, :]).pow(2).sum(-1) / d  # (n, k)
-    p_term = _masked_mean((p_mse - positive_margin).clamp(min=0), p_ok)  # (n,)
+    beta_p: torch.Tensor | float = positive_margin
+    if teacher_margin:
+        with torch.no_grad():
+            beta_p = (p_vec - ht[:, None, :]).pow(2).sum(-1) / d + positive_margin  # (n, k)
+    p_term = _masked_mean((p_mse - beta_p).clamp(min=0), p_ok)  # (n,)
     n_term = _masked_mean((table.margin - n_mse).clamp(min=0), n_ok)  # (n,)
     per = p_term + n_term  # (n,)
     loss = per.sum() / _denominator(num_terms, torch.tensor(float(n_terms), device=dev))
@@ -442,7 +461,12 @@ def sense_loss(
 
 
 def antonym_teacher_mse(
-    teacher_h: torch.Tensor, labels: torch.Tensor, plans: list[SensePlan], table: SenseTable, kappa: int = 5
+    teacher_h: torch.Tensor,
+    labels: torch.Tensor,
+    plans: list[SensePlan],
+    table: SenseTable,
+    kappa: int = 5,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE(n, h^t_i) of the antonym terms the sense loss would use, measured at the teacher's own states.
 
@@ -456,6 +480,7 @@ def antonym_teacher_mse(
         plans: One :class:`SensePlan` per sequence of the batch.
         table: Candidate senses of the run.
         kappa: Candidates kept per set.
+        scale: Per-dimension factor, as in :func:`sense_loss`.
 
     Returns:
         The MSEs of all kept antonym terms, float32. (m,)
@@ -466,8 +491,10 @@ def antonym_teacher_mse(
     if b.numel() == 0:
         return torch.zeros(0, device=dev)
     ht = teacher_h[b, t].float()  # (n, d)
+    if scale is not None:
+        ht = ht * scale
     rows = table.row_of[labels[b, t]]  # (n,)
-    n_vec, n_ok = _nearest(table.neg_idx[rows], table.bank, ht, kappa)  # (n, k, d), (n, k)
+    n_vec, n_ok = _nearest(table.neg_idx[rows], table.bank, ht, kappa, scale)  # (n, k, d), (n, k)
     mse = (n_vec - ht[:, None, :]).pow(2).sum(-1) / ht.shape[-1]  # (n, k)
     return mse[n_ok]
 
@@ -485,6 +512,51 @@ def summarize_sense_stats(stats: dict[str, float]) -> dict[str, float]:
     out["neg_mse"] = stats.get("neg_mse_sum", 0.0) / nn_ if nn_ else float("nan")
     out["hinge_active_share"] = stats.get("hinge_active", 0.0) / nn_ if nn_ else float("nan")
     return out
+
+
+def grad_comparison(
+    aux: torch.Tensor, main: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = True
+) -> dict[str, float]:
+    """Norms and cosine of the gradients of two parts of one loss on ``params``, without touching ``.grad``.
+
+    Used for the training diagnostic: ``aux`` is the lambda-weighted sense term (plus the weighted
+    hidden-state term) and ``main`` the KD + CE part of the same micro-batch's loss.
+
+    Args:
+        aux: The auxiliary part (a scalar of the graph).
+        main: The KD + CE part (a scalar of the graph).
+        params: The trained parameters.
+        retain_graph: Keep the graph (the step's own backward follows).
+
+    Returns:
+        ``aux_grad_norm``, ``main_grad_norm``, ``aux_grad_ratio`` (aux / main norm; 0 when the aux
+        gradient is 0, inf when only main's is) and ``aux_grad_cos`` (NaN when either gradient is 0).
+    """
+    none = [None] * len(params)
+    ga = torch.autograd.grad(aux, params, retain_graph=True, allow_unused=True) if aux.requires_grad else none
+    gm = torch.autograd.grad(main, params, retain_graph=retain_graph, allow_unused=True) if main.requires_grad else none
+    na = nm = dot = 0.0
+    for a, m in zip(ga, gm, strict=True):
+        a = a.double() if a is not None else None
+        m = m.double() if m is not None else None
+        if a is not None:
+            na += float((a * a).sum())
+        if m is not None:
+            nm += float((m * m).sum())
+        if a is not None and m is not None:
+            dot += float((a * m).sum())
+    na, nm = math.sqrt(na), math.sqrt(nm)
+    ratio = na / nm if nm > 0 else (0.0 if na == 0 else float("inf"))
+    cos = dot / (na * nm) if na > 0 and nm > 0 else float("nan")
+    return {"aux_grad_norm": na, "main_grad_norm": nm, "aux_grad_ratio": ratio, "aux_grad_cos": cos}
+
+
+def aux_and_main(terms: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts of :func:`combine`'s total: (lam * sense + hidden_weight * hidden, ce_weight * CE + alpha T^2 KD)."""
+    main = combine({k: v for k, v in terms.items() if k in ("ce", "kd")}, cfg)
+    aux = combine({k: v for k, v in terms.items() if k in ("sense", "hidden")}, cfg)
+    zero = next(iter(terms.values())).new_zeros(())
+    return (aux if torch.is_tensor(aux) else zero), (main if torch.is_tensor(main) else zero)
 
 
 def combine(terms: dict[str, torch.Tensor], cfg) -> torch.Tensor:

@@ -421,13 +421,17 @@ SENSE_FIELDS = (
     "kappa", "margin", "margin_mode", "margin_quantile", "margin_calibration_seqs", "positive_margin",
     "max_synonyms", "max_antonyms", "min_positions",
     "position_frac", "self_sense", "use_synonyms", "use_antonyms", "reference_antonyms",
+    "sense_scale", "sense_share", "positive_margin_mode",
 )  # fmt: skip
+# loss fields added after run folders were made: left out of a student's inputs at their defaults, so
+# existing students still skip (their runs used these defaults)
+_LOSS_ADDED = {"sense_scale": "none", "sense_share": 0.3, "positive_margin_mode": "absolute"}
 
 
 def _train_inputs(c: RunConfig, shared: dict[str, Any]) -> dict[str, Any]:
     """What a student depends on. Without the sense loss (lambda = 0), sense options and the sense
     store do not matter, so changing them does not retrain the KD baseline."""
-    loss = to_dict(c.loss)
+    loss = {k: v for k, v in to_dict(c.loss).items() if k not in _LOSS_ADDED or v != _LOSS_ADDED[k]}
     hashes = dict(shared["hashes"])
     if c.loss.lam == 0:
         loss = {k: v for k, v in loss.items() if k not in SENSE_FIELDS}
@@ -823,19 +827,26 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     result["fidelity"] = fidelity_stage(cfg, pipe, shared, students, memo=memo)
     if STAGES.index(until) < STAGES.index("report"):
         return result
-    from dskd.report import fidelity_section, report
+    from dskd.report import answer_gap_section, fidelity_section, report, training_diagnostics_section
 
     table = report(list(files.values()), baseline="kd")
+    gap = answer_gap_section(list(files.values()), baseline="kd")
+    table += f"\n{gap}" if gap else ""
     if paper is not None:
         table += f"\n## Paper protocol\n\n{describe(paper)}\n\n" + report(
             list(result["eval_paper"].values()), baseline="kd"
         )
     table += "\n" + fidelity_section(result["fidelity"], "kd")
+    diag = training_diagnostics_section({a: out / "students" / a for a in ("kd", "dskd")})
+    table += f"\n{diag}" if diag else ""
     if (out / "report.md").is_file() and (out / "report.md").read_text() != table + "\n":
         pipe.set_aside("report", out / "report.md", "other results")
     write_text_atomic(out / "report.md", table + "\n")
     figures = out / "figures"
     loss_png = plot_losses({a: out / "students" / a for a in ("kd", "dskd")}, figures / "losses.png")
+    from dskd.plots import plot_diagnostics
+
+    diag_png = plot_diagnostics({a: out / "students" / a for a in ("kd", "dskd")}, figures / "diagnostics.png")
     tsne_png = figures / "senses_tsne.png"
     try:
         from dskd.plots import FIGURE1_WORDS, senses_figure
@@ -845,7 +856,7 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     except Exception as e:  # a picture must never sink a finished run
         print(f"(sense t-SNE skipped: {e})")
         tsne_png = None
-    result.update(report=out / "report.md", figures=[p for p in (loss_png, tsne_png) if p])
+    result.update(report=out / "report.md", figures=[p for p in (loss_png, diag_png, tsne_png) if p])
     print("\n" + table)
     print(f"\nwrote: {out}/report.md, {', '.join(str(p) for p in result['figures'])}")
     print(f"stage times (s): {json.dumps({k: round(v, 1) for k, v in pipe.timings.items()})}")
@@ -914,10 +925,14 @@ def experiment(
     fid = fidelity_stage(cfg, pipe, shared, students, name=f"{report_name}_fidelity", memo=memo)
     from dskd.fidelity import load_result as load_fidelity
     from dskd.fidelity import pooled_markdown
-    from dskd.report import experiment_table
+    from dskd.report import answer_gap_table, experiment_table, load_result, training_diagnostics_section
 
     table = experiment_table(files, refs, baseline=baseline, descriptions={a: parse_arm(a)[2] for a in arms})
+    gap = answer_gap_table({a: [load_result(p) for _, p in sorted(f.items())] for a, f in files.items()}, baseline)
+    table += f"\n{gap}" if gap else ""
     table += "\n" + pooled_markdown(load_fidelity(fid), keys, baseline)
+    diag = training_diagnostics_section({k: out / "students" / k for ks in keys.values() for k in ks})
+    table += f"\n{diag}" if diag else ""
     write_text_atomic(out / f"{report_name}.md", table + "\n")
     write_json(
         out / f"{report_name}.json",
@@ -932,6 +947,12 @@ def experiment(
     plot_losses(
         {f"{a}/seed{base_seed + i}": out / "students" / k for a, ks in keys.items() for i, k in enumerate(ks)},
         out / "figures" / f"{report_name}_losses.png",
+    )
+    from dskd.plots import plot_diagnostics
+
+    plot_diagnostics(
+        {f"{a}/seed{base_seed + i}": out / "students" / k for a, ks in keys.items() for i, k in enumerate(ks)},
+        out / "figures" / f"{report_name}_diagnostics.png",
     )
     print("\n" + table)
     print(f"\nwrote {out / f'{report_name}.md'}")

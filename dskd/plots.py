@@ -332,3 +332,50 @@ def plot_senses_command(
         seed=seed,
         device=device,
     )
+
+
+DIAGNOSTIC_KEYS = {
+    "sense_above_floor": "sense - floor (the sense loss above its value at the teacher's states)",
+    "aux_grad_ratio": "||grad lambda x sense (+ hidden)|| / ||grad KD + CE||",
+    "aux_grad_cos": "cosine(grad lambda x sense (+ hidden), grad KD + CE)",
+}
+
+
+def plot_diagnostics(runs: dict[str, Path], out: Path) -> Path | None:
+    """The training diagnostic of several runs from their ``metrics.jsonl``: ``sense - floor``, and the norm
+    ratio and cosine of the weighted sense (or hidden-state) gradient against KD + CE's, per logged step.
+    None (nothing written) when no run logged them (KD alone)."""
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for name, run_dir in runs.items():
+        f = Path(run_dir) / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            for k in DIAGNOSTIC_KEYS:
+                if isinstance(rec.get(k), int | float) and "step" in rec:
+                    xs, ys = series.setdefault(k, {}).setdefault(name, ([], []))
+                    xs.append(rec["step"])
+                    ys.append(rec[k])
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in DIAGNOSTIC_KEYS if k in series]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.4), squeeze=False)
+    for ax, k in zip(axes.flat, keys, strict=True):
+        for name, (xs, ys) in series[k].items():
+            ax.plot(xs, ys, marker=".", label=name)
+        ax.axhline(1.0 if k == "aux_grad_ratio" else 0.0, color="grey", lw=0.6, ls="--")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(DIAGNOSTIC_KEYS[k], fontsize=6)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -342,9 +342,157 @@ def report_command(
     fid = [f for f in files if _is_fidelity(f)]
     acc = [f for f in files if f not in fid]
     parts = [report(acc, baseline, metric, bootstrap, seed)] if acc else []
+    gap = answer_gap_section(acc, baseline, bootstrap, seed) if acc else ""
+    parts += [gap] if gap else []
     parts += [fidelity_section(f, baseline) for f in fid]
     text = "\n".join(parts)
     print(text, end="")
     if out:
         write_text_atomic(Path(out), text)
     return text
+
+
+# ----------------------------------------------------------------------------- answer gap and training diagnostics
+
+
+def answer_gaps(entry: dict[str, Any]) -> dict[str, float]:
+    """Per item of a log-likelihood task: the gold choice's log-likelihood minus the best wrong choice's (nats;
+    > 0 where the item is right by ``acc``). Empty for a task without per-choice log-likelihoods."""
+    items = entry.get("items", {})
+    ll = items.get("loglik")
+    if not ll or "gold" not in items:
+        return {}
+    out: dict[str, float] = {}
+    for i, v, g in zip(items["id"], ll, items["gold"], strict=True):
+        if isinstance(v, list) and len(v) >= 2 and isinstance(g, int) and 0 <= g < len(v):
+            out[i] = float(v[g]) - max(float(x) for j, x in enumerate(v) if j != g)
+    return out
+
+
+def _gap_vectors(results: list[dict[str, Any]], task: str) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """Per-item answer gap averaged over results (seeds), on the items every one of them has."""
+    per = [answer_gaps(r["tasks"][task]) for r in results]
+    ids = [i for i in per[0] if all(i in g for g in per[1:])]
+    vals = np.array([[g[i] for i in ids] for g in per]).mean(axis=0) if ids else np.zeros(0)
+    items = results[0]["tasks"][task]["items"]
+    subj = None
+    if "subject" in items:
+        by_id = dict(zip(items["id"], items["subject"], strict=True))
+        subj = [by_id[i] for i in ids]
+    return ids, vals, subj
+
+
+def answer_gap_table(
+    rows: dict[str, list[dict[str, Any]]], baseline: str | None = None, n_boot: int = 1000, seed: int = 0
+) -> str:
+    """The mean answer gap (gold log-likelihood minus the best wrong one, nats) per task and on average, with
+    the paired difference against ``baseline`` and its paired bootstrap 95% interval (the items of
+    :func:`paired_bootstrap`; several results of a row, e.g. seeds, are averaged per item first).
+
+    Args:
+        rows: row name -> its results (loaded result files), one per seed.
+        baseline: The row the differences are taken against (None: none).
+        n_boot: Bootstrap resamples.
+        seed: RNG seed.
+
+    Returns:
+        A markdown table, or an empty string when no task has per-choice log-likelihoods.
+    """
+    names = list(rows)
+    tasks = list(dict.fromkeys(t for rs in rows.values() for r in rs for t in r["tasks"]))
+    tasks = [
+        t for t in tasks if all(t in r["tasks"] and answer_gaps(r["tasks"][t]) for rs in rows.values() for r in rs)
+    ]
+    if not tasks:
+        return ""
+    if baseline is not None and baseline not in rows:
+        raise ReportError(f"--baseline: {baseline!r} is none of the rows ({', '.join(names)})")
+    vec = {n: {t: _gap_vectors(rs, t) for t in tasks} for n, rs in rows.items()}
+    lines = [
+        "answer gap: mean over items of the gold choice's log-likelihood minus the best wrong choice's (nats)"
+        + (f"; Δ vs {baseline} with paired bootstrap 95% CI over items (* excludes 0)" if baseline else ""),
+        "",
+        f"| row | {' | '.join(tasks)} | average |",
+        "|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    for n in names:
+        cells, parts = [], []
+        for t in tasks:
+            ids, v, subj = vec[n][t]
+            cell = f"{metric_value(v, subj):.3f}" if len(v) else "-"
+            if baseline is not None and n != baseline and len(v):
+                b_ids, b_v, _ = vec[baseline][t]
+                b_map = dict(zip(b_ids, b_v, strict=True))
+                keep = [k for k, i in enumerate(ids) if i in b_map]
+                a_vec, b_vec = v[keep], np.array([b_map[ids[k]] for k in keep])
+                sub = [subj[k] for k in keep] if subj else None
+                if len(a_vec):
+                    d, lo, hi = paired_bootstrap(a_vec, b_vec, sub, n_boot, seed)
+                    star = "*" if lo > 0 or hi < 0 else ""
+                    cell += f" Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
+                    parts.append((a_vec, b_vec, sub))
+            cells.append(cell)
+        avg = f"{float(np.mean([metric_value(vec[n][t][1], vec[n][t][2]) for t in tasks])):.3f}"
+        if parts and len(parts) == len(tasks):
+            reps = np.zeros(n_boot)
+            for j, (a, b, s) in enumerate(parts):  # tasks resampled independently, as the accuracy average
+                r = bootstrap_samples(np.stack([a, b]), s, n_boot, seed + j)
+                reps += r[:, 0] - r[:, 1]
+            reps /= len(parts)
+            lo, hi = np.quantile(reps, [0.025, 0.975])
+            star = "*" if lo > 0 or hi < 0 else ""
+            avg += f" Δ {_avg_diff(parts):+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
+        lines.append(f"| {n} | {' | '.join(cells)} | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def answer_gap_section(files: list[Path | str], baseline: str | None = None, n_boot: int = 1000, seed: int = 0) -> str:
+    """:func:`answer_gap_table` of result files, one row each (named as in :func:`report`)."""
+    paths = [Path(f) for f in files]
+    results = [load_result(p) for p in paths]
+    base = results[_find_baseline(results, paths, baseline)]["name"] if baseline is not None else None
+    return answer_gap_table({r["name"]: [r] for r in results}, base, n_boot, seed)
+
+
+def training_diagnostics_section(runs: dict[str, Path | str]) -> str:
+    """What each training run's ``meta.json`` says about its sense (or hidden-state) term against KD + CE:
+    the sense floor (the sense loss at the teacher's own states), ``sense - floor`` at the first and last
+    logged step, and the norm ratio and cosine of the weighted term's gradient against KD + CE's (first,
+    mean and last logged step; one micro-batch each). Empty when no run has a sense or hidden loss."""
+    lines = []
+    for name, run_dir in runs.items():
+        f = Path(run_dir) / "meta.json"
+        if not f.is_file():
+            continue
+        meta = json.loads(f.read_text())
+        dg, sc = meta.get("diagnostics") or {}, meta.get("sense_scale") or {}
+        if "aux_grad_ratio" not in dg:
+            continue
+
+        def fl(d: dict[str, Any] | None, k: str, fmt: str = "{:.3g}") -> str:
+            v = (d or {}).get(k)
+            return "-" if v is None else fmt.format(v)
+
+        floor = (dg.get("sense_floor") or {}).get("floor")
+        above = dg.get("sense_above_floor")
+        r, c = dg["aux_grad_ratio"], dg.get("aux_grad_cos")
+        loss = meta.get("loss") or {}
+        weight = fl({"v": sc.get("lam", loss.get("lam"))}, "v")
+        if not loss.get("lam") and loss.get("hidden", "none") != "none":  # KD + hidden-state loss
+            weight = f"hidden {loss.get('hidden_weight', 0):.3g}"
+        lines.append(
+            f"| {name} | {sc.get('mode', 'none')} | {weight} | {fl({'v': floor}, 'v')} | "
+            f"{fl(above, 'first')} → {fl(above, 'last')} | {fl(r, 'first')} / {fl(r, 'mean')} / {fl(r, 'last')} | "
+            f"{fl(c, 'first', '{:+.2f}')} / {fl(c, 'mean', '{:+.2f}')} / {fl(c, 'last', '{:+.2f}')} |"
+        )
+    if not lines:
+        return ""
+    head = [
+        "training diagnostics (one micro-batch per logged step): the sense floor is the sense loss at the "
+        "teacher's own states; ratio = ||grad of lambda x sense (+ hidden)|| / ||grad of KD + CE||, cosine "
+        "between the two (< 0: the term opposes KD + CE); first / mean / last logged step",
+        "",
+        "| run | sense_scale | weight (lambda) | sense floor | sense - floor | grad ratio | grad cosine |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(head + lines) + "\n"

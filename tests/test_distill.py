@@ -398,7 +398,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(cached, tin
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
-def test_with_the_real_lexicon_and_sense_store(tiny_teacher_dir, text_file, tokenizer, tmp_path):
+def test_with_the_real_lexicon_and_sense_store(tiny_teacher_dir, text_file, tokenizer, tmp_path, capsys):
     """Integration: dskd.lexicon + dskd.senses folders (built from the tiny teacher) drive the sense loss."""
     from dskd.config import LexiconConfig, SenseConfig
     from dskd.lexicon import build_lexicon
@@ -422,6 +422,11 @@ def test_with_the_real_lexicon_and_sense_store(tiny_teacher_dir, text_file, toke
     assert table["margin"] == pytest.approx(0.5 * table["store_median_mse"])
     assert meta["senses"]["store"]["teacher_fingerprint"] == meta["teacher_fingerprint"]
     assert all(r["sense"] > 0 and r["sense_terms"] > 0 for r in metrics(run))
+    # the run says how many training targets have k-means senses and how many only raw states (seen <= k times)
+    n, c = table["targets_with_senses"], table["targets_clustered"]
+    assert 0 < c < n <= table["tokens"]
+    assert 0 < table["target_positions_clustered"] <= table["target_positions_with_senses"] <= table["target_positions"]
+    assert f"{c:,} clustered into k-means senses, {n - c:,} only raw states" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("teacher_kind", ["logits", "states", "sparse"])

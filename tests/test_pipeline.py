@@ -95,6 +95,10 @@ def test_run_writes_every_artefact_and_a_rerun_skips_all_stages(tiny_teacher_dir
         assert report.count(f"| {row} |") >= 2  # the log-likelihood table and the paper protocol's
     assert "## Paper protocol" in report and "- squad: 1-shot chat, greedy generation" in report
     assert "Held-out fidelity" in report and "**prompts**" in report
+    # issue 24: the answer gap against KD, and what the sense term did during training (DSKD only)
+    assert "answer gap: mean over items" in report and "| dskd | " in report.split("answer gap")[1]
+    assert "training diagnostics" in report and "| dskd | none | 1 |" in report
+    assert (out / "figures" / "diagnostics.png").is_file()
     assert "[run ]" in first
     # the students' frozen bottom layer is computed once per batch: the teacher fills the memo, the
     # untrained, KD and DSKD students reuse it on every batch, and so do they in the fidelity stage
