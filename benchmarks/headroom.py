@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--depths", default="9,12,14,16", help="student depths (layers kept), comma-separated")
-    ap.add_argument("--tasks", default="arc_easy,sciq,piqa,hellaswag,arc_challenge,csqa")
+    ap.add_argument("--tasks", default="arc_easy,sciq,piqa,hellaswag")
     ap.add_argument("--n", type=int, default=60, help="items per task (the last n of its training half)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     a = ap.parse_args()
@@ -44,6 +44,7 @@ def main() -> None:
             entry = score_task(model, tok, get_task(t), items[t], cfg)
             m = entry["metrics"]
             row[t] = round(100 * m.get("acc_norm" if t == "hellaswag" else "acc", m["acc"]), 1)
+            print(f"  {depth} layers, {t}: {row[t]} ({entry['seconds']:.0f} s)", flush=True)
         row["avg"] = round(sum(row.values()) / len(row), 2)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows["teacher" if depth == n_layers else f"{depth} layers"] = row
