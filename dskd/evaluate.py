@@ -378,11 +378,16 @@ def _score_packed(
 @torch.no_grad()
 def score_reference(model: nn.Module, group: Group) -> list[float]:
     """Brute force: one plain forward per continuation, as lm-eval does (for checks and tests)."""
+    import inspect
+
     device = next(model.parameters()).device
+    # the head only where the continuation is scored (a 262k vocabulary makes the rest costly)
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     out = []
     for cont in group.conts:
         ids = torch.tensor([group.ctx + cont[:-1]], device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, -len(cont) :].float(), dim=-1)  # (l, V)
+        kw = {"logits_to_keep": len(cont)} if keep else {}
+        logp = torch.log_softmax(model(input_ids=ids, **kw).logits[0, -len(cont) :].float(), dim=-1)  # (l, V)
         out.append(float(logp.gather(1, torch.tensor(cont, device=device)[:, None]).sum()))
     return out
 
