@@ -21,10 +21,7 @@ from dskd.prefix import PrefixMemo
 
 VOCAB = 97
 TOL = 1e-4  # float32 eager: packed and per-choice agree to ~3e-6 (measured); a window leak is > 1e-2
-# Families whose head the packed path does not reproduce yet (logit scaling outside the decoder): the
-# self-check refuses packing for them and each choice is scored alone (exact). Any other family must pack.
-REFUSED_OK = {"cohere", "granite"}
-REFUSAL = "refused: the packed path's head differs from the model's logits (self-check fails; scored per choice)"
+# Every family must pack: Cohere's and Granite's output scaling is applied by dskd.models.lm_head_logits.
 
 
 def _record(name: str, status: str) -> None:
@@ -73,14 +70,6 @@ def test_packed_scoring_equals_per_choice_or_is_refused(name, groups):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ok = packing_ok(model, E._probes(groups), 0)
-    if name in REFUSED_OK and not ok:
-        # the refusal is honest: packing really differs, and score_task's fallback is the reference
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert _close(score_groups(model, groups, 2, 0, packed=True), ref) > TOL
-        assert _close(score_groups(model, groups, 2, 0, packed=False), ref) == 0.0
-        _record(name, REFUSAL)
-        return
     assert ok, f"{name}: the self-check refused packing"
     # several groups per row, shared-prefix clusters, and a memo of the bottom 2 layers
     assert _close(score_groups(model, groups, batch_size=2, pad_id=0, packed=True), ref) <= TOL
