@@ -567,7 +567,7 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
 
     inputs = _train_inputs(c, shared)
     if not pipe.force and "hash" not in pipe.state.get(f"train:{key}", {}):
-        adopt_trained(run_dir, c, shared, stable_hash(inputs), pipe.log)
+        adopt_trained(run_dir, c, shared, stable_hash(without_added_defaults(inputs)), pipe.log)
 
     def do() -> None:
         from dskd.distill import latest_checkpoint
@@ -793,7 +793,8 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
         c = _arm_config(cfg, arm)
         if not force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (a legacy entry: Pipeline._adopt)
-            adopt_trained(out / "students" / arm, c, shared, stable_hash(_train_inputs(c, shared)), pipe.log)
+            h = stable_hash(without_added_defaults(_train_inputs(c, shared)))  # as Pipeline.stage hashes
+            adopt_trained(out / "students" / arm, c, shared, h, pipe.log)
     students = {"untrained": export_untrained(cfg, pipe)}
     for arm in ("kd", "dskd"):
         students[arm] = train_arm(cfg, pipe, shared, arm)

@@ -18,7 +18,7 @@ def test_assets_exports_gemma_only_on_request(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setenv("DSKD_HOME", str(tmp_path))
     called = []
-    monkeypatch.setattr(assets, "prepare_all", lambda force=False: [])
+    monkeypatch.setattr(assets, "prepare_all", lambda force=False, **_: [])
     monkeypatch.setattr(assets, "export_gemma3", lambda force=False: called.append(force) or (tmp_path, True))
     assert assets.assets_command() == 0 and called == []
     assert assets.assets_command(teacher="gemma3-270m") == 0 and called == [False]
