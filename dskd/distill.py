@@ -1404,9 +1404,15 @@ def _sense_summary(path: Path, margin: float) -> dict[str, Any]:
     """The sense diagnostics of a run's logged steps: the margin, and the share of antonym terms inside it
     (``hinge_active_share``) and the mean positive/negative MSE, at the first and last logged step and
     averaged over all of them."""
+    return {"margin": margin, **_logged_summary(path, ("hinge_active_share", "pos_mse", "neg_mse"))}
+
+
+def _logged_summary(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``logged_steps`` and, for each of ``keys`` logged in the metrics file ``path``, its first / last /
+    mean value and the first / last step that logged it."""
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    out: dict[str, Any] = {"margin": margin, "logged_steps": len(rows)}
-    for key in ("hinge_active_share", "pos_mse", "neg_mse"):
+    out: dict[str, Any] = {"logged_steps": len(rows)}
+    for key in keys:
         vals = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if vals:
             out[key] = {
@@ -1423,18 +1429,7 @@ def _diagnostics_summary(path: Path, floor: dict[str, Any]) -> dict[str, Any]:
     """What the run's logged steps say about the sense (or hidden-state) term against KD + CE: the sense
     floor, and first / last / mean of ``sense_above_floor``, ``aux_grad_ratio`` (||grad of lam x sense
     (+ hidden)|| / ||grad of KD + CE|| on one micro-batch) and ``aux_grad_cos`` (their cosine)."""
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    out: dict[str, Any] = {"logged_steps": len(rows)}
-    for key in ("sense_above_floor", "aux_grad_ratio", "aux_grad_cos"):
-        vals = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if vals:
-            out[key] = {
-                "first": vals[0][1],
-                "last": vals[-1][1],
-                "mean": sum(v for _, v in vals) / len(vals),
-                "first_step": vals[0][0],
-                "last_step": vals[-1][0],
-            }
+    out = _logged_summary(path, ("sense_above_floor", "aux_grad_ratio", "aux_grad_cos"))
     if floor:
         out["sense_floor"] = floor
     return out
