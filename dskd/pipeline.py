@@ -731,6 +731,8 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dskd.plots import save_figure
+
     series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for name, run_dir in runs.items():
         f = run_dir / "metrics.jsonl"
@@ -762,9 +764,7 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
         ax.set_xlabel("optimiser step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return out
 
 

@@ -228,6 +228,17 @@ def senses_figure(
     return info
 
 
+def save_figure(fig, out: Path, dpi: int) -> None:
+    """Write ``fig`` to ``out`` atomically (a temporary name, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".") or "png")
+    tmp.replace(out)
+    plt.close(fig)
+
+
 def _embed(x: np.ndarray, seed: int) -> np.ndarray:
     if len(x) < 4:
         return np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
@@ -280,11 +291,7 @@ def _draw(
     )
     fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 130)), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.09, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # atomic: a temporary name, then a rename
-    fig.savefig(tmp, dpi=150, format=out.suffix.lstrip(".") or "png")
-    tmp.replace(out)
-    plt.close(fig)
+    save_figure(fig, out, dpi=150)
 
 
 def plot_senses_command(
@@ -375,7 +382,5 @@ def plot_diagnostics(runs: dict[str, Path], out: Path) -> Path | None:
         ax.set_ylabel(DIAGNOSTIC_KEYS[k], fontsize=6)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return out
