@@ -172,7 +172,7 @@ def build_teacher(cfg, tiny: bool, dev: torch.device, dtype: torch.dtype):
         conf = AutoConfig.for_model(conf.model_type, **{**TINY_ARCH, "tie_word_embeddings": conf.tie_word_embeddings})
     torch.manual_seed(0)
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(conf, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -8,9 +8,16 @@ is allocated. Training prompts are rendered from the task files and counted with
 when it is on this machine, else estimated at 4 characters per token.
 
 Per stage it gives: the devices assumed, parameters (total / trainable), a per-GPU memory estimate
-with its parts, disk, tokens, optimiser steps, a time estimate from FLOPs at an assumed throughput,
-and the command that runs the stage. Memory and time are *estimates* (formulas below, with their
-assumptions); ``benchmarks/gpu_check.py`` measures the real numbers on a GPU.
+with its parts (and host memory where a stage holds some), disk, tokens, optimiser steps, a time
+estimate from FLOPs at an assumed throughput, and the command that runs the stage.
+
+The plan is a table (``STAGES``) of per-stage estimators, each a function of the recipe and its
+:class:`Shapes` (the models' shapes, the data counts, the launch); the memory and disk parts they sum
+are functions of the same two arguments (``sense_store_bytes``, ``teacher_cache_position_bytes``,
+``training_state_bytes``, ``ddp_bucket_bytes``, ``logits_bytes``, ``sense_bank_bytes``, ``memo_bytes``),
+each saying which code it is read from; ``tests/test_plan_estimators.py`` checks them against built
+artefacts and measured allocations. Memory and time remain *estimates*; ``benchmarks/gpu_check.py``
+measures the real numbers on a GPU (it has not run on one yet).
 """
 
 from __future__ import annotations
@@ -574,8 +581,9 @@ def _distill_stage(cfg: RunConfig, sh: Shapes, arm: str) -> Stage:
     mem[f"activations ({dc.batch_size} x {T} tokens, {m} trained layers)"] = act + hidden_states
     mem[f"logits working set ({dc.batch_size} x {T} x {t.vocab})"] = logits_bytes(cfg, sh)
     if lam > 0:
-        bound = "targets and their relations" if sh.counts.target_tokens_max is not None else "<= whole store"
-        mem[f"sense candidates ({bound}, float16)"] = sense_bank_bytes(cfg, sh)
+        bank = sense_bank_bytes(cfg, sh)
+        bound = "<= whole store" if bank >= sense_store_bytes(cfg, sh) else "<= targets and their relations x k"
+        mem[f"sense candidates ({bound}, float16)"] = bank
     mem["runtime"] = RUNTIME_BYTES
     positions = sh.counts.positions
     tok_train = positions * dc.epochs
