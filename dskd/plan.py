@@ -443,7 +443,7 @@ def ddp_bucket_bytes(cfg: RunConfig, sh: Shapes) -> float:
 #   divergence -> _xlogy_diff: p = exp(log_p) (kept by the product) 4, the (p > 0) mask 1,
 #   p * (log_p - log_q) 4, zeros_like 4 and torch.where's output 4: 45.
 # Measured on the CPU by tests/test_plan.py (a dispatch-mode counter of live tensors over one real
-# micro_batch_loss + backward): 45.4. Without head_at_targets the (B, T, V) logits stay bfloat16 and ce_loss's
+# micro_batch_loss + backward): 45.1. Without head_at_targets the (B, T, V) logits stay bfloat16 and ce_loss's
 # float32 copy is freed before kd_loss: 41. A sparse top-k cache keeps only the student's (N, V) tensors
 # (logits, ce's log_softmax, s, log_q, the scatter copy of q_rest): 20.
 LOGIT_BYTES_FULL = 45
