@@ -408,11 +408,14 @@ def cluster_groups(
     ones = torch.ones(k, dtype=torch.int64)
     small = (sizes <= k).nonzero().flatten()
     if is_tensor:
-        for g, s, n in zip(small.tolist(), starts[small].tolist(), sizes[small].tolist(), strict=True):
-            senses[g], counts[g] = samples[s : s + n], ones[:n]  # views: the samples are their own senses
-        if not keep:
-            sink(small.tolist(), [senses[g] for g in small.tolist()], [counts[g] for g in small.tolist()])
-            senses, counts = [], []
+        # views: the samples are their own senses
+        small_s = [samples[s : s + n] for s, n in zip(starts[small].tolist(), sizes[small].tolist(), strict=True)]
+        small_c = [ones[:n] for n in sizes[small].tolist()]
+        if keep:
+            for g, x, c in zip(small.tolist(), small_s, small_c, strict=True):
+                senses[g], counts[g] = x, c
+        else:
+            sink(small.tolist(), small_s, small_c)
     else:
         step = max(1, budget // (k * d))  # small groups read about ``budget`` floats at a time, in order
         for a in range(0, small.numel(), step):
