@@ -585,78 +585,30 @@ def _write_store(
 ) -> dict:
     """Cluster, compose and write ``senses.safetensors`` (and ``samples.safetensors``) into ``work``.
 
+    Args:
+        work: The folder the store is built in.
+        source: Row source of the samples (rows in the order of ``tokens``).
+        tokens: (R,) int64 the token of each sample, sorted.
+        seen: (V,) states seen per token.
+        dist: (m,) MSE values between states of different positions.
+        cfg: Sense options.
+        vocab: Token entries of the store.
+        dim: Width of a sense.
+        lex: The lexicon whose multi-token tails get composed senses, or None.
+        device: Where k-means runs.
+        progress: Show a progress bar while clustering.
     Returns:
         The counts / coverage / timing parts of the meta.
     """
     t_cluster = time.perf_counter()
-    uniq, sizes = torch.unique_consecutive(tokens, return_counts=True)
-    sink = _SenseSink(work / ".senses.tmp.bin", dim, vocab)
-    groups = uniq.tolist()
-    _, _, inertia = cluster_groups(
-        source,
-        sizes,
-        cfg.k,
-        cfg.kmeans_iters,
-        cfg.seed,
-        cfg.kmeans_init,
-        progress=progress,
-        device=device,
-        sink=lambda gs, s, c: sink.put([groups[g] for g in gs], s, c),
-    )
+    sink, sizes, inertia = _cluster_tokens(work, source, tokens, cfg, vocab, dim, device, progress)
     cluster_seconds = time.perf_counter() - t_cluster
-
-    spans: list[tuple[int, ...]] = []
-    span_s: list[torch.Tensor] = []
-    span_c: list[torch.Tensor] = []
     tails = lex.multi_token_tails() if lex is not None else []
-    for tail in tails:
-        if len(tail) > MAX_SPAN or any(not 0 <= t < vocab or sink.count[t] == 0 for t in tail):
-            continue
-        c, n = compose_senses([sink.senses(t) for t in tail], [sink.get_counts(t) for t in tail])
-        span_s.append(c)
-        span_c.append(n)
-        spans.append(tuple(tail))
-    # composed senses go to the end of the sense file, as entries vocab, vocab + 1, ...
-    sink.start += [0] * len(spans)
-    sink.count += [0] * len(spans)
-    sink.counts += [None] * len(spans)
-    for i in range(0, len(spans), 4096):
-        sink.put(list(range(vocab + i, vocab + min(i + 4096, len(spans)))), span_s[i : i + 4096], span_c[i : i + 4096])
-
+    spans = _compose_spans(sink, tails, vocab)
     n_entries = vocab + len(spans)
-    sizes_e = torch.tensor(sink.count, dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_e, 0)])
-    starts_e = torch.tensor(sink.start, dtype=torch.int64)
-    order = torch.repeat_interleave(starts_e - offsets[:-1], sizes_e) + torch.arange(int(offsets[-1]))
-    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.store_dtype]
-    span_t = torch.full((len(spans), MAX_SPAN), -1, dtype=torch.int64)
-    for i, s in enumerate(spans):
-        span_t[i, : len(s)] = torch.tensor(s)
-    all_counts = torch.cat([sink.get_counts(e) for e in range(n_entries)]) if n_entries else torch.zeros(0)
-    for f in (META_FILE, STORE_FILE, SAMPLES_FILE):
-        (work / f).unlink(missing_ok=True)
-    write_safetensors(
-        work / STORE_FILE,
-        {
-            "counts": all_counts.to(torch.int64),
-            "offsets": offsets,
-            "spans": span_t,
-            "senses": (store_dtype, (int(offsets[-1]), dim), _chunks(sink.file, order, store_dtype)),
-        },
-    )
-    sink.file.close()
-    (work / ".senses.tmp.bin").unlink()
+    sizes_e, offsets = _write_senses(work, sink, spans, cfg.store_dtype, vocab, dim)
     if cfg.keep_samples:
-        s_dtype = getattr(source, "dtype", torch.float32)
-        write_safetensors(
-            work / SAMPLES_FILE,
-            {
-                "dist": dist.float(),
-                "seen": seen.to(torch.int64),
-                "tokens": tokens,
-                "samples": (s_dtype, (tokens.numel(), dim), _chunks(source, torch.arange(tokens.numel()), s_dtype)),
-            },
-        )
+        _write_samples(work, source, tokens, seen, dist, dim)
     with_senses = int((sizes_e[:vocab] > 0).sum())
     heads = lex.heads() if lex is not None else []
     heads_cov = sum(1 for h in heads if 0 <= h < vocab and sizes_e[h] > 0)
@@ -682,6 +634,123 @@ def _write_store(
         },
         "cluster_seconds": round(cluster_seconds, 2),
     }
+
+
+def _cluster_tokens(
+    work: Path,
+    source,
+    tokens: torch.Tensor,
+    cfg: SenseConfig,
+    vocab: int,
+    dim: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[_SenseSink, torch.Tensor, torch.Tensor]:
+    """Cluster each token's samples (:func:`cluster_groups`) into a sense file in ``work``.
+
+    Returns:
+        (the sink holding every token's senses, samples per clustered token (U,), inertia (U,)
+        float64), for the U tokens that have samples, in token order.
+    """
+    uniq, sizes = torch.unique_consecutive(tokens, return_counts=True)
+    sink = _SenseSink(work / ".senses.tmp.bin", dim, vocab)
+    groups = uniq.tolist()
+    _, _, inertia = cluster_groups(
+        source,
+        sizes,
+        cfg.k,
+        cfg.kmeans_iters,
+        cfg.seed,
+        cfg.kmeans_init,
+        progress=progress,
+        device=device,
+        sink=lambda gs, s, c: sink.put([groups[g] for g in gs], s, c),
+    )
+    return sink, sizes, inertia
+
+
+def _compose_spans(sink: _SenseSink, tails: list[tuple[int, ...]], vocab: int) -> list[tuple[int, ...]]:
+    """Compose the senses of the multi-token tails whose tokens all have senses; add them to ``sink``.
+
+    Composed senses go to the end of the sense file, as entries ``vocab``, ``vocab + 1``, ..., in the
+    order of ``tails``; a tail longer than ``MAX_SPAN`` or with a token without senses is skipped.
+
+    Returns:
+        The composed spans, in entry order.
+    """
+    spans: list[tuple[int, ...]] = []
+    span_s: list[torch.Tensor] = []
+    span_c: list[torch.Tensor] = []
+    for tail in tails:
+        if len(tail) > MAX_SPAN or any(not 0 <= t < vocab or sink.count[t] == 0 for t in tail):
+            continue
+        c, n = compose_senses([sink.senses(t) for t in tail], [sink.get_counts(t) for t in tail])
+        span_s.append(c)
+        span_c.append(n)
+        spans.append(tuple(tail))
+    sink.start += [0] * len(spans)
+    sink.count += [0] * len(spans)
+    sink.counts += [None] * len(spans)
+    for i in range(0, len(spans), 4096):
+        sink.put(list(range(vocab + i, vocab + min(i + 4096, len(spans)))), span_s[i : i + 4096], span_c[i : i + 4096])
+    return spans
+
+
+def _write_senses(
+    work: Path, sink: _SenseSink, spans: list[tuple[int, ...]], store_dtype: str, vocab: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the store's ``senses.safetensors`` from the sense file, in entry order; remove the sense file.
+
+    Earlier store files in ``work`` are removed first.
+
+    Args:
+        work: The folder the store is built in.
+        sink: Every entry's senses (tokens, then ``spans``).
+        spans: The composed spans (entries ``vocab``, ``vocab + 1``, ...).
+        store_dtype: ``float16`` or ``bfloat16``.
+        vocab: Token entries.
+        dim: Width of a sense.
+    Returns:
+        (senses per entry (E,) int64, offsets (E + 1,) int64 of each entry's first sense).
+    """
+    n_entries = vocab + len(spans)
+    sizes_e = torch.tensor(sink.count, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_e, 0)])
+    starts_e = torch.tensor(sink.start, dtype=torch.int64)
+    order = torch.repeat_interleave(starts_e - offsets[:-1], sizes_e) + torch.arange(int(offsets[-1]))
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[store_dtype]
+    span_t = torch.full((len(spans), MAX_SPAN), -1, dtype=torch.int64)
+    for i, s in enumerate(spans):
+        span_t[i, : len(s)] = torch.tensor(s)
+    all_counts = torch.cat([sink.get_counts(e) for e in range(n_entries)]) if n_entries else torch.zeros(0)
+    for f in (META_FILE, STORE_FILE, SAMPLES_FILE):
+        (work / f).unlink(missing_ok=True)
+    write_safetensors(
+        work / STORE_FILE,
+        {
+            "counts": all_counts.to(torch.int64),
+            "offsets": offsets,
+            "spans": span_t,
+            "senses": (dtype, (int(offsets[-1]), dim), _chunks(sink.file, order, dtype)),
+        },
+    )
+    sink.file.close()
+    (work / ".senses.tmp.bin").unlink()
+    return sizes_e, offsets
+
+
+def _write_samples(work: Path, source, tokens: torch.Tensor, seen: torch.Tensor, dist: torch.Tensor, dim: int) -> None:
+    """Write ``samples.safetensors`` (``keep_samples``): the samples in token order, in their dtype on disk."""
+    s_dtype = getattr(source, "dtype", torch.float32)
+    write_safetensors(
+        work / SAMPLES_FILE,
+        {
+            "dist": dist.float(),
+            "seen": seen.to(torch.int64),
+            "tokens": tokens,
+            "samples": (s_dtype, (tokens.numel(), dim), _chunks(source, torch.arange(tokens.numel()), s_dtype)),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------- build
