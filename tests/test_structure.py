@@ -22,13 +22,8 @@ REASON = "Long:"
 # work (issue 25). The coordinator empties this list as those land; a function that shrinks under the
 # limit, or gains a reason, must leave it (test_long_functions_allow_list_is_current).
 LONG_ALLOWED = {
-    "dskd.data.write_cache",
     "dskd.distill.fit",
     "dskd.fidelity.fidelity",
-    "dskd.plan.make_plan",
-    "dskd.senses.build._build",
-    "dskd.senses.build._write_store",
-    "dskd.senses.kmeans.cluster_groups",
 }
 
 
