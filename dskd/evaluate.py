@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from dskd.config import DEFAULT_TEACHER, ConfigError, EvalConfig
+from dskd.devices import environment
 from dskd.io import write_json, write_text_atomic
 
 # Below this module: prompts and item selection (dskd.prompts), metrics, task entries and the result table
@@ -795,6 +796,7 @@ def evaluate(
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "environment": environment(),
         "tasks": {},
         "complete": False,
     }
