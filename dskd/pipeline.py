@@ -13,6 +13,15 @@ from the same inputs (:func:`dskd.io.is_built`), so a rerun is quick, an interru
 rebuilds exactly the stages downstream of it. ``<out>/pipeline.json`` only records, for the reader,
 where each stage wrote and how long it took.
 
+Under ``accelerate launch --num_processes N -m dskd run`` (or torchrun) every process runs the chain in
+one process group (:func:`join_launch`: accelerate's backend, ``distill.timeout_minutes``). Process 0
+decides whether each stage runs, moves old outputs aside, writes and logs; the others wait at a barrier
+while it builds the lexicon, the training prompts, the teacher cache and the untrained student. The sense
+gather is shared (each process gathers its blocks of the corpus; process 0 clusters) and every student
+is trained by all processes (DDP). Then the other processes leave the group and exit, and process 0
+alone evaluates, measures fidelity and writes the report: no process waits at a barrier during them.
+``dskd experiment`` is refused under several processes (its evaluations come between trainings).
+
 ``dskd experiment`` runs several arms (KD, DSKD, KD + direct hidden-state MSE, ablations) over
 several seeds, sharing the lexicon, the sense store and the teacher cache, and reports per task the
 mean of each arm and the paired difference against KD with its bootstrap confidence interval.
@@ -996,6 +1005,13 @@ def experiment(
     from dskd.devices import check_required_accelerator
 
     check_required_accelerator(cfg.model.require_accelerator)  # before any work
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its evaluations come between trainings: one process
+        raise ConfigError(
+            "dskd experiment runs in one process (its evaluations come between the trainings); under accelerate "
+            "launch, train the students with `dskd run` / `dskd distill`, then run the experiment in one process"
+        )
     arms = list(arms or DEFAULT_ARMS)
     if baseline not in arms:
         arms.insert(0, baseline)

@@ -119,3 +119,15 @@ def test_run_under_two_gloo_processes_equals_one_process(tiny_teacher_dir, tmp_p
             for k in ("n", "kl", "agree", "n_tgt", "nll"):  # (the probe reads the store's k-means senses)
                 assert a[k] == b[k] if m != "kd" else np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (s, m, k)
     assert (two / "report.md").is_file() and "Held-out fidelity" in (two / "report.md").read_text()
+
+
+def test_experiment_is_refused_under_several_processes(monkeypatch):
+    from dskd.config import ConfigError, RunConfig
+    from dskd.pipeline import Launch, experiment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="^dskd experiment runs in one process"):
+        experiment(RunConfig())
+    # alone, a launch does nothing collective
+    alone = Launch()
+    assert alone.main and alone.broadcast({"x": 1}) == {"x": 1} and alone.leave() == Launch()
