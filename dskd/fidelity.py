@@ -467,6 +467,15 @@ def _heldout_sets(
     return sets
 
 
+def _open_probe(senses_dir, lexicon_dir, teacher_fp: str, tok) -> tuple[SenseProbe, dict[str, str]]:
+    """The sense probe on the teacher's store and the lexicon, and its entry in the result."""
+    from dskd.lexicon import Lexicon
+    from dskd.senses import open_store
+
+    probe = SenseProbe(open_store(senses_dir, teacher_fp), Lexicon.load(lexicon_dir, tok))
+    return probe, {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
+
+
 def _check_vocab(name: str, mod: nn.Module, vocab: int) -> None:
     from dskd.models import output_vocab_size
 
@@ -583,14 +592,9 @@ def fidelity(
     teacher = loaded.get("teacher") or load_model(teacher_spec, dtype).to(dev)
     vocab = len(tok)
     _check_vocab("teacher", teacher, vocab)
-    probe = probe_info = None
-    if use_probe:
-        from dskd.lexicon import Lexicon
-        from dskd.senses import open_store
-
-        store = open_store(senses_dir, fingerprint(teacher, tok))
-        probe = SenseProbe(store, Lexicon.load(lexicon_dir, tok))
-        probe_info = {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
+    probe, probe_info = (
+        _open_probe(senses_dir, lexicon_dir, fingerprint(teacher, tok), tok) if use_probe else (None, None)
+    )
 
     def load(m: str, spec: str) -> tuple[nn.Module, bool, str]:
         mod = loaded.get(m) or load_model(spec, dtype).to(dev)

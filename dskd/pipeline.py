@@ -882,6 +882,19 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
     return out
 
 
+def _train_students(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any]) -> dict[str, Path]:
+    """The untrained truncation, then the KD and DSKD students (``dskd run``'s); returns their folders."""
+    for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
+        c = _arm_config(cfg, arm)
+        if pipe.launch.main and not pipe.force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (_adopt)
+            h = stable_hash(without_added_defaults(_train_inputs(c, shared)))  # as Pipeline.stage hashes
+            adopt_trained(pipe.out / "students" / arm, c, shared, h, pipe.log)
+    students = {"untrained": export_untrained(cfg, pipe)}
+    for arm in ("kd", "dskd"):
+        students[arm] = train_arm(cfg, pipe, shared, arm)
+    return students
+
+
 def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[str, Any]:
     """The main job; returns the paths of everything it wrote."""
     if until not in STAGES:
@@ -907,15 +920,7 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     if STAGES.index(until) < STAGES.index("students"):
         launch.leave()
         return result
-    for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
-        c = _arm_config(cfg, arm)
-        if launch.main and not force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (legacy: _adopt)
-            h = stable_hash(without_added_defaults(_train_inputs(c, shared)))  # as Pipeline.stage hashes
-            adopt_trained(out / "students" / arm, c, shared, h, pipe.log)
-    students = {"untrained": export_untrained(cfg, pipe)}
-    for arm in ("kd", "dskd"):
-        students[arm] = train_arm(cfg, pipe, shared, arm)
-    result["students"] = students
+    students = result["students"] = _train_students(cfg, pipe, shared)
     # what follows (evaluation, fidelity, report) is process 0's alone: the others leave the group now
     # rather than wait at a barrier for hours
     pipe.launch = launch.leave()
@@ -988,6 +993,17 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     return result
 
 
+def _one_process(command: str) -> None:
+    """Refuse ``command`` under several processes (``WORLD_SIZE`` > 1), before any work."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{command} runs in one process (its evaluations come between the trainings); under accelerate "
+            "launch, train the students with `dskd run` / `dskd distill`, then run the experiment in one process"
+        )
+
+
 def experiment(
     cfg: RunConfig,
     *,
@@ -1005,13 +1021,7 @@ def experiment(
     from dskd.devices import check_required_accelerator
 
     check_required_accelerator(cfg.model.require_accelerator)  # before any work
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its evaluations come between trainings: one process
-        raise ConfigError(
-            "dskd experiment runs in one process (its evaluations come between the trainings); under accelerate "
-            "launch, train the students with `dskd run` / `dskd distill`, then run the experiment in one process"
-        )
+    _one_process("dskd experiment")  # its evaluations come between trainings
     arms = list(arms or DEFAULT_ARMS)
     if baseline not in arms:
         arms.insert(0, baseline)
