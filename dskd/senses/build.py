@@ -852,6 +852,9 @@ def _build(
         if dist.world == 1:
             tokens = (res.keys // cfg.max_samples).cpu()
             rows = res.rows.cpu()
+            if plan.layout == "blocks":  # by token, then position, as the merge of several processes orders them
+                o = torch.from_numpy(np.lexsort((res.pos.cpu().numpy(), tokens.numpy())))
+                tokens, rows = tokens[o], rows[o]
             source = MultiRowSource([res.store], torch.zeros_like(rows), rows)
             seen = res.seen.cpu()
         else:
