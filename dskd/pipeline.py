@@ -691,7 +691,9 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
             if rc is None:  # trained steps of other settings are kept, never deleted
                 pipe.set_aside(f"train:{key}", run_dir, "unfinished, other settings" if not pipe.force else "--force")
                 rc = c
-        rc = pipe.launch.broadcast(rc)  # every process trains (DDP) with process 0's choice
+        # every process trains (DDP), with process 0's choice: continue the run in the folder or start anew
+        if pipe.launch.broadcast(rc is not c) and not pipe.launch.main:
+            rc = _resume_config(run_dir, c) or c  # read after process 0 has set anything aside
         distill(
             rc,
             run_dir,

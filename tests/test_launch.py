@@ -116,6 +116,9 @@ def test_run_under_two_gloo_processes_equals_one_process(tiny_teacher_dir, tmp_p
             a, b = f1["sets"][s]["models"][m]["sums"], f2["sets"][s]["models"][m]["sums"]
             assert all(np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in ("n", "kl", "n_tgt", "nll")), (s, m)
     assert (two / "report.md").is_file() and "Held-out fidelity" in (two / "report.md").read_text()
+    # a rerun under 2 processes: process 0 finds every stage up to date, and so the others skip it too
+    again = _launch(2, recipe, two, "--distill.grad_accum", "1", "--until", "students")
+    assert "[run ]" not in again and again.count("[skip] train:dskd") == 1, again
 
 
 def test_experiment_is_refused_under_several_processes(monkeypatch):
