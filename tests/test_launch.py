@@ -37,8 +37,8 @@ def _recipe(tmp_path: Path, teacher: Path) -> Path:
             "block_chars": 400,
         },
         "data": {"tasks": ["arc_easy"], "text_files": [str(corpus)], "shots": 0, "max_items": 4, "max_length": 96},
-        # an absolute margin: the relative one scales with the store's random distance sample, drawn per process
-        "loss": {"lam": 1.0, "kappa": 2, "margin_mode": "absolute", "margin": 1.0},
+        # the default margin (calibrated on the store); state_median's scales with its per-process distance sample
+        "loss": {"lam": 1.0, "kappa": 2},
         "distill": {"epochs": 1, "max_steps": 2, "batch_size": 1, "grad_accum": 2, "save_every": 0},
         "eval": {"tasks": ["arc_easy"], "limit": 4, "bootstrap": 20, "batch_size": 4, "paper_limit": -1},
         "fidelity": {"text_limit": 3, "prompt_limit": 2, "bootstrap": 20},
