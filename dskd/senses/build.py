@@ -1059,6 +1059,9 @@ def _samples(job: _Job, tok, plan: _Plan, gather_key: str) -> _Gathered | None:
     if dist.world == 1:
         rows = res.rows.cpu()
         tokens = (res.keys // cfg.max_samples).cpu()
+        if plan.layout == "blocks":  # by token, then position, as the merge of several processes orders them
+            o = torch.from_numpy(np.lexsort((res.pos.cpu().numpy(), tokens.numpy())))
+            tokens, rows = tokens[o], rows[o]
         source = MultiRowSource([res.store], torch.zeros_like(rows), rows)
         return _Gathered(source, tokens, res.seen.cpu(), dist_t, timing, vocab, dim, teacher_fp)
     merged = _merge_processes(job, res, dist_t, timing, dim)
