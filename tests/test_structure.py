@@ -23,7 +23,6 @@ REASON = "Long:"
 # limit, or gains a reason, must leave it (test_long_functions_allow_list_is_current).
 LONG_ALLOWED = {
     "dskd.distill.fit",
-    "dskd.fidelity.fidelity",
 }
 
 
