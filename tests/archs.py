@@ -228,9 +228,12 @@ def build(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
 #
 # docs/architectures.md lists, per architecture, what each stage does: "exact" or "refused: <reason>".
 # A stage test calls record(name, stage, status) with what it found. By default the committed table must
-# already say that (a changed behaviour fails the test until the table is regenerated); with the
-# environment variable DSKD_WRITE_ARCH_TABLE=1 the cell is written instead. Another test file adds a
-# column by adding its stage to STAGES and calling record(); cells of stages not run are kept.
+# already say that (a changed behaviour fails the test until the table is regenerated). With the
+# environment variable DSKD_WRITE_ARCH_TABLE=1 the findings are collected instead, and tests/conftest.py
+# hands them to write_table() when the session ends: it merges them over the committed cells (a stage or
+# architecture not run keeps its committed cell, which every ordinary run still checks) and writes the
+# table only if the session passed and no cell would be empty. Another test file adds a column by adding
+# its stage to STAGES and calling record().
 
 STAGES: dict[str, str] = {  # stage key -> column title, in table order
     "truncate": "truncation",
@@ -240,9 +243,12 @@ STAGES: dict[str, str] = {  # stage key -> column title, in table order
     "fidelity": "fidelity logits",
     "gather": "gathering",
     "export": "export + reload",
+    "packed_scoring": "packed scoring",  # tests/test_arch_scoring.py
 }
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 _BEGIN, _END = "<!-- arch-table:begin -->", "<!-- arch-table:end -->"
+WRITE_ENV = "DSKD_WRITE_ARCH_TABLE"
+FOUND: dict[str, dict[str, str]] = {}  # what this session's tests recorded, with WRITE_ENV=1: {arch: {stage: cell}}
 
 
 def _read_table(text: str) -> dict[str, dict[str, str]]:
@@ -268,26 +274,50 @@ def _render(cells: dict[str, dict[str, str]]) -> str:
 def record(name: str, stage: str, status: str) -> None:
     """File what a stage test found for architecture ``name``: ``exact[; notes]`` or ``refused: <reason>``.
 
-    Checks it against the committed table (or writes it there with DSKD_WRITE_ARCH_TABLE=1).
+    Checks it against the committed table, or with DSKD_WRITE_ARCH_TABLE=1 keeps it for
+    :func:`write_table` at the end of the session.
     """
     import os
 
+    assert name in ARCHS, name
     assert stage in STAGES, stage
     assert status.startswith(("exact", "refused: ")), status
-    text = TABLE.read_text() if TABLE.is_file() else ""
-    cells = _read_table(text)
-    if os.environ.get("DSKD_WRITE_ARCH_TABLE") == "1":
-        cells.setdefault(name, {})[stage] = status
-        table = _render(cells)
-        text = (
-            text.split(_BEGIN, 1)[0] + table + text.split(_END, 1)[1] if _BEGIN in text else text + "\n" + table + "\n"
-        )
-        tmp = TABLE.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(TABLE)
+    assert "|" not in status and "\n" not in status, status  # one table cell
+    if os.environ.get(WRITE_ENV) == "1":
+        assert FOUND.get(name, {}).get(stage, status) == status, (name, stage, FOUND[name][stage], status)
+        FOUND.setdefault(name, {})[stage] = status
         return
-    committed = cells.get(name, {}).get(stage)
+    committed = _read_table(TABLE.read_text() if TABLE.is_file() else "").get(name, {}).get(stage)
     assert committed == status, (
         f"docs/architectures.md says {committed!r} for {name} / {STAGES[stage]}, the test finds {status!r}: "
-        "regenerate it with DSKD_WRITE_ARCH_TABLE=1 pytest tests/test_architectures.py"
+        f"regenerate it with {WRITE_ENV}=1 pytest tests/test_architectures.py tests/test_arch_scoring.py"
     )
+
+
+def write_table(passed: bool) -> str:
+    """Write this session's findings (:data:`FOUND`) into docs/architectures.md, merged over its committed cells.
+
+    Refuses (writes nothing) when the session did not pass, or when a cell would be empty (a stage that
+    no committed table has yet and whose test did not run for every architecture). Returns one line saying
+    what it did, starting with ``refused`` when it wrote nothing.
+    """
+    if not passed:
+        return f"refused to write {TABLE.name}: the session had failures (the table is written from a passing run)"
+    text = TABLE.read_text() if TABLE.is_file() else ""
+    cells = _read_table(text)
+    for name, found in FOUND.items():
+        cells.setdefault(name, {}).update(found)
+    missing = [f"{a} / {STAGES[s]}" for a in ARCHS for s in STAGES if not cells.get(a, {}).get(s)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        return (
+            f"refused to write {TABLE.name}: no finding for {', '.join(missing[:5])}{more}; run "
+            "tests/test_architectures.py and tests/test_arch_scoring.py together"
+        )
+    table = _render(cells)
+    text = text.split(_BEGIN, 1)[0] + table + text.split(_END, 1)[1] if _BEGIN in text else text + "\n" + table + "\n"
+    tmp = TABLE.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(TABLE)
+    n = sum(len(f) for f in FOUND.values())
+    return f"wrote {TABLE.name}: {n} cells found by this session, {len(ARCHS) * len(STAGES) - n} kept from the table"

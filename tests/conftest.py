@@ -161,3 +161,26 @@ def tiny_artefacts(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
     assert main(["distill", *c, "--out", str(paths["run"])]) == 0
     assert main(["eval", *c, "--model", str(paths["run"]), "--out", str(paths["result"])]) == 0
     return paths
+
+
+_ARCH_TABLE: list[str] = []  # what pytest_sessionfinish did with the architecture table, for the summary
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """With DSKD_WRITE_ARCH_TABLE=1, write docs/architectures.md's table from what the matrix tests recorded
+    (tests/archs.py ``write_table``); a refusal to write fails the session."""
+    import sys
+
+    archs = sys.modules.get("archs")
+    if os.environ.get("DSKD_WRITE_ARCH_TABLE") != "1" or archs is None or not archs.FOUND:
+        return
+    line = archs.write_table(passed=exitstatus == 0 and not session.testsfailed)
+    _ARCH_TABLE.append(line)
+    if line.startswith("refused") and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _ARCH_TABLE:
+        terminalreporter.write_sep("-", "architecture table")
+        terminalreporter.write_line(line, red=line.startswith("refused"), bold=True)

@@ -3,7 +3,8 @@
 Groups here are longer than the matrix's sliding window (8 tokens), several share a row, and a
 cluster of them shares a cached prefix, so a sliding-window layer that attended past its window
 (one 4D mask for every layer) would show. Each family either packs exactly or its self-check
-refuses packing, after which every choice is scored by the model's own forward.
+refuses packing, after which every choice is scored by the model's own forward. Each family's finding
+is the "packed scoring" column of docs/architectures.md's table (``archs.record``, see tests/archs.py).
 """
 
 from __future__ import annotations
@@ -22,12 +23,6 @@ from dskd.prefix import PrefixMemo
 VOCAB = 97
 TOL = 1e-4  # float32 eager: packed and per-choice agree to ~3e-6 (measured); a window leak is > 1e-2
 # Every family must pack: Cohere's and Granite's output scaling is applied by dskd.models.lm_head_logits.
-
-
-def _record(name: str, status: str) -> None:
-    """File the finding in docs/architectures.md's table when its generator has a packed-scoring column."""
-    if "packed_scoring" in getattr(archs, "STAGES", {}):
-        archs.record(name, "packed_scoring", status)
 
 
 def _groups() -> list[Group]:
@@ -80,7 +75,7 @@ def test_packed_scoring_equals_per_choice_or_is_refused(name, groups):
         memo = PrefixMemo(2)
         for _ in range(2):  # the second pass is served from the memo where the model takes it
             assert _close(score_groups(model, groups, 2, 0, packed=True, memo=memo), ref) <= TOL
-    _record(name, "exact")
+    archs.record(name, "packed_scoring", "exact")
 
 
 @pytest.mark.parametrize("name", sorted(SLIDING))

@@ -262,3 +262,27 @@ def test_export_reloads_with_equal_logits(name, built, tmp_path):
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
     assert torch.allclose(lm_head_logits(again, again.get_decoder()(**x).last_hidden_state)[real], got[real], atol=1e-4)
     archs.record(name, "export", "exact")
+
+
+def test_table_is_written_merged_or_refused(tmp_path, monkeypatch):
+    """write_table merges the session's findings over the committed cells, and writes nothing after a failed
+    session or when a cell would be empty (a new column whose test did not run for every architecture)."""
+    table = tmp_path / "architectures.md"
+    monkeypatch.setattr(archs, "TABLE", table)
+    monkeypatch.setattr(archs, "FOUND", {})
+    stages = list(archs.STAGES)
+    committed = {a: dict.fromkeys(stages[:-1], "exact") for a in archs.ARCHS}  # the last column is new
+    table.write_text("intro\n\n" + archs._render(committed) + "\n\nafter\n")
+    before = table.read_text()
+    archs.FOUND.update({a: {stages[-1]: "exact"} for a in ALL[:-1]})
+    line = archs.write_table(passed=True)
+    assert line.startswith("refused") and f"{ALL[-1]} / {archs.STAGES[stages[-1]]}" in line
+    assert table.read_text() == before
+    archs.FOUND[ALL[-1]] = {stages[-1]: "exact", stages[0]: "refused: because"}
+    assert archs.write_table(passed=False).startswith("refused") and table.read_text() == before
+    assert archs.write_table(passed=True).startswith("wrote")
+    text = table.read_text()
+    assert text.startswith("intro\n\n") and text.endswith("\n\nafter\n")
+    cells = archs._read_table(text)
+    assert cells[ALL[-1]][stages[0]] == "refused: because" and cells[ALL[0]][stages[0]] == "exact"
+    assert all(cells[a].keys() == set(stages) for a in ALL)
