@@ -55,6 +55,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dskd.senses.cli:senses_show_command",
         "Print a word's senses, samples per sense and nearest tokens.",
     ),
+    "senses coverage": (
+        "dskd.senses.cli:senses_coverage_command",
+        "Training targets with clustered senses per store size, counted from tokens (no store built).",
+    ),
     "plot senses": (
         "dskd.plots:plot_senses_command",
         "Draw the teacher's contextual states and senses of some words (Figure 1).",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dskd.config import ModelConfig, SenseConfig
+from dskd.config import DataConfig, ModelConfig, SenseConfig
 from dskd.io import Artefact, open_artefact
 from dskd.senses.build import build_senses
 from dskd.senses.store import FORMAT, SenseError, SenseStore, nearest_tokens, word_senses
@@ -80,4 +80,155 @@ def senses_show_command(store: Path, word: str, /, top: int = 5, teacher: str | 
         share = 100 * c / max(total, 1)
         words = ", ".join(f"{tok.decode([t])!r} {v:.2f}" for t, v in nn)
         print(f"  sense {i}: {c:>6,} samples ({share:4.1f}%)  nearest: {words}")
+    return 0
+
+
+def senses_coverage_command(
+    model: ModelConfig,
+    senses: SenseConfig,
+    data: DataConfig,
+    lexicon_dir: Path,
+    sizes: list[int] | None = None,
+    prompts: Path | None = None,
+    data_dir: Path | None = None,
+    store: Path | None = None,
+    timing: Path | None = None,
+    teacher_keys: bool = False,
+    out: Path | None = None,
+    recipe_argv: list[str] | None = None,
+) -> int:
+    """How many training targets a store of each size would give clustered senses (> k states), counted
+    from the build's own positions (no store is built; :mod:`dskd.senses.coverage`).
+
+    With ``--senses.key actual`` only the corpus is tokenized; with ``predicted`` (the recipes' default)
+    the keys are the teacher's argmax, so ``--teacher_keys`` runs the teacher over the corpus (the
+    gathering's time, without the reservoir), else the command refuses.
+
+    Example: dskd senses coverage --config configs/smollm2-135m_to_24l.yaml --senses.key actual
+    --lexicon_dir runs/x/lexicon --prompts runs/x/prompts.jsonl --data_dir runs/teacher_cache/KEY
+    --store runs/x/senses --timing results/smollm2-135m_to_24l/senses_meta.json --out coverage.md
+
+    Args:
+        model: Teacher (``teacher``).
+        senses: Sense options (corpus, k, max_samples, key, layout); ``max_tokens`` is replaced by ``sizes``.
+        data: The training set (its prompts: the ``prompts`` corpus, and the targets without ``--data_dir``).
+        lexicon_dir: Lexicon folder (its heads, and its multi-token tails for the store's size).
+        sizes: Store sizes in positions (default 100k, 200k, 400k, 800k, 1.6M).
+        prompts: The ``prompts`` corpus as a run wrote it (``<run>/prompts.jsonl``); default: written
+            from ``data`` into a temporary file, as ``dskd run`` writes it.
+        data_dir: A folder holding the training set (``dataset.safetensors`` + ``recipe.json``: a run's
+            teacher cache); default: the prompts' tokens alone (the teacher's continuations left out).
+        store: A built store of this recipe: its own per-token samples are counted too (the check row).
+        timing: A store's ``meta.json`` whose gathering and k-means times give the cost columns (k-means
+            per sample from ``--store``'s clustered samples); default: ``--store``'s.
+        teacher_keys: With ``--senses.key predicted``: run the teacher to get its argmax keys.
+        out: Write the tables (markdown, with this command) here, and their numbers as ``.json`` beside.
+        recipe_argv: The flags that set the recipe (given by the parser), repeated in the command written.
+    """
+    import dataclasses
+    import json
+    import shlex
+    import tempfile
+
+    from dskd.io import write_text_atomic
+    from dskd.lexicon import Lexicon
+    from dskd.models import load_tokenizer
+    from dskd.senses.coverage import (
+        coverage_markdown,
+        coverage_row,
+        coverage_rows,
+        gather_keys,
+        store_seen,
+        training_targets,
+    )
+
+    sizes = sorted(sizes or [100_000, 200_000, 400_000, 800_000, 1_600_000])
+    if sizes[0] < 1:
+        raise SenseError(f"--sizes {sizes}: positions must be >= 1")
+    if senses.key == "predicted" and not teacher_keys:
+        raise SenseError(
+            "--senses.key predicted: the keys are the teacher's argmax; pass --teacher_keys (runs the teacher "
+            "over the corpus) or count --senses.key actual"
+        )
+    if not Path(lexicon_dir).is_dir():
+        raise SenseError(f"--lexicon_dir {lexicon_dir}: no such folder (build it with `dskd lexicon build`)")
+    for flag, p in (("--data_dir", data_dir), ("--store", store), ("--timing", timing), ("--prompts", prompts)):
+        if p is not None and not Path(p).exists():
+            raise SenseError(f"{flag} {p}: no such file or folder")
+    tok = load_tokenizer(model.teacher, model.trust_remote_code)
+    lex = Lexicon.load(lexicon_dir, tok)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = list(senses.corpus)
+        if "prompts" in corpus:
+            if prompts is None:
+                from dskd.pipeline import write_prompts
+
+                prompts = write_prompts(data, tok, Path(tmp) / "prompts.jsonl")
+            corpus = [str(prompts) if c == "prompts" else c for c in corpus]
+        cfg = dataclasses.replace(senses, corpus=corpus, max_tokens=sizes[-1])
+        teacher = None
+        if senses.key == "predicted":
+            from dskd.devices import resolve_device, resolve_dtype
+            from dskd.models import load_model
+
+            dev = resolve_device(senses.device, flag="--senses.device")
+            teacher = load_model(model.teacher, resolve_dtype(senses.dtype, dev, flag="--senses.dtype")).to(dev)
+        keys, info = gather_keys(tok, cfg, senses.block_chars or 0, teacher)
+    if data_dir is not None:
+        from dskd.data import TokenData
+
+        seqs, where = TokenData.load(Path(data_dir)).seqs, f"the training set in {data_dir}"
+    else:
+        from dskd.data import prompt_and_text_sequences
+
+        p, w = prompt_and_text_sequences(data, tok)
+        seqs, where = p + w, "the training prompts' tokens (the teacher's continuations left out: no --data_dir)"
+    targets = training_targets(seqs)
+    vocab = len(tok)
+    dim, check, cost = 0, None, None
+    if store is not None:
+        meta = json.loads((Path(store) / "meta.json").read_text())
+        dim, vocab = int(meta["dim"]), max(vocab, int(meta["vocab_size"]))
+        seen = store_seen(store, vocab)
+        n = int(meta["counts"]["positions"])
+        check = {
+            "size": n,
+            "positions_gathered": n,
+            **coverage_row(seen, senses.k, senses.max_samples, targets, lex.heads(), lex.multi_token_tails(), dim),
+        }
+        tm = json.loads(Path(timing or Path(store) / "meta.json").read_text())
+        t = tm["timing"]
+        n_t = int(tm["counts"]["positions"])
+        cost = {
+            "seconds_per_position": t["gather_seconds"] / n_t,
+            "kmeans_seconds_per_sample": t["cluster_seconds"] / max(1, check["clustered_samples"]),
+            "fixed_seconds": t["total_seconds"] - t["gather_seconds"] - t["cluster_seconds"],
+        }
+    rows = coverage_rows(
+        keys, sizes, senses.k, senses.max_samples, targets, lex.heads(), vocab, lex.multi_token_tails(), dim
+    )
+    text = (
+        f"Key: {senses.key}; k = {senses.k}; the corpus holds {info['positions']:,} positions up to "
+        f"{sizes[-1]:,} ({info['layout']} layout; tokens per corpus: "
+        + ", ".join(f"{c} {n:,}" for c, n in info.items() if c not in ("layout", "positions", "fingerprint"))
+        + f"). Targets: {where}.\n\n"
+        + coverage_markdown(rows, senses.k, cost)
+    )
+    if check is not None:
+        text += (
+            f"\nThe store {store} ({check['size']:,} positions, key {meta['config']['key']}), counted from its own "
+            "samples:\n\n" + coverage_markdown([check], senses.k, cost)
+        )
+    print(text)
+    if out is not None:
+        own = [("--lexicon_dir", lexicon_dir), ("--sizes", ",".join(map(str, sizes))), ("--prompts", prompts)]
+        own += [("--data_dir", data_dir), ("--store", store), ("--timing", timing), ("--out", out)]
+        given = set(recipe_argv or [])
+        argv = [*(recipe_argv or []), *(a for f, v in own if v is not None and f not in given for a in (f, str(v)))]
+        cmd = "dskd senses coverage " + " ".join(map(shlex.quote, argv + (["--teacher_keys"] if teacher_keys else [])))
+        write_text_atomic(Path(out), f"Made by:\n\n    {cmd}\n\n{text}")
+        write_text_atomic(
+            Path(out).with_suffix(".json"),
+            json.dumps({"rows": rows, "check": check, "cost": cost, "corpus": info}, indent=1),
+        )
     return 0
