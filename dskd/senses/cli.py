@@ -125,22 +125,9 @@ def senses_coverage_command(
         out: Write the tables (markdown, with this command) here, and their numbers as ``.json`` beside.
         recipe_argv: The flags that set the recipe (given by the parser), repeated in the command written.
     """
-    import dataclasses
-    import json
-    import shlex
-    import tempfile
-
-    from dskd.io import write_text_atomic
     from dskd.lexicon import Lexicon
     from dskd.models import load_tokenizer
-    from dskd.senses.coverage import (
-        coverage_markdown,
-        coverage_row,
-        coverage_rows,
-        gather_keys,
-        store_seen,
-        training_targets,
-    )
+    from dskd.senses.coverage import coverage_markdown, coverage_rows, recipe_keys, store_check, training_targets
 
     sizes = sorted(sizes or [100_000, 200_000, 400_000, 800_000, 1_600_000])
     if sizes[0] < 1:
@@ -157,23 +144,7 @@ def senses_coverage_command(
             raise SenseError(f"{flag} {p}: no such file or folder")
     tok = load_tokenizer(model.teacher, model.trust_remote_code)
     lex = Lexicon.load(lexicon_dir, tok)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = list(senses.corpus)
-        if "prompts" in corpus:
-            if prompts is None:
-                from dskd.pipeline import write_prompts
-
-                prompts = write_prompts(data, tok, Path(tmp) / "prompts.jsonl")
-            corpus = [str(prompts) if c == "prompts" else c for c in corpus]
-        cfg = dataclasses.replace(senses, corpus=corpus, max_tokens=sizes[-1])
-        teacher = None
-        if senses.key == "predicted":
-            from dskd.devices import resolve_device, resolve_dtype
-            from dskd.models import load_model
-
-            dev = resolve_device(senses.device, flag="--senses.device")
-            teacher = load_model(model.teacher, resolve_dtype(senses.dtype, dev, flag="--senses.dtype")).to(dev)
-        keys, info = gather_keys(tok, cfg, senses.block_chars or 0, teacher)
+    keys, info = recipe_keys(model, senses, data, tok, sizes[-1], prompts)
     if data_dir is not None:
         from dskd.data import TokenData
 
@@ -185,25 +156,9 @@ def senses_coverage_command(
         seqs, where = p + w, "the training prompts' tokens (the teacher's continuations left out: no --data_dir)"
     targets = training_targets(seqs)
     vocab = len(tok)
-    dim, check, cost = 0, None, None
+    dim, check, cost, store_key = 0, None, None, None
     if store is not None:
-        meta = json.loads((Path(store) / "meta.json").read_text())
-        dim, vocab = int(meta["dim"]), max(vocab, int(meta["vocab_size"]))
-        seen = store_seen(store, vocab)
-        n = int(meta["counts"]["positions"])
-        check = {
-            "size": n,
-            "positions_gathered": n,
-            **coverage_row(seen, senses.k, senses.max_samples, targets, lex.heads(), lex.multi_token_tails(), dim),
-        }
-        tm = json.loads(Path(timing or Path(store) / "meta.json").read_text())
-        t = tm["timing"]
-        n_t = int(tm["counts"]["positions"])
-        cost = {
-            "seconds_per_position": t["gather_seconds"] / n_t,
-            "kmeans_seconds_per_sample": t["cluster_seconds"] / max(1, check["clustered_samples"]),
-            "fixed_seconds": t["total_seconds"] - t["gather_seconds"] - t["cluster_seconds"],
-        }
+        check, cost, dim, vocab, store_key = store_check(store, timing, senses, targets, lex, vocab)
     rows = coverage_rows(
         keys, sizes, senses.k, senses.max_samples, targets, lex.heads(), vocab, lex.multi_token_tails(), dim
     )
@@ -216,19 +171,27 @@ def senses_coverage_command(
     )
     if check is not None:
         text += (
-            f"\nThe store {store} ({check['size']:,} positions, key {meta['config']['key']}), counted from its own "
+            f"\nThe store {store} ({check['size']:,} positions, key {store_key}), counted from its own "
             "samples:\n\n" + coverage_markdown([check], senses.k, cost)
         )
     print(text)
     if out is not None:
         own = [("--lexicon_dir", lexicon_dir), ("--sizes", ",".join(map(str, sizes))), ("--prompts", prompts)]
         own += [("--data_dir", data_dir), ("--store", store), ("--timing", timing), ("--out", out)]
-        given = set(recipe_argv or [])
-        argv = [*(recipe_argv or []), *(a for f, v in own if v is not None and f not in given for a in (f, str(v)))]
-        cmd = "dskd senses coverage " + " ".join(map(shlex.quote, argv + (["--teacher_keys"] if teacher_keys else [])))
-        write_text_atomic(Path(out), f"Made by:\n\n    {cmd}\n\n{text}")
-        write_text_atomic(
-            Path(out).with_suffix(".json"),
-            json.dumps({"rows": rows, "check": check, "cost": cost, "corpus": info}, indent=1),
-        )
+        flags = [*(recipe_argv or [])]
+        flags += [a for f, v in own if v is not None and f not in flags for a in (f, str(v))]
+        _write_coverage(Path(out), flags + (["--teacher_keys"] if teacher_keys else []), text, rows, check, cost, info)
     return 0
+
+
+def _write_coverage(out: Path, flags: list[str], text: str, rows, check, cost, info) -> None:
+    """``dskd senses coverage --out``: the tables with the command that made them, and their numbers as .json."""
+    import json
+    import shlex
+
+    from dskd.io import write_text_atomic
+
+    cmd = "dskd senses coverage " + " ".join(map(shlex.quote, flags))
+    write_text_atomic(out, f"Made by:\n\n    {cmd}\n\n{text}")
+    numbers = {"rows": rows, "check": check, "cost": cost, "corpus": info}
+    write_text_atomic(out.with_suffix(".json"), json.dumps(numbers, indent=1))

@@ -192,6 +192,69 @@ def coverage_rows(
     return rows
 
 
+def recipe_keys(
+    model, senses: SenseConfig, data, tok, max_positions: int, prompts: Path | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`gather_keys` for a recipe: its ``prompts`` corpus resolved as ``dskd run`` resolves it (the file
+    ``prompts``, else the training prompts of ``data`` written as :func:`dskd.pipeline.write_prompts` writes
+    them), the teacher loaded for ``key: predicted`` as the build loads it, up to ``max_positions``."""
+    import dataclasses
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = list(senses.corpus)
+        if "prompts" in corpus:
+            if prompts is None:  # as dskd.pipeline.write_prompts writes them (not imported: an import cycle)
+                from dskd.data import task_prompts
+
+                prompts = Path(tmp) / "prompts.jsonl"
+                lines = [json.dumps({"text": p}) for p in task_prompts(data, tok)]
+                if not lines:
+                    raise SenseError("--senses.corpus: 'prompts' needs training prompts, but data.tasks is empty")
+                prompts.write_text("\n".join(lines) + "\n")
+            corpus = [str(prompts) if c == "prompts" else c for c in corpus]
+        cfg = dataclasses.replace(senses, corpus=corpus, max_tokens=max_positions)
+        teacher = None
+        if senses.key == "predicted":
+            from dskd.devices import resolve_device, resolve_dtype
+            from dskd.models import load_model
+
+            dev = resolve_device(senses.device, flag="--senses.device")
+            teacher = load_model(model.teacher, resolve_dtype(senses.dtype, dev, flag="--senses.dtype")).to(dev)
+        return gather_keys(tok, cfg, senses.block_chars or 0, teacher)
+
+
+def store_check(
+    store: Path, timing: Path | None, senses: SenseConfig, targets: np.ndarray, lex, vocab: int
+) -> tuple[dict[str, Any], dict[str, float], int, int, str]:
+    """The row of a built store (from its own samples, :func:`store_seen`) and the cost rates it gives.
+
+    The rates: gathering seconds per position and the stage's time besides gathering and k-means, from
+    ``timing`` (a store's ``meta.json``; default the store's own), and k-means seconds per clustered
+    sample row (its ``cluster_seconds`` over the store's clustered samples).
+
+    Returns:
+        (row, cost rates for :func:`coverage_markdown`, state width, vocabulary, the store's key).
+    """
+    import json
+
+    meta = json.loads((Path(store) / "meta.json").read_text())
+    dim, vocab = int(meta["dim"]), max(vocab, int(meta["vocab_size"]))
+    seen = store_seen(store, vocab)
+    n = int(meta["counts"]["positions"])
+    row = coverage_row(seen, senses.k, senses.max_samples, targets, lex.heads(), lex.multi_token_tails(), dim)
+    check = {"size": n, "positions_gathered": n, **row}
+    tm = json.loads(Path(timing or Path(store) / "meta.json").read_text())
+    t = tm["timing"]
+    cost = {
+        "seconds_per_position": t["gather_seconds"] / int(tm["counts"]["positions"]),
+        "kmeans_seconds_per_sample": t["cluster_seconds"] / max(1, check["clustered_samples"]),
+        "fixed_seconds": t["total_seconds"] - t["gather_seconds"] - t["cluster_seconds"],
+    }
+    return check, cost, dim, vocab, str(meta["config"]["key"])
+
+
 def training_targets(seqs: Sequence[torch.Tensor]) -> np.ndarray:
     """The target token of every training position (every token of a sequence but the first), as the run's
     sense table and its ``sense targets`` line take them."""
@@ -249,6 +312,8 @@ __all__ = [
     "coverage_row",
     "coverage_rows",
     "gather_keys",
+    "recipe_keys",
+    "store_check",
     "store_seen",
     "training_targets",
 ]
