@@ -47,6 +47,10 @@ def gather_keys(tok, cfg: SenseConfig, block_chars: int = 0, teacher=None) -> tu
         teacher: The teacher (needed for ``key: predicted``); it runs over the build's windows, in the
             build's batches (``cfg.batch_size`` windows of ``cfg.seq_len``), on its own device.
 
+    With ``key: predicted``, the first N keys of a count at a larger size are those a build of N positions
+    computes except, possibly, in that build's last batch (fewer or shorter windows there: a different
+    float summation order can flip an argmax at a near-tie); the largest size is counted as built.
+
     Returns:
         (keys (n,) int64 with n <= cfg.max_tokens the positions the corpus holds, plan info: layout,
         positions, corpus fingerprint and tokens per corpus).
