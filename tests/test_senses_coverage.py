@@ -83,7 +83,7 @@ def test_predicted_keys_need_a_teacher(tokenizer, corpus):
         gather_keys(tokenizer, _cfg(corpus), 0, None)
 
 
-def test_command_writes_the_table(tmp_path, tiny_teacher_dir, corpus):
+def test_command_writes_the_table(tmp_path, tiny_teacher_dir, corpus, capsys):
     """``dskd senses coverage`` on a tiny recipe: its tables, and the check row from a store built at one size."""
     import yaml
 
@@ -119,3 +119,8 @@ def test_command_writes_the_table(tmp_path, tiny_teacher_dir, corpus):
     assert check["bytes_max"] == rows[1]["bytes_max"] and check["spans"] == rows[1]["spans"]
     # key predicted without --teacher_keys: refused in one line, before any tokenizing
     assert main(["senses", "coverage", *c, *args, "--senses.key", "predicted"]) == 2
+    # a store gathered from other text than the recipe's first positions is refused, naming --store
+    (tmp_path / "other.txt").write_text(" ".join(reversed(TOY_TEXT.split())))
+    other = ["--senses.corpus", str(tmp_path / "other.txt")]
+    assert main(["senses", "coverage", *c, *args, *other]) == 2
+    assert "--store" in capsys.readouterr().err

@@ -125,9 +125,11 @@ def senses_coverage_command(
         out: Write the tables (markdown, with this command) here, and their numbers as ``.json`` beside.
         recipe_argv: The flags that set the recipe (given by the parser), repeated in the command written.
     """
+    import json
+
     from dskd.lexicon import Lexicon
     from dskd.models import load_tokenizer
-    from dskd.senses.coverage import coverage_markdown, coverage_rows, recipe_keys, store_check, training_targets
+    from dskd.senses.coverage import coverage_markdown, coverage_rows, recipe_keys, recipe_targets, store_check
 
     sizes = sorted(sizes or [100_000, 200_000, 400_000, 800_000, 1_600_000])
     if sizes[0] < 1:
@@ -144,21 +146,14 @@ def senses_coverage_command(
             raise SenseError(f"{flag} {p}: no such file or folder")
     tok = load_tokenizer(model.teacher, model.trust_remote_code)
     lex = Lexicon.load(lexicon_dir, tok)
-    keys, info = recipe_keys(model, senses, data, tok, sizes[-1], prompts)
-    if data_dir is not None:
-        from dskd.data import TokenData
-
-        seqs, where = TokenData.load(Path(data_dir)).seqs, f"the training set in {data_dir}"
-    else:
-        from dskd.data import prompt_and_text_sequences
-
-        p, w = prompt_and_text_sequences(data, tok)
-        seqs, where = p + w, "the training prompts' tokens (the teacher's continuations left out: no --data_dir)"
-    targets = training_targets(seqs)
+    n_store = int(json.loads((Path(store) / "meta.json").read_text())["counts"]["positions"]) if store else 0
+    keys, info = recipe_keys(model, senses, data, tok, max(sizes[-1], n_store), prompts, [n_store] if store else [])
+    targets, where = recipe_targets(data, tok, data_dir)
     vocab = len(tok)
     dim, check, cost, store_key = 0, None, None, None
     if store is not None:
-        check, cost, dim, vocab, store_key = store_check(store, timing, senses, targets, lex, vocab)
+        fp = info.pop("fingerprints", {}).get(n_store)  # stream layout: the store must be this recipe's
+        check, cost, dim, vocab, store_key = store_check(store, timing, senses, targets, lex, vocab, fp)
     rows = coverage_rows(
         keys, sizes, senses.k, senses.max_samples, targets, lex.heads(), vocab, lex.multi_token_tails(), dim
     )

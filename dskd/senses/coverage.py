@@ -36,7 +36,9 @@ from dskd.senses.store import MAX_SPAN, SenseError
 _COUNT_BYTES = 8
 
 
-def gather_keys(tok, cfg: SenseConfig, block_chars: int = 0, teacher=None) -> tuple[np.ndarray, dict[str, Any]]:
+def gather_keys(
+    tok, cfg: SenseConfig, block_chars: int = 0, teacher=None, fingerprint_sizes: Sequence[int] = ()
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The key of every position a build of ``cfg`` gathers (``cfg.max_tokens`` at most), in stream order.
 
     Args:
@@ -46,6 +48,8 @@ def gather_keys(tok, cfg: SenseConfig, block_chars: int = 0, teacher=None) -> tu
         block_chars: The build's layout: 0 for the one-process ``stream`` layout, else the block size.
         teacher: The teacher (needed for ``key: predicted``); it runs over the build's windows, in the
             build's batches (``cfg.batch_size`` windows of ``cfg.seq_len``), on its own device.
+        fingerprint_sizes: Sizes whose corpus fingerprint (what a store of that size records as
+            ``corpus.fingerprint``) goes into ``info["fingerprints"]`` (``stream`` layout only).
 
     With ``key: predicted``, the first N keys of a count at a larger size are those a build of N positions
     computes except, possibly, in that build's last batch (fewer or shorter windows there: a different
@@ -69,6 +73,13 @@ def gather_keys(tok, cfg: SenseConfig, block_chars: int = 0, teacher=None) -> tu
     info = {"layout": plan.layout, "positions": plan.n_pos, "fingerprint": plan.fingerprint, **plan.per_corpus}
     if plan.tokens is None:
         raise SenseError(f"--senses.max_tokens {cfg.max_tokens}: too many tokens to keep for counting (at most 2**24)")
+    if plan.layout == "stream" and plan.tokens:
+        import hashlib
+
+        stream = np.concatenate(plan.tokens).astype(np.int64)  # the build hashes the stream cut at n + 1 tokens
+        info["fingerprints"] = {
+            int(n): hashlib.sha256(stream[: int(n) + 1].tobytes()).hexdigest()[:16] for n in fingerprint_sizes
+        }
     if cfg.key == "actual":
         if plan.layout == "stream":
             keys = np.concatenate(plan.tokens).astype(np.int64)[1 : plan.n_pos + 1] if plan.tokens else np.zeros(0)
@@ -197,7 +208,13 @@ def coverage_rows(
 
 
 def recipe_keys(
-    model, senses: SenseConfig, data, tok, max_positions: int, prompts: Path | None = None
+    model,
+    senses: SenseConfig,
+    data,
+    tok,
+    max_positions: int,
+    prompts: Path | None = None,
+    fingerprint_sizes: Sequence[int] = (),
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`gather_keys` for a recipe: its ``prompts`` corpus resolved as ``dskd run`` resolves it (the file
     ``prompts``, else the training prompts of ``data`` written as :func:`dskd.pipeline.write_prompts` writes
@@ -226,11 +243,17 @@ def recipe_keys(
 
             dev = resolve_device(senses.device, flag="--senses.device")
             teacher = load_model(model.teacher, resolve_dtype(senses.dtype, dev, flag="--senses.dtype")).to(dev)
-        return gather_keys(tok, cfg, senses.block_chars or 0, teacher)
+        return gather_keys(tok, cfg, senses.block_chars or 0, teacher, fingerprint_sizes)
 
 
 def store_check(
-    store: Path, timing: Path | None, senses: SenseConfig, targets: np.ndarray, lex, vocab: int
+    store: Path,
+    timing: Path | None,
+    senses: SenseConfig,
+    targets: np.ndarray,
+    lex,
+    vocab: int,
+    fingerprint: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], int, int, str]:
     """The row of a built store (from its own samples, :func:`store_seen`) and the cost rates it gives.
 
@@ -238,12 +261,23 @@ def store_check(
     ``timing`` (a store's ``meta.json``; default the store's own), and k-means seconds per clustered
     sample row (its ``cluster_seconds`` over the store's clustered samples).
 
+    Args:
+        fingerprint: The corpus fingerprint of the recipe's first positions, as many as the store holds
+            (:func:`gather_keys`); a store gathered from other text is refused. None: not checked.
+
     Returns:
         (row, cost rates for :func:`coverage_markdown`, state width, vocabulary, the store's key).
     """
     import json
 
     meta = json.loads((Path(store) / "meta.json").read_text())
+    if fingerprint is not None and meta["corpus"]["fingerprint"] != fingerprint:
+        raise SenseError(
+            f"--store {store}: gathered from other text (corpus fingerprint {meta['corpus']['fingerprint']}) than "
+            f"this recipe's first {meta['counts']['positions']:,} positions ({fingerprint}); --senses.corpus?"
+        )
+    if int(meta["config"]["max_samples"]) < senses.k:
+        raise SenseError(f"--store {store}: keeps at most {meta['config']['max_samples']} samples a token, < k")
     dim, vocab = int(meta["dim"]), max(vocab, int(meta["vocab_size"]))
     seen = store_seen(store, vocab)
     n = int(meta["counts"]["positions"])
@@ -264,6 +298,24 @@ def training_targets(seqs: Sequence[torch.Tensor]) -> np.ndarray:
     sense table and its ``sense targets`` line take them."""
     parts = [s[1:].numpy() for s in seqs if len(s) > 1]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def recipe_targets(data, tok, data_dir: Path | None = None) -> tuple[np.ndarray, str]:
+    """:func:`training_targets` of a recipe's training set: the one in ``data_dir`` (a folder with
+    ``dataset.safetensors`` + ``recipe.json``: a run's teacher cache), else the sequences of ``data``
+    without the teacher's continuations (those need the teacher).
+
+    Returns:
+        (targets (P,) int64, where they came from, in words).
+    """
+    if data_dir is not None:
+        from dskd.data import TokenData
+
+        return training_targets(TokenData.load(Path(data_dir)).seqs), f"the training set in {data_dir}"
+    from dskd.data import prompt_and_text_sequences
+
+    p, w = prompt_and_text_sequences(data, tok)
+    return training_targets(p + w), "the training prompts' tokens (the teacher's continuations left out: no --data_dir)"
 
 
 def _pct(a: int, b: int) -> str:
@@ -317,6 +369,7 @@ __all__ = [
     "coverage_rows",
     "gather_keys",
     "recipe_keys",
+    "recipe_targets",
     "store_check",
     "store_seen",
     "training_targets",
