@@ -119,6 +119,12 @@ def test_command_writes_the_table(tmp_path, tiny_teacher_dir, corpus, capsys):
     assert check["bytes_max"] == rows[1]["bytes_max"] and check["spans"] == rows[1]["spans"]
     # key predicted without --teacher_keys: refused in one line, before any tokenizing
     assert main(["senses", "coverage", *c, *args, "--senses.key", "predicted"]) == 2
+    # --out: a .md file; a JSON file beside it that is not the command's own is never replaced
+    assert main(["senses", "coverage", *c, *args, "--out", str(tmp_path / "cov.txt")]) == 2
+    (tmp_path / "mine.json").write_text('{"years": "of work"}')
+    assert main(["senses", "coverage", *c, *args, "--out", str(tmp_path / "mine.md")]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == '{"years": "of work"}' and not (tmp_path / "mine.md").exists()
     # a store gathered from other text than the recipe's first positions is refused, naming --store
     (tmp_path / "other.txt").write_text(" ".join(reversed(TOY_TEXT.split())))
     other = ["--senses.corpus", str(tmp_path / "other.txt")]
