@@ -55,6 +55,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dskd.senses.cli:senses_show_command",
         "Print a word's senses, samples per sense and nearest tokens.",
     ),
+    "senses coverage": (
+        "dskd.senses.cli:senses_coverage_command",
+        "Training targets with clustered senses per store size, counted from tokens (no store built).",
+    ),
     "plot senses": (
         "dskd.plots:plot_senses_command",
         "Draw the teacher's contextual states and senses of some words (Figure 1).",
@@ -420,6 +424,15 @@ def _is_text_not_artefact(path: Any) -> bool:
         return True
 
 
+def _is_coverage_json(path: Any) -> bool:
+    """The numbers ``dskd senses coverage --out`` wrote before (a JSON object with its ``rows`` and ``corpus``)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and {"rows", "corpus"} <= set(d)
+
+
 def check_outputs(name: str, kwargs: dict[str, Any]) -> None:
     """Check, before the command runs (before any model or corpus is read), every output command ``name``
     will write (:func:`dskd.io.check_output`): it can be created and written, and a target already there
@@ -451,6 +464,14 @@ def check_outputs(name: str, kwargs: dict[str, Any]) -> None:
         check_output(md, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
     elif name == "report" and out is not None:
         check_output(out, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
+    elif name == "senses coverage" and out is not None:
+        if Path(out).suffix != ".md":
+            raise ConfigError(
+                f"--out {out}: the tables are a .md file (their numbers go beside it as .json)", flag="out"
+            )
+        check_output(out, "--out", folder=False, what="markdown table", accept=_is_text_not_artefact)
+        numbers = Path(out).with_suffix(".json")
+        check_output(numbers, "--out", folder=False, what="coverage table's numbers", accept=_is_coverage_json)
     elif name == "plot senses":
         if Path(out).suffix not in _FIGURE_SUFFIXES:
             raise ConfigError(f"--out {out}: a figure is a {', '.join(_FIGURE_SUFFIXES)} file", flag="out")

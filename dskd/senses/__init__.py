@@ -7,7 +7,8 @@ One module per stage:
 - :mod:`~dskd.senses.kmeans`: batched k-means over many small groups (pure tensor code);
 - :mod:`~dskd.senses.store`: the on-disk store, its reader and the queries on it;
 - :mod:`~dskd.senses.build`: gathering (one or several processes), merging, clustering, writing;
-- :mod:`~dskd.senses.cli`: ``dskd senses build`` and ``dskd senses show`` as library functions.
+- :mod:`~dskd.senses.coverage`: which tokens a store of N positions clusters, counted from the keys alone;
+- :mod:`~dskd.senses.cli`: ``dskd senses build``, ``show`` and ``coverage`` as library functions.
 
 See :mod:`dskd.senses.build` for the pipeline and :mod:`dskd.senses.store` for the store layout.
 """
@@ -19,7 +20,13 @@ from dskd.senses.build import (
     gather_batch,
     load_samples,
 )
-from dskd.senses.cli import STORE_ARTEFACT, open_store, senses_build_command, senses_show_command
+from dskd.senses.cli import (
+    STORE_ARTEFACT,
+    open_store,
+    senses_build_command,
+    senses_coverage_command,
+    senses_show_command,
+)
 from dskd.senses.corpus import (
     BUILTIN_CORPORA,
     CorpusError,
@@ -77,6 +84,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "senses_build_command",
+    "senses_coverage_command",
     "senses_show_command",
     "token_stream",
     "windows",
