@@ -183,9 +183,10 @@ def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype, lo
 
     from dskd import data as D
     from dskd.config import LossConfig
-    from dskd.distill import build_sense_table, micro_batch_loss, teacher_outputs, window_plans
+    from dskd.distill import micro_batch_loss, teacher_outputs
     from dskd.models import freeze_except_top, head_at_targets_ok, keep_float32_master, truncate
     from dskd.prefix import prefix_states, shared_prefix_layers
+    from dskd.sense_targets import build_sense_table, window_plans
 
     student = truncate(teacher, sh.student_layers, share=True)
     freeze_except_top(student, sh.trainable)

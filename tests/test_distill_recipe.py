@@ -13,8 +13,10 @@ import torch
 from conftest import TOY_TEXT, make_model
 from test_distill import ROOT, make_cfg, metrics, trainable
 
+from dskd.checkpoint import latest_checkpoint
 from dskd.config import ConfigError, to_dict
-from dskd.distill import _accelerator, distill, latest_checkpoint, setup
+from dskd.distill import distill, setup
+from dskd.launch import make_accelerator
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +60,22 @@ def test_the_node_accelerate_environment_does_not_leak_in(tiny_teacher_dir, text
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
     cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0)
-    acc = _accelerator(Accelerator, cfg, tmp_path)
+    acc = make_accelerator(Accelerator, cfg, tmp_path)
     assert (acc.mixed_precision, acc.gradient_accumulation_steps, acc.scaler) == ("no", 4, None)
     assert acc.state.dynamo_plugin.backend.value == "NO"
     from datetime import timedelta
 
     assert acc.init_handler.timeout == timedelta(minutes=cfg.distill.timeout_minutes)  # the process group's
     cfg_bf16 = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__precision="bf16")
-    assert _accelerator(Accelerator, cfg_bf16, tmp_path).mixed_precision == "bf16"
+    assert make_accelerator(Accelerator, cfg_bf16, tmp_path).mixed_precision == "bf16"
     # float16 autocast would need a loss scaler: refused in one line
     with pytest.raises(ConfigError, match="^--model.dtype: training under float16 autocast needs a loss scaler"):
-        _accelerator(Accelerator, make_cfg(tiny_teacher_dir, text_file, model__dtype="float16"), tmp_path)
+        make_accelerator(Accelerator, make_cfg(tiny_teacher_dir, text_file, model__dtype="float16"), tmp_path)
     for backend in ("DEEPSPEED", "FSDP"):  # a node config for another engine: refused, not half-used
         with monkeypatch.context() as m:
             m.setenv(f"ACCELERATE_USE_{backend}", "true")
             with pytest.raises(ConfigError, match=f"^accelerate launch: the accelerate config asks for {backend}"):
-                _accelerator(Accelerator, cfg, tmp_path)
+                make_accelerator(Accelerator, cfg, tmp_path)
     run = setup(cfg, tmp_path / "run")
     assert isinstance(run.opt, AcceleratedOptimizer) and isinstance(run.sched, AcceleratedScheduler)
     assert run.acc.mixed_precision == "no" and run.acc.gradient_accumulation_steps == 4
@@ -247,12 +249,12 @@ def test_the_exported_student_has_a_model_card_the_hub_renders(tiny_teacher_dir,
 def test_bf16_through_accelerate_trains_as_dskd_autocast_alone(tiny_teacher_dir, text_file, tmp_path, monkeypatch):
     """accelerate's bf16 wrapping of the forward (autocast, outputs to float32) adds nothing to dskd's own
     autocast: the losses are computed in float32 from the same bfloat16 values."""
-    import dskd.distill as dd
+    import dskd.launch
 
     cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__max_steps=2, distill__precision="bf16")
     cfg.loss.hidden, cfg.loss.hidden_weight = "mse", 0.5
     wrapped = distill(cfg, tmp_path / "acc", progress=False)
-    monkeypatch.setattr(dd, "_accelerate_precision", lambda amp: "no")  # the Accelerator as before: no wrapping
+    monkeypatch.setattr(dskd.launch, "accelerate_precision", lambda amp: "no")  # the Accelerator as before: no wrapping
     plain = distill(cfg, tmp_path / "plain", progress=False)
     a, b = trainable(wrapped), trainable(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
