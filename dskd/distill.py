@@ -436,7 +436,7 @@ def fit(run: Training, stop_after: int | None = None, progress: bool = True) -> 
     dc, lc, acc = run.cfg.distill, run.cfg.loss, run.acc
     if run.lam is not None:  # grad_share: the lambda set (and checkpointed) after the warm-up
         lc = dataclasses.replace(lc, lam=run.lam)
-    share_step = int(dc.warmup_frac * run.total) if lc.sense_scale == "grad_share" and lc.lam > 0 else None
+    share_step = int(dc.warmup_frac * run.total) if lc.sense_scale == "grad_share" and run.cfg.loss.lam > 0 else None
     bar = tqdm(total=run.total, initial=run.start, desc="distill", disable=not (progress and acc.is_main_process))
     batches: list[list[int]] = []
     batches_epoch = -1
