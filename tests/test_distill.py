@@ -93,6 +93,15 @@ def test_run_folder_metrics_and_exported_student(tiny_teacher_dir, text_file, se
     # the trained weights moved, the frozen ones did not
     w = trainable(run)
     assert list(w) and all(k.startswith("model.layers.1.") for k in w)
+    # a checkpoint is safetensors + JSON, nothing pickled (dskd.checkpoint says why not accelerate's save_state)
+    assert sorted(p.name for p in latest_checkpoint(run).iterdir()) == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng-0.safetensors",
+        "scheduler.json",
+        "state.json",
+        "trainable.safetensors",
+    ]
     # plain transformers, without importing dskd, reloads the student and gives the trained model's logits
     from dskd.models import load_model, truncate
 
