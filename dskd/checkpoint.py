@@ -22,8 +22,9 @@ optimiser and scheduler do go through ``prepare``):
   ``scheduler.bin``, ``random_states_<i>.pkl``): pickle, which dskd keeps out of every file it reads back
   (a restricted ``weights_only`` unpickler is still an unpickler reading a run folder that may have been
   copied from elsewhere); safetensors + JSON need none;
-- ``load_state`` swallows a missing or unreadable RNG file (``"Could not load random states"`` at info
-  level) and goes on: a resume that is not exact instead of a refusal;
+- ``load_state`` swallows any error reading the RNG file (``"Could not load random states"`` at info
+  level) and goes on: a resume that is not exact instead of a refusal (here only the file of a process the
+  checkpointed launch did not have is skipped, 1 -> 2 processes; a missing or broken one stops the resume);
 - it saves the whole student (frozen layers too), not only the trainable weights, and checks nothing
   about which parameters are trainable (here a changed ``model.trainable_layers`` is refused in one line);
 - it writes into its folder in place (no temp name + rename) and keeps no ``latest`` pointer, so the
@@ -150,7 +151,11 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, acc, extra: dict[st
 
 
 def load_checkpoint(path: Path, model, opt, sched, acc) -> dict[str, Any]:
-    """Restore trainable weights, optimiser, scheduler and this process's RNG; returns state.json."""
+    """Restore trainable weights, optimiser, scheduler and this process's RNG; returns state.json.
+
+    A process the checkpointed launch did not have (resuming 1 process's checkpoint under 2) has no RNG file
+    and keeps its seeded RNG (the data order and sense positions come from their own seeded generators); a
+    missing RNG file of a process it had is refused."""
     from safetensors.torch import load_file
 
     unwrapped = acc.unwrap_model(model)
@@ -171,13 +176,16 @@ def load_checkpoint(path: Path, model, opt, sched, acc) -> dict[str, Any]:
         )
     )
     sched.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    state = read_state(path)
     rng_file = path / f"rng-{acc.process_index}.safetensors"
+    if not rng_file.is_file() and acc.process_index < state.get("processes", 0):
+        raise ConfigError(f"--resume: checkpoint {path} lacks {rng_file.name}; resume from another checkpoint")
     if rng_file.is_file():
         rng = load_file(str(rng_file))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return read_state(path)
+    return state
 
 
 def config_changes(out: Path, cfg: RunConfig) -> list[str]:

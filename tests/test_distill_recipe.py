@@ -102,6 +102,12 @@ def test_resume_with_another_window_is_refused(tiny_teacher_dir, text_file, tmp_
     with pytest.raises(ConfigError, match=r"^--resume: .* 1 process\(es\) x grad_accum 4 = 4 micro-batches") as e:
         distill(other, run, progress=False)
     assert "--distill.grad_accum 4" in str(e.value) and "\n" not in str(e.value)
+    # the RNG state of a process the checkpoint had is needed: without it the resume is refused, not inexact
+    rng = latest_checkpoint(run) / "rng-0.safetensors"
+    rng.rename(rng.with_suffix(".aside"))
+    with pytest.raises(ConfigError, match=r"^--resume: checkpoint .* lacks rng-0.safetensors"):
+        distill(cfg, run, progress=False)
+    rng.with_suffix(".aside").rename(rng)
     # a tracker or a timeout may change on resume: they change neither the data nor the maths
     cfg.distill.timeout_minutes = 5
     distill(cfg, run, progress=False)
