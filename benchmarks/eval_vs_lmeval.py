@@ -200,7 +200,7 @@ class Bench:
 # ---- log-likelihood rows -------------------------------------------------------------------------
 def loglik_row(b: Bench, name: str, shots: int) -> dict:
     from dskd.config import EvalConfig
-    from dskd.evaluate import loglik_requests, select_items
+    from dskd.prompts import loglik_requests, select_items
     from dskd.tasks import get_task
 
     task = get_task(name)

@@ -1,37 +1,51 @@
-"""GPU check at the paper's scale: random-weight models with Llama-3-8B's shapes, built on the GPU.
+"""GPU check of a recipe at its own shapes: random-weight models built on the GPU, timed through dskd's code.
 
-Measures, in bfloat16, with the project's own code paths:
+**This script has never run on a GPU.** It was written and tested (``--tiny``, on a CPU) on a machine
+without one; the first run on a GPU node is its first real test. Until then no GPU number in this
+project is measured.
 
-1. gathering: teacher forward + final-norm states + predicted-token keys + a reservoir-like scatter
-   of the states to pinned host memory, in tokens/s, and its ratio to a bare forward on the same batches;
-2. k-means: seconds for 1M rows at d = 4096, k = 10 (500 tokens x 2,000 samples, random rows: the
-   slowest case, every group runs all its iterations), through the project's ``cluster_groups``;
-3. distillation: KD and DSKD step time at sequence length 2,048 (teacher online, 16-layer student with
-   its top 2 layers trained in float32 master weights, AdamW), their ratio, and the peak GPU memory;
-4. evaluation: letter-scored 5-shot-sized questions per second through ``dskd.evaluate.score_groups``;
+It reads the recipe (default ``configs/llama3-8b-instruct_to_16l.yaml``), builds its teacher from the
+*configuration* only (``dskd.plan.model_config``: the shipped architecture numbers, no weights, no
+network) with random bfloat16 weights directly on the device, and times the project's own functions:
 
-then projects the wall time of the paper recipe (``configs/llama3-8b-instruct_to_16l.yaml``, token and
-step counts from ``dskd plan``) on 1 and on 8 GPUs. The sense loss reads a synthetic store and lexicon
-(``benchmarks/distill_speed.py``): its cost depends on candidate-set sizes, not on their values.
+1. senses gather: ``dskd.senses.build.gather_batch`` (teacher forward, the LM-head input captured by the
+   same pre-hook as ``_gather``, states filed in a ``Reservoir`` whose rows go to a ``RowFile`` on disk) on
+   the recipe's ``senses.batch_size x senses.seq_len`` batches; tokens/s and its ratio to a bare forward;
+2. senses k-means: ``dskd.senses.kmeans.cluster_groups`` on 500 groups of 2,000 random rows (1M x d,
+   every group runs all of ``senses.kmeans_iters``: the slowest case);
+3. distillation: ``dskd.distill.fit`` (the training loop itself: window plans, ``teacher_outputs``,
+   ``micro_batch_loss``, backward, clipping, AdamW through accelerate) for the KD arm and the DSKD arm
+   (the sense loss on a synthetic store and lexicon, ``benchmarks/distill_speed.py``: its cost depends on
+   candidate counts, not values) on sequences of ``data.max_length`` tokens, one optimiser step =
+   ``batch_size x grad_accum`` of them as the recipe says; step times from the loop's own metrics.jsonl;
+4. evaluation: ``dskd.evaluate.score_groups`` (what ``dskd eval`` scores with) on letter questions of
+   ~700 tokens at ``eval.batch_size``.
+
+Each stage's peak GPU memory is ``torch.cuda.max_memory_allocated`` (reset before it); a stage that runs
+out of memory is reported as such and the others still run. Then it projects the recipe's wall time on
+1 and 8 GPUs from the measured rates and ``dskd plan``'s counts, and writes, under ``--out_dir``
+(``results/benchmarks/`` by default): ``gpu_check.json``, ``gpu_check.md`` (measured beside planned, per
+stage) and ``gpu_check_plan.txt`` / ``gpu_check_plan.json`` (``dskd plan`` of the same recipe).
 
 Usage::
 
-    python benchmarks/gpu_check.py --out results/benchmarks/gpu_check.json   # one H200: ~3-5 min
-    python benchmarks/gpu_check.py --tiny                                     # scaled-down, on CPU, seconds
+    python benchmarks/gpu_check.py                       # on one GPU: writes results/benchmarks/gpu_check.*
+    python benchmarks/gpu_check.py --tiny --device cpu   # scaled-down shapes on a CPU, seconds (the test)
 
 ``--tiny`` shrinks every shape (d 64, 4 -> 2 layers, vocab 1,000, short sequences) so the script is
-tested without a GPU; its numbers say nothing about a GPU.
+tested without a GPU; its numbers say nothing about a GPU and it writes nothing unless ``--out_dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
+import dataclasses
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,31 +59,41 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # this checkout's dskd, then distill_speed
+DEFAULT_CONFIG = ROOT / "configs" / "llama3-8b-instruct_to_16l.yaml"
 
 
 @dataclass
 class Shapes:
-    hidden: int
-    layers: int
-    student_layers: int
-    trainable: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
+    """What the checks run at: the recipe's numbers (or the tiny ones)."""
+
     gather_batch: int
     gather_len: int
     train_len: int
     kmeans_groups: int
     kmeans_per_group: int
-    k: int
     eval_items: int
     eval_ctx: int
+    eval_batch: int
     repeats: int
 
 
-PAPER = Shapes(4096, 32, 16, 2, 32, 8, 14336, 128256, 8, 1024, 2048, 500, 2000, 10, 96, 700, 5)
-TINY = Shapes(64, 4, 2, 1, 4, 2, 128, 1000, 4, 64, 96, 20, 200, 10, 12, 48, 2)
+def recipe_shapes(cfg, tiny: bool) -> Shapes:
+    if tiny:
+        return Shapes(4, 64, 96, 20, 200, 12, 48, 4, 2)
+    return Shapes(
+        cfg.senses.batch_size, cfg.senses.seq_len, cfg.data.max_length, 500, 2000, 96, 700, cfg.eval.batch_size, 5
+    )
+
+
+# tiny stand-in for the recipe's teacher architecture (same family, toy sizes)
+TINY_ARCH = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+}
 
 
 def _sync(dev: torch.device) -> None:
@@ -90,253 +114,344 @@ def _timed(fn, dev: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_teacher(sh: Shapes, dev: torch.device, dtype: torch.dtype):
-    """A Llama with random weights, created directly on ``dev`` (no host copy)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _free(dev: torch.device) -> None:
+    import gc
 
-    config = LlamaConfig(
-        vocab_size=sh.vocab,
-        hidden_size=sh.hidden,
-        intermediate_size=sh.intermediate,
-        num_hidden_layers=sh.layers,
-        num_attention_heads=sh.heads,
-        num_key_value_heads=sh.kv_heads,
-        max_position_embeddings=max(8192, sh.train_len),
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_stage(name: str, fn, dev: torch.device) -> dict:
+    """``fn()``'s result with the stage's peak GPU memory; an out-of-memory error is the stage's result."""
+    _free(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    except torch.OutOfMemoryError as e:  # reported, the other stages still run
+        out = {"error": f"out of memory: {str(e).splitlines()[0][:300]}"}
+    except Exception as e:  # noqa: BLE001 - one broken stage must not cost the node's run of the others
+        out = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    out["stage_seconds"] = time.perf_counter() - t0
+    out["peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
+    _free(dev)
+    print(f"{name}: {_summary(name, out)}", flush=True)
+    return out
+
+
+def _summary(name: str, r: dict) -> str:
+    peak = f"; peak {r['peak_gb']:.2f} GB" if r.get("peak_gb") is not None else ""
+    if "error" in r:
+        return f"FAILED ({r['error']}){peak}"
+    if name == "gather":
+        return (
+            f"{r['gather_tokens_per_s']:,.0f} tok/s vs bare forward {r['bare_tokens_per_s']:,.0f} tok/s "
+            f"({r['ratio']:.1%}){peak}"
+        )
+    if name == "kmeans":
+        return f"{r['rows']:,} rows x d {r['dim']}, k {r['k']}: {r['seconds']:.1f}s{peak}"
+    if name.startswith("distill"):
+        return (
+            f"{r['step_s'] * 1e3:.0f} ms per optimiser step ({r['sequences_per_step']} x {r['seq_len']} tokens){peak}"
+        )
+    if name == "eval":
+        return f"{r['items_per_s']:.1f} items/s ({r['context_tokens']}-token questions){peak}"
+    return str(r)
+
+
+def build_teacher(cfg, tiny: bool, dev: torch.device, dtype: torch.dtype):
+    """The recipe's teacher architecture (its configuration only, no weights) with random weights, on ``dev``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dskd.plan import model_config
+
+    conf, source = model_config(cfg.model.teacher, cfg.model.trust_remote_code)
+    if tiny:
+        conf = AutoConfig.for_model(conf.model_type, **{**TINY_ARCH, "tie_word_embeddings": conf.tie_word_embeddings})
     torch.manual_seed(0)
     with torch.device(dev):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model, source
 
 
-def check_gather(teacher, sh: Shapes, dev: torch.device) -> dict:
-    """Gathering vs a bare forward on the same batches, tokens/s."""
+def check_gather(teacher, cfg, sh: Shapes, dev: torch.device, work: Path) -> dict:
+    """``gather_batch`` as ``senses.build._gather`` calls it, vs a bare forward on the same batch."""
+    from dskd.devices import DTYPES
+    from dskd.senses.build import _sample_dtype, gather_batch
+    from dskd.senses.reservoir import Reservoir, RowFile
+
+    V = teacher.get_output_embeddings().weight.shape[0]
+    d = teacher.config.hidden_size
     g = torch.Generator(device=dev).manual_seed(0)
-    ids = torch.randint(0, sh.vocab, (sh.gather_batch, sh.gather_len), device=dev, generator=g)
+    ids = torch.randint(0, V, (sh.gather_batch, sh.gather_len), device=dev, generator=g)
     n = ids.numel()
-    pin = dev.type == "cuda"
-    host = torch.empty(n, sh.hidden, dtype=torch.bfloat16, pin_memory=pin)  # a file-backed reservoir's staging rows
+    rows = RowFile(work / "rows.bin", d, DTYPES[_sample_dtype(cfg.senses.sample_dtype, dev, cfg.senses.store_dtype)])
+    res = Reservoir.empty(V, d, cfg.senses.max_samples, cfg.senses.seed, rows, dev)
+    captured: dict[str, torch.Tensor] = {}
+    hook = teacher.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("h", args[0])
+    )
+    dist = torch.zeros(0, device=dev)
+    pos = torch.arange(n, device=dev).reshape(ids.shape)
 
     @torch.no_grad()
     def bare():
-        return teacher(input_ids=ids, use_cache=False).logits
+        return teacher(input_ids=ids).logits
 
-    @torch.no_grad()
     def gather():
-        h = teacher.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d), after the final norm
-        keys = teacher.lm_head(h).argmax(-1).flatten()  # predicted next token, (B*T,)
-        # reservoir-like scatter: a random subset of slots replaced, rows grouped by key, copied to the host
-        order = torch.argsort(keys, stable=True)
-        keep = order[torch.rand(n, device=dev, generator=g)[order] < 0.5]
-        rows = h.reshape(n, -1).index_select(0, keep).to(torch.bfloat16)
-        host[: rows.shape[0]].copy_(rows, non_blocking=pin)
+        nonlocal dist, pos
+        dist = gather_batch(teacher, ids, None, res, dist, captured, pos)
+        pos = pos + n  # the next batch's stream positions
+        captured.clear()
 
-    t_bare = _timed(bare, dev, sh.repeats)
-    t_gather = _timed(gather, dev, sh.repeats)
+    try:
+        hook.remove()
+        t_bare = _timed(bare, dev, sh.repeats)
+        hook = teacher.get_output_embeddings().register_forward_pre_hook(
+            lambda _m, args: captured.__setitem__("h", args[0])
+        )
+        t_gather = _timed(gather, dev, sh.repeats)
+        res.commit()
+    finally:
+        hook.remove()
     return {
+        "function": "dskd.senses.build.gather_batch",
         "batch": [sh.gather_batch, sh.gather_len],
         "bare_tokens_per_s": n / t_bare,
         "gather_tokens_per_s": n / t_gather,
         "ratio": t_bare / t_gather,
+        "reservoir_rows": int(rows.n_rows),
     }
 
 
-def _cluster_fn():
-    """The project's k-means over groups, wherever it lives."""
-    for name in ("dskd.senses.kmeans", "dskd.senses"):
-        try:
-            mod = __import__(name, fromlist=["cluster_groups"])
-        except ImportError:
-            continue
-        if hasattr(mod, "cluster_groups"):
-            return mod.cluster_groups, name
-    raise ImportError("no cluster_groups in dskd.senses.kmeans or dskd.senses")
+def check_kmeans(cfg, d: int, sh: Shapes, dev: torch.device) -> dict:
+    """``cluster_groups`` on random rows (every group runs all its iterations)."""
+    from dskd.senses.kmeans import cluster_groups
 
-
-def check_kmeans(sh: Shapes, dev: torch.device) -> dict:
-    fn, where = _cluster_fn()
     rows = sh.kmeans_groups * sh.kmeans_per_group
     g = torch.Generator(device=dev).manual_seed(0)
-    samples = torch.randn(rows, sh.hidden, device=dev, generator=g)  # (N, d) float32
+    samples = torch.randn(rows, d, device=dev, generator=g)  # (N, d) float32
     sizes = torch.full((sh.kmeans_groups,), sh.kmeans_per_group, dtype=torch.long, device=dev)
-    kw = {"device": dev} if "device" in inspect.signature(fn).parameters else {}
+    sc = cfg.senses
     _sync(dev)
     t0 = time.perf_counter()
-    senses, counts, _ = fn(samples, sizes, sh.k, 25, 0, **kw)
+    senses, _, _ = cluster_groups(samples, sizes, sc.k, sc.kmeans_iters, sc.seed, sc.kmeans_init, device=dev)
     _sync(dev)
     dt = time.perf_counter() - t0
-    assert len(senses) == sh.kmeans_groups and senses[0].device.type == dev.type
-    return {"function": f"{where}.cluster_groups", "rows": rows, "dim": sh.hidden, "k": sh.k, "seconds": dt}
+    if len(senses) != sh.kmeans_groups:
+        raise RuntimeError(f"cluster_groups returned {len(senses)} groups, not {sh.kmeans_groups}")
+    return {"function": "dskd.senses.kmeans.cluster_groups", "rows": rows, "dim": d, "k": sc.k, "seconds": dt}
 
 
-def check_distill(teacher, sh: Shapes, dev: torch.device, dtype: torch.dtype, loss=None) -> dict:
-    """KD and DSKD steps of ``dskd.distill``'s loop body, interleaved, at ``train_len`` tokens, with the
-    recipe's loss section (``loss``; default: the config defaults) and its KD arm (lambda = 0)."""
-    import dataclasses
+class _PadOnly:
+    """The loop reads only the pad id of the tokenizer (``Training.pad_id``)."""
 
+    pad_token_id = 0
+
+
+def check_distill(teacher, cfg, sh: Shapes, dev: torch.device, arm: str, work: Path, tiny: bool = False) -> dict:
+    """``dskd.distill.fit`` on random sequences: the recipe's arm (DSKD) or its KD arm (lambda 0)."""
+    from accelerate import Accelerator
     from distill_speed import SyntheticLexicon, SyntheticStore
 
     from dskd import data as D
-    from dskd.config import LossConfig
-    from dskd.distill import micro_batch_loss, teacher_outputs
-    from dskd.models import freeze_except_top, head_at_targets_ok, keep_float32_master, truncate
-    from dskd.prefix import prefix_states, shared_prefix_layers
-    from dskd.sense_targets import build_sense_table, window_plans
+    from dskd.distill import Training, _optimiser, fit
+    from dskd.accelerator import make_accelerator
+    from dskd.models import Pair, freeze_except_top, head_at_targets_ok, num_layers, truncate
+    from dskd.sense_targets import build_sense_table
 
-    student = truncate(teacher, sh.student_layers, share=True)
-    freeze_except_top(student, sh.trainable)
+    dc = cfg.distill
+    lam = cfg.loss.lam if arm == "dskd" else 0.0
+    per_step = dc.batch_size * dc.grad_accum
+    steps = 1 + sh.repeats  # the first is the warm-up
+    cfg = dataclasses.replace(
+        cfg,
+        loss=dataclasses.replace(cfg.loss, lam=lam),
+        distill=dataclasses.replace(
+            dc, epochs=1, max_steps=0, save_every=0, log_every=1, report_to="none", teacher_cache=False
+        ),
+        model=dataclasses.replace(cfg.model, device=dev.type, require_accelerator=dev.type != "cpu"),
+    )
+    V = teacher.get_output_embeddings().weight.shape[0]
+    L = num_layers(teacher)
+    n_layers = max(1, L // 2) if tiny or not cfg.model.student_layers else min(cfg.model.student_layers, L)
+    student = truncate(teacher, n_layers, share=True)  # as dskd.models.build_pair
+    freeze_except_top(student, min(cfg.model.trainable_layers, n_layers))
     for p in student.parameters():
         if p.requires_grad:
             p.data = p.data.clone()
-    keep_float32_master(student)
-    student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-3)
     g = torch.Generator().manual_seed(1)
-    seq = torch.randint(0, sh.vocab, (sh.train_len,), generator=g)
-    data = D.TokenData([seq], {"hash": "gpu-check"})
-    lc_dskd = loss or LossConfig()
-    lc_kd = dataclasses.replace(lc_dskd, lam=0.0)
-    table = build_sense_table(
-        SyntheticStore(sh.hidden, k=sh.k), SyntheticLexicon(sh.vocab), seq[1:].tolist(), lc_dskd
-    ).to(dev)
-    plans = window_plans(data, [0], table, lc_dskd, 0, 0, 0)
-    n_terms = float(sum(p.n_terms for p in plans.values()))
-    batch = {k: v.to(dev) for k, v in D.collate([seq], 0).items()}
-    n_tok = float(data.num_targets([0]))
-    autocast = torch.autocast(device_type=dev.type, dtype=dtype)
-    # as the loop runs from a teacher cache: the student's layers above the frozen ones, from the state
-    # entering them (what the cache stores), and the frozen head at target positions only
-    n_pre = shared_prefix_layers(teacher, student)
-    with torch.no_grad():
-        states = prefix_states(teacher, n_pre, **{k: batch[k] for k in ("input_ids", "attention_mask")})
-    at_targets = head_at_targets_ok(student)
-
-    def step(lc) -> None:
-        t_logits, t_h = teacher_outputs(teacher, None, [0], batch, sh.vocab, autocast)
-        loss, _, _ = micro_batch_loss(
-            student,
-            batch,
-            t_logits,
-            t_h,
-            lc,
-            sh.vocab,
-            n_tok,
-            n_terms,
-            [plans[0]],
-            table,
-            autocast,
-            (n_pre, states) if n_pre else None,
-            at_targets,
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    out: dict = {"seq_len": sh.train_len, "trainable_params": sum(p.numel() for p in params)}
-    out.update(prefix_layers=n_pre, head_at_targets=at_targets)
-    times: dict[str, list[float]] = {"kd": [], "dskd": []}
-    peaks: dict[str, float | None] = {}
-    for arm, lc in (("kd", lc_kd), ("dskd", lc_dskd)):  # warm-up and peak memory, one arm at a time
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        step(lc)
-        _sync(dev)
-        peaks[arm] = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
-    for i in range(sh.repeats):  # interleaved, alternating order, so drift hits both arms alike
-        for arm in ("kd", "dskd") if i % 2 == 0 else ("dskd", "kd"):
-            t0 = time.perf_counter()
-            step(lc_kd if arm == "kd" else lc_dskd)
-            _sync(dev)
-            times[arm].append(time.perf_counter() - t0)
-    kd, dskd = statistics.median(times["kd"]), statistics.median(times["dskd"])
-    out.update(
-        kd_step_s=kd,
-        dskd_step_s=dskd,
-        ratio=dskd / kd,
-        kd_peak_gb=peaks["kd"],
-        dskd_peak_gb=peaks["dskd"],
-        sense_table=table.info,
-    )
-    return out
+    seqs = [torch.randint(5, V, (sh.train_len,), generator=g) for _ in range((steps + 1) * per_step)]
+    data = D.TokenData(seqs, {"hash": "gpu-check"})
+    out = work / f"run-{arm}"
+    out.mkdir(parents=True, exist_ok=True)
+    acc = make_accelerator(Accelerator, cfg, out)
+    pair = Pair(teacher, student, _PadOnly(), V, "random", "random", [], {})
+    run = Training(cfg, out, acc, pair, teacher, student.to(acc.device), data, None, None, {"hash": "gpu-check"})
+    run.head_at_targets = head_at_targets_ok(student)
+    run.diagnose = False  # the gradient diagnostic changes no result and runs only at logging steps
+    if lam > 0:
+        d = teacher.config.hidden_size
+        targets = sorted({int(t) for s in seqs for t in s[1:].tolist()})
+        run.table = build_sense_table(SyntheticStore(d, k=cfg.senses.k), SyntheticLexicon(V), targets, cfg.loss)
+        run.table = run.table.to(acc.device)
+    _optimiser(run)
+    fit(run, stop_after=steps, progress=False)
+    _sync(dev)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    dts = [r["tokens"] / r["tokens_per_s"] for r in recs[1:steps]]  # the loop's own step time, warm-up left out
+    return {
+        "function": "dskd.distill.fit",
+        "arm": arm,
+        "lam": lam,
+        "seq_len": sh.train_len,
+        "sequences_per_step": per_step,
+        "step_s": statistics.median(dts),
+        "steps_timed": len(dts),
+        "trainable_params": sum(p.numel() for p in run.params),
+        "head_at_targets": run.head_at_targets,
+        **({"sense_table": run.table.info} if run.table is not None else {}),
+    }
 
 
 def check_eval(teacher, sh: Shapes, dev: torch.device) -> dict:
-    """Letter scoring (4 one-token continuations per question) of ``eval_items`` questions."""
+    """Letter scoring (4 one-token continuations per question) through ``dskd.evaluate.score_groups``."""
     from dskd.evaluate import Group, score_groups
 
+    V = teacher.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(2)
     groups = [
         Group(
             item=i,
             choices=[0, 1, 2, 3],
-            ctx=torch.randint(5, sh.vocab, (sh.eval_ctx,), generator=g).tolist(),
-            conts=[[int(x)] for x in torch.randint(5, sh.vocab, (4,), generator=g)],
+            ctx=torch.randint(5, V, (sh.eval_ctx,), generator=g).tolist(),
+            conts=[[int(x)] for x in torch.randint(5, V, (4,), generator=g)],
         )
         for i in range(sh.eval_items)
     ]
     with torch.no_grad():
-        score_groups(teacher, groups[:2], batch_size=16, pad_id=0)  # warm-up
+        score_groups(teacher, groups[:2], batch_size=sh.eval_batch, pad_id=0)  # warm-up
         _sync(dev)
         t0 = time.perf_counter()
-        score_groups(teacher, groups, batch_size=16, pad_id=0)
+        score_groups(teacher, groups, batch_size=sh.eval_batch, pad_id=0)
         _sync(dev)
     dt = time.perf_counter() - t0
-    return {"items": sh.eval_items, "context_tokens": sh.eval_ctx, "items_per_s": sh.eval_items / dt}
+    return {
+        "function": "dskd.evaluate.score_groups",
+        "items": sh.eval_items,
+        "context_tokens": sh.eval_ctx,
+        "batch_size": sh.eval_batch,
+        "items_per_s": sh.eval_items / dt,
+    }
 
 
-def project(res: dict, config: Path, gpus: int) -> dict:
-    """Wall time of the paper recipe on ``gpus`` GPUs from the measured rates and the plan's counts."""
-    from dskd.config import load_yaml
+def project(res: dict, cfg, config_args: list[str], counts, gpus: int) -> dict:
+    """Wall time of the recipe on ``gpus`` GPUs from the measured rates and the plan's counts (a stage that
+    failed is left out and named)."""
     from dskd.plan import make_plan
 
-    cfg = load_yaml(config)
-    plan = make_plan(cfg, ["--config", str(config)], gpus=gpus, counts=res.get("_counts"))
-    stages = {st["name"]: st for st in plan["stages"]}
-    data = plan["data"]
-    sc = cfg.senses
-    gather_h = sc.max_tokens / res["gather"]["gather_tokens_per_s"] / gpus / 3600  # each rank its own shard
-    reservoir_rows = min(plan["teacher"]["vocab"] * sc.max_samples, sc.max_tokens)
+    plan = make_plan(cfg, config_args, gpus=gpus, counts=counts)
+    data, sc = plan["data"], cfg.senses
+    out: dict = {"gpus": gpus, "left_out": []}
+    g = res["gather"]
+    if "error" not in g:
+        out["senses_gather_h"] = sc.max_tokens / g["gather_tokens_per_s"] / gpus / 3600  # each rank its own shard
     km = res["kmeans"]
-    kmeans_h = km["seconds"] * reservoir_rows / km["rows"] / 3600 if "seconds" in km else 0.0  # rank 0 clusters
+    if "error" not in km:
+        reservoir_rows = min(plan["teacher"]["vocab"] * sc.max_samples, sc.max_tokens)
+        out["senses_kmeans_h"] = km["seconds"] * reservoir_rows / km["rows"] / 3600  # rank 0 clusters
     avg_len = data["positions"] / max(data["sequences"], 1)
-    per_seq = res["distill"]["dskd_step_s"] * avg_len / res["distill"]["seq_len"]  # step time ~ linear in length
-    per_seq_kd = res["distill"]["kd_step_s"] * avg_len / res["distill"]["seq_len"]
-    epochs = cfg.distill.epochs
-    train_h = data["sequences"] * epochs * (per_seq + per_seq_kd) / gpus / 3600
-    # eval: teacher + 3 students (16 of 32 layers: ~half the time each); 4 models spread over the GPUs
-    per_item_tokens = data["eval_tokens"] / max(data["eval_items"], 1)
-    eval_item_s = per_item_tokens / res["eval"]["context_tokens"] / res["eval"]["items_per_s"]  # ~ linear in length
-    eval_h = data["eval_items"] * eval_item_s * (1 + 3 * 0.55) / min(gpus, 4) / 3600
-    out = {
-        "gpus": gpus,
-        "senses_gather_h": gather_h,
-        "senses_kmeans_h": kmeans_h,
-        "distill_kd_plus_dskd_h": train_h,
-        "eval_4_models_h": eval_h,
-    }
+    for arm in ("kd", "dskd"):
+        r = res[f"distill:{arm}"]
+        if "error" in r:
+            continue
+        per_seq = r["step_s"] / r["sequences_per_step"] * avg_len / r["seq_len"]  # step time ~ linear in length
+        out[f"distill_{arm}_h"] = data["sequences"] * cfg.distill.epochs * per_seq / gpus / 3600
+    e = res["eval"]
+    if "error" not in e:
+        # teacher + 3 students (the students' shared layers partly served by the memo: ~0.55 of the teacher each)
+        per_item = data["eval_tokens"] / max(data["eval_items"], 1) / e["context_tokens"] / e["items_per_s"]
+        out["eval_4_models_h"] = data["eval_items"] * per_item * (1 + 3 * 0.55) / min(gpus, 4) / 3600
+    for part in ("senses_gather_h", "senses_kmeans_h", "distill_kd_h", "distill_dskd_h", "eval_4_models_h"):
+        if part not in out:
+            out["left_out"].append(part)
     out["total_h"] = sum(v for k, v in out.items() if k.endswith("_h"))
-    out["steps_per_arm"] = stages["distill:dskd"]["steps"]
+    out["steps_per_arm"] = next(st["steps"] for st in plan["stages"] if st["name"] == "distill:dskd")
     return out
+
+
+def comparison_md(res: dict, plan: dict) -> str:
+    """Measured beside planned, per stage (memory per GPU in GB; the plan's hours at its assumed utilisation)."""
+    stages = {st["name"]: st for st in plan["stages"]}
+
+    def planned(name: str) -> str:
+        st = stages.get(name)
+        return f"{st['memory_total'] / 1e9:.1f}" if st else "-"
+
+    def measured(key: str) -> str:
+        r = res[key]
+        if "error" in r:
+            return f"FAILED: {r['error'][:80]}"
+        return f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "n/a (not CUDA)"
+
+    lines = [
+        f"# gpu_check: {res['recipe']} on {res['device']}",
+        "",
+        "Random weights at the recipe's shapes; dskd's own functions timed (benchmarks/gpu_check.py). "
+        + ("TINY shapes: these numbers say nothing about a GPU." if res["tiny"] else ""),
+        "",
+        "| stage | function | measured | peak memory (GB) | plan's memory per GPU (GB) |",
+        "|---|---|---|---:|---:|",
+    ]
+    rows = [
+        ("gather", "senses", lambda r: f"{r['gather_tokens_per_s']:,.0f} tok/s ({r['ratio']:.0%} of a bare forward)"),
+        ("kmeans", None, lambda r: f"{r['rows']:,} rows x {r['dim']}: {r['seconds']:.1f} s"),
+        ("distill:kd", "distill:kd", lambda r: f"{r['step_s'] * 1e3:.0f} ms / step"),
+        ("distill:dskd", "distill:dskd", lambda r: f"{r['step_s'] * 1e3:.0f} ms / step"),
+        ("eval", "eval", lambda r: f"{r['items_per_s']:.1f} items/s"),
+    ]
+    for key, plan_name, fmt in rows:
+        r = res[key]
+        what = "-" if "error" in r else fmt(r)
+        lines.append(
+            f"| {key} | `{r.get('function', '-')}` | {what} | {measured(key)} | "
+            f"{planned(plan_name) if plan_name else '-'} |"
+        )
+    lines += ["", "Projected wall time of the recipe (hours):", ""]
+    for p in res["projection"]:
+        parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in p.items() if k.endswith("_h") and k != "total_h")
+        left = f" (left out: {', '.join(p['left_out'])})" if p["left_out"] else ""
+        lines.append(f"- {p['gpus']} GPU(s): {parts}; total {p['total_h']:.2f}{left}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto (the GPU), cuda, cuda:1; cpu only with --tiny")
     ap.add_argument("--tiny", action="store_true", help="Scaled-down shapes (runs on CPU in seconds; a smoke test).")
-    ap.add_argument("--out", type=Path, default=None, help="Also write the results as JSON here.")
     ap.add_argument(
-        "--config", type=Path, default=ROOT / "configs" / "llama3-8b-instruct_to_16l.yaml", help="Recipe to project."
+        "--out_dir",
+        type=Path,
+        default=None,
+        help="Where gpu_check.{json,md} and gpu_check_plan.{txt,json} go (default results/benchmarks; "
+        "with --tiny: nothing is written unless given).",
     )
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="The recipe whose shapes are checked.")
     args = ap.parse_args(argv)
+    from dskd.config import load_yaml
     from dskd.devices import describe, resolve_device
+    from dskd.plan import count_data, make_plan, render
 
     dev = resolve_device(args.device)
     if dev.type != "cuda" and not args.tiny:
@@ -344,83 +459,69 @@ def main(argv: list[str] | None = None) -> int:
             f"gpu_check: no GPU here ({dev}); run on a GPU node, or pass --tiny for a CPU smoke test", file=sys.stderr
         )
         return 2
-    sh = TINY if args.tiny else PAPER
-    dtype = torch.bfloat16
+    out_dir = args.out_dir if args.out_dir is not None or args.tiny else ROOT / "results" / "benchmarks"
+    cfg = load_yaml(args.config)
+    try:
+        config_arg = str(args.config.resolve().relative_to(ROOT))
+    except ValueError:
+        config_arg = str(args.config)
+    config_args = ["--config", config_arg]
+    counts = count_data(cfg)  # before any weight: a recipe the plan refuses stops here
+    sh = recipe_shapes(cfg, args.tiny)
+    if args.tiny:  # toy architecture: toy recipe numbers where they would dwarf it
+        cfg = dataclasses.replace(cfg, senses=dataclasses.replace(cfg.senses, max_samples=50))
     t_all = time.perf_counter()
     res: dict = {
+        "recipe": config_arg,
         "device": describe(dev),
         "tiny": args.tiny,
         "dtype": "bfloat16",
         "shapes": asdict(sh),
         "torch": torch.__version__,
+        "never_ran_on_a_gpu_before": True,  # set by hand to false once a GPU run is committed
     }
-    print(f"gpu_check on {res['device']}{' (TINY shapes: not GPU numbers)' if args.tiny else ''}", flush=True)
+    print(f"gpu_check of {config_arg} on {res['device']}{' (TINY shapes: not GPU numbers)' if args.tiny else ''}")
     t0 = time.perf_counter()
-    teacher = build_teacher(sh, dev, dtype)
+    teacher, source = build_teacher(cfg, args.tiny, dev, torch.bfloat16)
+    held = {"teacher": teacher}  # the stages read it from here, so that dropping it frees the memory
     res["build_s"] = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in teacher.parameters())
-    print(f"teacher: {n_params / 1e9:.2f}B parameters built on {dev} in {res['build_s']:.1f}s", flush=True)
+    res["teacher"] = {"source": source, "params": sum(p.numel() for p in teacher.parameters())}
+    d = teacher.config.hidden_size
+    print(f"teacher: {res['teacher']['params'] / 1e9:.2f}B random parameters on {dev} in {res['build_s']:.1f}s")
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        work = Path(tmp)
+        res["gather"] = run_stage("gather", lambda: check_gather(held["teacher"], cfg, sh, dev, work), dev)
+        for arm in ("kd", "dskd"):
+            res[f"distill:{arm}"] = run_stage(
+                f"distill:{arm}",
+                lambda arm=arm: check_distill(held["teacher"], cfg, sh, dev, arm, work, args.tiny),
+                dev,
+            )
+        res["eval"] = run_stage("eval", lambda: check_eval(held["teacher"], sh, dev), dev)
+        del teacher
+        held.clear()
+        _free(dev)
+        res["kmeans"] = run_stage("kmeans", lambda: check_kmeans(cfg, d, sh, dev), dev)
 
-    res["gather"] = check_gather(teacher, sh, dev)
-    r = res["gather"]
-    print(
-        f"gather: {r['gather_tokens_per_s']:,.0f} tok/s vs bare forward {r['bare_tokens_per_s']:,.0f} tok/s "
-        f"({r['ratio']:.1%})",
-        flush=True,
-    )
-    from dskd.config import load_yaml
-
-    res["distill"] = check_distill(teacher, sh, dev, dtype, load_yaml(args.config).loss)
-    r = res["distill"]
-    peak = (
-        f"; peak {r['kd_peak_gb']:.1f} GB (KD) / {r['dskd_peak_gb']:.1f} GB (DSKD)"
-        if r["kd_peak_gb"] is not None
-        else ""
-    )
-    print(
-        f"distill @ {r['seq_len']} tokens: KD {r['kd_step_s'] * 1e3:.0f} ms/step, DSKD {r['dskd_step_s'] * 1e3:.0f} "
-        f"ms/step, ratio {r['ratio']:.3f}{peak}",
-        flush=True,
-    )
-    res["eval"] = check_eval(teacher, sh, dev)
-    print(f"eval: {res['eval']['items_per_s']:.1f} items/s ({sh.eval_ctx}-token questions, letter scoring)", flush=True)
-    del teacher
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        res["kmeans"] = check_kmeans(sh, dev)
-        r = res["kmeans"]
-        print(
-            f"k-means: {r['rows']:,} rows x d {r['dim']}, k {r['k']}: {r['seconds']:.1f}s ({r['function']})", flush=True
-        )
-    except (RuntimeError, ImportError, AssertionError, TypeError) as e:  # reported, never replaced by a CPU run
-        res["kmeans"] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"k-means on {dev}: FAILED ({res['kmeans']['error'][:300]}); left out of the projection", flush=True)
-
-    from dskd.config import load_yaml
-    from dskd.plan import count_data
-
-    counts = count_data(load_yaml(args.config))
-    res["_counts"] = counts
-    res["projection"] = [project(res, args.config, g) for g in (1, 8)]
-    del res["_counts"]
+    res["projection"] = [project(res, cfg, config_args, counts, g) for g in (1, 8)]
     res["projection_counts"] = asdict(counts)
-    print(
-        f"\nprojected wall time of {args.config.name} (sense corpus {load_yaml(args.config).senses.max_tokens:,} tokens):"
-    )
+    print(f"\nprojected wall time of {config_arg} (sense corpus {cfg.senses.max_tokens:,} tokens):")
     for p in res["projection"]:
-        print(
-            f"  {p['gpus']} GPU(s): senses {p['senses_gather_h']:.2f} h gather + {p['senses_kmeans_h']:.2f} h k-means, "
-            f"KD + DSKD training {p['distill_kd_plus_dskd_h']:.2f} h, eval (4 models) {p['eval_4_models_h']:.2f} h: "
-            f"total {p['total_h']:.2f} h"
-        )
+        parts = ", ".join(f"{k[:-2]} {v:.2f} h" for k, v in p.items() if k.endswith("_h") and k != "total_h")
+        left = f" (left out: {', '.join(p['left_out'])})" if p["left_out"] else ""
+        print(f"  {p['gpus']} GPU(s): {parts}: total {p['total_h']:.2f} h{left}")
     if args.tiny:
         print("  (TINY shapes on this device: the projection only checks the arithmetic)")
     res["seconds"] = time.perf_counter() - t_all
     print(f"gpu_check done in {res['seconds']:.0f}s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1, default=str))
+    if out_dir is not None:
+        plan = make_plan(cfg, config_args, gpus=1, counts=counts)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write(out_dir / "gpu_check.json", json.dumps(res, indent=1, default=str))
+        _write(out_dir / "gpu_check.md", comparison_md(res, plan))
+        _write(out_dir / "gpu_check_plan.json", json.dumps(plan, indent=1))
+        _write(out_dir / "gpu_check_plan.txt", render(plan) + "\n")
+        print(f"wrote {out_dir}/gpu_check.{{json,md}} and gpu_check_plan.{{txt,json}}")
     return 0
 
 

@@ -23,25 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+# The errors live in dskd.errors, below dskd.io (which raises them); re-exported here, their usual spelling.
+from dskd.errors import ConfigError as ConfigError
+from dskd.errors import DskdError as DskdError
+
 DEFAULT_TEACHER = "smollm2-135m-instruct"  # the packaged default (dskd assets exports it); one spelling
-
-
-class DskdError(Exception):
-    """Base of every user-facing error: the CLI prints its message (which names the flag or file)."""
-
-
-class ConfigError(DskdError, ValueError):
-    """A user-facing configuration error; the message names the flag or file.
-
-    Args:
-        message: The one line shown to the user.
-        flag: The dotted field it is about (``distill.lr``), when there is one: the CLI adds the recipe
-            file that set it.
-    """
-
-    def __init__(self, message: str, flag: str | None = None) -> None:
-        super().__init__(message)
-        self.flag = flag
 
 
 def _check(cond: bool, flag: str, msg: str, value: Any) -> None:

@@ -675,6 +675,148 @@ def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
+def _refuse_foreign_folder(out: Path) -> None:
+    """Refuse a non-empty ``out`` that is not a teacher cache (never delete a folder that is not ours).
+
+    Raises:
+        CacheError: ``out`` holds files and no teacher cache's ``meta.json``.
+    """
+    if out.exists() and any(out.iterdir()):
+        try:
+            is_cache = json.loads((out / "meta.json").read_text())["format"]["name"] == CACHE_FORMAT["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            is_cache = False
+        if not is_cache:
+            raise CacheError(f"--distill.cache_dir: {out} exists and is not a teacher cache; pick an empty folder")
+
+
+class _ShardWriter:
+    """Cache rows gathered sequence by sequence and written as shards of about ``_SHARD_BYTES``.
+
+    Attributes:
+        folder: Where the shards go.
+        names: File names of the shards written so far.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.names: list[str] = []
+        self._buf: dict[str, list[torch.Tensor]] = {}
+        self._used = 0  # bytes in the buffer
+        self._pos = 0  # rows in the buffer
+
+    def add(self, rec: dict[str, torch.Tensor], n: int) -> tuple[int, int]:
+        """Buffer one sequence's rows (``n`` of each tensor in ``rec``), writing a shard once it is full.
+
+        Returns:
+            (shard index, first row in that shard) of the sequence.
+        """
+        for name, v in rec.items():
+            self._buf.setdefault(name, []).append(v)
+        where = (len(self.names), self._pos)
+        self._pos += n
+        self._used += sum(v.numel() * v.element_size() for v in rec.values())
+        if self._used >= _SHARD_BYTES:
+            self.flush()
+        return where
+
+    def flush(self) -> None:
+        """Write the buffered rows (if any) as the next shard; the next sequence starts a new one."""
+        from safetensors.torch import save_file
+
+        if self._buf:
+            name = f"shard-{len(self.names):05d}.safetensors"
+            save_file({k: torch.cat(v).contiguous() for k, v in self._buf.items()}, str(self.folder / name))
+            self.names.append(name)
+            self._buf.clear()
+        self._used = self._pos = 0
+
+
+@torch.no_grad()
+def _teacher_states(
+    teacher: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, n_pre: int, kd: str, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One cache forward of the teacher over a right-padded batch.
+
+    With a shared prefix (``n_pre`` > 0) it computes the state entering layer ``n_pre``, then runs the
+    layers above from it (the same operations as one whole forward).
+
+    Args:
+        teacher: The teacher.
+        ids: (B, T) input ids; att: (B, T) attention mask, on the teacher's device.
+        n_pre: Layers of the shared prefix (0: none).
+        kd: ``head`` (no logits computed over all positions), ``logits`` or ``topk``.
+        vocab_size: Logit columns kept.
+    Returns:
+        (hidden (B, T, d) last hidden states on the device, logits (B, T, V) float32 on the CPU or None
+        for ``head``, prefix states (B, T, d) on the device or None).
+    """
+    states = prefix_states(teacher, n_pre, input_ids=ids, attention_mask=att) if n_pre else None
+    x = {"input_ids": ids} if states is None else {"inputs_embeds": states}
+    with layer_range(teacher, n_pre) if n_pre else contextlib.nullcontext():
+        if kd == "head":
+            # no logits over all positions: the head runs only where a continuation is taken
+            hidden = teacher.base_model(**x, attention_mask=att).last_hidden_state  # (B, T, d)
+            return hidden, None, states
+        o = teacher(**x, attention_mask=att, output_hidden_states=True)
+        return o.hidden_states[-1], o.logits[..., :vocab_size].float().cpu(), states  # (B, T, V)
+
+
+@torch.no_grad()
+def _append_continuations(
+    data: TokenData,
+    idx: list[int],
+    inputs: list[torch.Tensor],
+    pending: list[bool],
+    hidden: torch.Tensor,
+    logits: torch.Tensor | None,
+    head: torch.nn.Module,
+    vocab_size: int,
+) -> None:
+    """Append to each pending prompt of the batch the teacher's argmax at its last position, in place.
+
+    Args:
+        data: The training set (``data.seqs`` is updated).
+        idx: The batch's sequences; inputs: every sequence's cache input; pending: which are prompts to continue.
+        hidden: (B, T, d) the batch's last hidden states; logits: (B, T, V) or None (then ``head`` makes them).
+        head: The teacher's LM head.
+        vocab_size: Logit columns compared.
+    """
+    for j, i in enumerate(idx):
+        if pending[i]:
+            last = len(inputs[i]) - 1
+            z = head(hidden[j, last])[:vocab_size] if logits is None else logits[j, last]  # (V,)
+            data.seqs[i] = torch.cat([data.seqs[i], z.argmax(-1).view(1).cpu().long()])
+
+
+def _cache_rows(
+    hidden: torch.Tensor,
+    states: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    settings: dict[str, Any],
+    h_dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """What the cache keeps of one sequence's target positions (the rows of its shard).
+
+    Args:
+        hidden: (n, d) last hidden states; states: (n, d) prefix states or None; logits: (n, V) or None.
+        settings: :func:`cache_settings`.
+        h_dtype: Dtype of the stored hidden states.
+    Returns:
+        (the rows by tensor name, the tail masses (n,) outside the top-k, or None when not ``topk``).
+    """
+    rec = {"hidden": hidden.to(h_dtype)}
+    if states is not None:  # in the dtype it was computed in: the student's exact input
+        rec["prefix"] = states
+    if settings["kd"] == "logits":
+        rec["logits"] = logits
+    elif settings["kd"] == "topk":
+        sp = sparse_teacher(logits, settings["topk"], settings["T"])
+        rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
+        return rec, sp.rest_logp.exp()
+    return rec, None
+
+
 def write_cache(
     out: Path,
     data: TokenData,
@@ -702,91 +844,19 @@ def write_cache(
         continue_prompts: Per sequence, whether it is a prompt to continue (default: none).
     """
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        try:
-            is_cache = json.loads((out / "meta.json").read_text())["format"]["name"] == CACHE_FORMAT["name"]
-        except (OSError, ValueError, KeyError, TypeError):
-            is_cache = False
-        if not is_cache:  # never delete a folder that is not ours
-            raise CacheError(f"--distill.cache_dir: {out} exists and is not a teacher cache; pick an empty folder")
+    _refuse_foreign_folder(out)
     pending = continue_prompts or [False] * len(data)
     # the states of a sequence's target positions need only its tokens but the last (causal attention)
     inputs = [s if pending[i] else s[:-1] for i, s in enumerate(data.seqs)]
-    kd, n_pre = settings["kd"], settings.get("prefix_layers", 0)
     with atomic_dir(out) as tmp:
         h_dtype = {"float16": torch.float16, "float32": torch.float32}[settings["hidden_dtype"]]
-        dev = next(teacher.parameters()).device
-        head = teacher.get_output_embeddings()
-        shard_of, start_of = [0] * len(data), [0] * len(data)
-        buf: dict[str, list[torch.Tensor]] = {}
-        shards: list[str] = []
-        tails: list[torch.Tensor] = []
-        used = pos = 0
-
-        def flush() -> None:
-            nonlocal used, pos
-            if buf:
-                name = f"shard-{len(shards):05d}.safetensors"
-                save_file({k: torch.cat(v).contiguous() for k, v in buf.items()}, str(tmp / name))
-                shards.append(name)
-                buf.clear()
-            used = pos = 0
-
-        teacher.eval()
+        shards = _ShardWriter(tmp)
+        shard_of, start_of, tails, seconds = _cache_pass(
+            data, inputs, pending, teacher, settings, vocab_size, h_dtype, shards, batch_tokens, progress
+        )
         total = sum(len(x) for x in inputs)
-        bar = tqdm(total=total, desc="teacher cache", disable=not progress, unit="tok", unit_scale=True)
-        t0 = time.time()
-        for idx in _length_batches([len(x) for x in inputs], batch_tokens):
-            idx = [i for i in idx if len(inputs[i])]
-            if not idx:
-                continue
-            batch = collate([inputs[i] for i in idx], 0)
-            ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-            with torch.no_grad():
-                # with a shared prefix: the state entering layer n_pre, then the layers above from it
-                # (the same operations as one whole forward)
-                states = prefix_states(teacher, n_pre, input_ids=ids, attention_mask=att) if n_pre else None
-                x = {"input_ids": ids} if states is None else {"inputs_embeds": states}
-                with layer_range(teacher, n_pre) if n_pre else contextlib.nullcontext():
-                    if kd == "head":
-                        # no logits over all positions: the head runs only where a continuation is taken
-                        hidden = teacher.base_model(**x, attention_mask=att).last_hidden_state  # (B, T, d)
-                        logits = None
-                    else:
-                        o = teacher(**x, attention_mask=att, output_hidden_states=True)
-                        logits, hidden = o.logits[..., :vocab_size].float().cpu(), o.hidden_states[-1]  # (B, T, V)
-                for j, i in enumerate(idx):
-                    if pending[i]:
-                        last = len(inputs[i]) - 1
-                        z = head(hidden[j, last])[:vocab_size] if logits is None else logits[j, last]  # (V,)
-                        data.seqs[i] = torch.cat([data.seqs[i], z.argmax(-1).view(1).cpu().long()])
-            hidden = hidden.cpu()
-            states = states.cpu() if states is not None else None
-            for j, i in enumerate(idx):
-                n = len(inputs[i])
-                rec = {"hidden": hidden[j, :n].to(h_dtype)}
-                if states is not None:  # in the dtype it was computed in: the student's exact input
-                    rec["prefix"] = states[j, :n]
-                if kd == "logits":
-                    rec["logits"] = logits[j, :n]
-                elif kd == "topk":
-                    sp = sparse_teacher(logits[j, :n], settings["topk"], settings["T"])
-                    rec.update(topk_ids=sp.ids.to(torch.int32), topk_logp=sp.logp, rest_logp=sp.rest_logp)
-                    tails.append(sp.rest_logp.exp())
-                for k_, v in rec.items():
-                    buf.setdefault(k_, []).append(v)
-                shard_of[i], start_of[i] = len(shards), pos
-                pos += n
-                used += sum(v.numel() * v.element_size() for v in rec.values())
-                if used >= _SHARD_BYTES:
-                    flush()
-            bar.update(sum(len(inputs[i]) for i in idx))
-        flush()
-        bar.close()
-        seconds = time.time() - t0
         tensors = data.tensors()
         tensors["cache_shard"] = torch.tensor(shard_of, dtype=torch.long)
         tensors["cache_start"] = torch.tensor(start_of, dtype=torch.long)
@@ -799,7 +869,7 @@ def write_cache(
             "teacher_fingerprint": teacher_fp,
             "recipe_hash": data.hash,
             "settings": settings,
-            "shards": shards,
+            "shards": shards.names,
             "counts": {"sequences": len(data), "positions": total},
             "tail_mass": _tail_summary(tails, settings),
             "seconds": round(seconds, 2),
@@ -812,6 +882,74 @@ def write_cache(
         f"({meta['tokens_per_s']:.0f} tokens/s); {describe_cache_kd(meta)}"
     )
     return out
+
+
+def _cache_pass(
+    data: TokenData,
+    inputs: list[torch.Tensor],
+    pending: list[bool],
+    teacher: torch.nn.Module,
+    settings: dict[str, Any],
+    vocab_size: int,
+    h_dtype: torch.dtype,
+    shards: _ShardWriter,
+    batch_tokens: int,
+    progress: bool,
+) -> tuple[list[int], list[int], list[torch.Tensor], float]:
+    """The teacher's pass of :func:`write_cache`: batches sorted by length, rows into ``shards``.
+
+    Args:
+        data: The training set (pending prompts get their continuation appended).
+        inputs: Per sequence, the tokens the teacher reads (all but the last; a pending prompt whole).
+        pending: Per sequence, whether it is a prompt to continue.
+        teacher: The teacher.
+        settings: :func:`cache_settings`.
+        vocab_size: Logit columns KD compares.
+        h_dtype: Dtype of the stored hidden states.
+        shards: Where the rows go (flushed at the end).
+        batch_tokens: Padded tokens per forward.
+        progress: Show a progress bar.
+    Returns:
+        (shard of each sequence, its first row there, the top-k tail masses, seconds of the pass).
+    """
+    from tqdm import tqdm
+
+    kd, n_pre = settings["kd"], settings.get("prefix_layers", 0)
+    dev = next(teacher.parameters()).device
+    head = teacher.get_output_embeddings()
+    shard_of, start_of = [0] * len(data), [0] * len(data)
+    tails: list[torch.Tensor] = []
+    teacher.eval()
+    bar = tqdm(
+        total=sum(len(x) for x in inputs), desc="teacher cache", disable=not progress, unit="tok", unit_scale=True
+    )
+    t0 = time.time()
+    for idx in _length_batches([len(x) for x in inputs], batch_tokens):
+        idx = [i for i in idx if len(inputs[i])]
+        if not idx:
+            continue
+        batch = collate([inputs[i] for i in idx], 0)
+        ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+        hidden, logits, states = _teacher_states(teacher, ids, att, n_pre, kd, vocab_size)
+        _append_continuations(data, idx, inputs, pending, hidden, logits, head, vocab_size)
+        hidden = hidden.cpu()
+        states = states.cpu() if states is not None else None
+        for j, i in enumerate(idx):
+            n = len(inputs[i])
+            rec, tail = _cache_rows(
+                hidden[j, :n],
+                None if states is None else states[j, :n],
+                None if logits is None else logits[j, :n],
+                settings,
+                h_dtype,
+            )
+            if tail is not None:
+                tails.append(tail)
+            shard_of[i], start_of[i] = shards.add(rec, n)
+        bar.update(sum(len(inputs[i]) for i in idx))
+    shards.flush()
+    bar.close()
+    return shard_of, start_of, tails, time.time() - t0
 
 
 def _tail_summary(tails: list[torch.Tensor], settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -147,3 +147,41 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
+
+
+def environment() -> dict[str, str]:
+    """The software and hardware a result was computed on, recorded beside it.
+
+    Floating-point results depend on more than the code: the same commit, weights and inputs gave
+    log-likelihoods ~1e-3 nats apart on two 2-core CPU machines (README, "Reproducibility"). Recording the
+    package versions, torch's CPU kernel level and the processor lets a later difference be attributed.
+    """
+    import platform
+    from importlib import metadata
+
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "tokenizers", "accelerate", "numpy", "safetensors"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = "absent"
+    env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["cpu"] = _cpu_model()
+    if torch.cuda.is_available():
+        env["cuda"] = str(torch.version.cuda)
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

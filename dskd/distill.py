@@ -21,7 +21,7 @@ window index fully determines the data position; the sense positions of a sequen
 generator seeded by (seed, epoch, sequence) (:func:`dskd.sense_targets.window_plans`), so resume and
 re-batching see the same positions.
 
-This module holds the loop; what it is built from lives beside it: the Accelerator (:mod:`dskd.launch`),
+This module holds the loop; what it is built from lives beside it: the Accelerator (:mod:`dskd.accelerator`),
 the sense table and its calibrations (:mod:`dskd.sense_targets`), the checkpoint format and the resume
 checks (:mod:`dskd.checkpoint`), the metrics file (:mod:`dskd.run_metrics`), the losses (:mod:`dskd.losses`).
 
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from dskd import data as D
-from dskd import launch
+from dskd import accelerator
 from dskd.checkpoint import (
     check_resume_config,
     check_resume_window,
@@ -209,7 +209,7 @@ def setup(
 
     t_start = time.time()
     check_required_accelerator(cfg.model.require_accelerator)
-    launch.check_tracker(cfg.distill.report_to)
+    accelerator.check_tracker(cfg.distill.report_to)
     use_sense = cfg.loss.lam > 0
     if use_sense and (store is None or lexicon is None):
         lexicon_dir, senses_dir = sense_dirs(cfg.distill, lexicon_dir, senses_dir)
@@ -238,10 +238,10 @@ def setup(
 
 
 def _start(cfg: RunConfig, out: Path):
-    """The run's Accelerator (:func:`dskd.launch.make_accelerator`), the seed, ``config.yaml`` and the trackers."""
+    """The run's Accelerator (:func:`dskd.accelerator.make_accelerator`), the seed, ``config.yaml`` and the trackers."""
     from accelerate import Accelerator
 
-    acc = launch.make_accelerator(Accelerator, cfg, out)
+    acc = accelerator.make_accelerator(Accelerator, cfg, out)
     if acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "launched as several processes but accelerate sees one (each would write the same run folder): "
@@ -252,7 +252,7 @@ def _start(cfg: RunConfig, out: Path):
         dump_yaml(cfg, out / "config.yaml")
     acc.wait_for_everyone()
     if cfg.distill.report_to != "none":
-        acc.init_trackers(cfg.name, config=launch.tracker_config(cfg))  # on the main process only
+        acc.init_trackers(cfg.name, config=accelerator.tracker_config(cfg))  # on the main process only
     return acc
 
 
@@ -365,13 +365,13 @@ def _optimiser(run: Training) -> None:
     dc, acc, student = run.cfg.distill, run.acc, run.model
     run.weights_dtype = next(student.parameters()).dtype
     n_master = keep_float32_master(student)
-    amp = launch.autocast_dtype(dc.precision, run.weights_dtype)
-    if launch.accelerate_precision(amp) != acc.mixed_precision:  # the Accelerator was built from the same rule
+    amp = accelerator.autocast_dtype(dc.precision, run.weights_dtype)
+    if accelerator.accelerate_precision(amp) != acc.mixed_precision:  # the Accelerator was built from the same rule
         raise ConfigError(
             f"--model.dtype: the weights came out {run.weights_dtype} on {acc.device}, but the Accelerator was "
             f"built for mixed precision {acc.mixed_precision!r}; set --model.dtype explicitly"
         )
-    launch.log_distill_placement(acc, run.weights_dtype, n_master, amp, run.cache is not None)
+    accelerator.log_distill_placement(acc, run.weights_dtype, n_master, amp, run.cache is not None)
     student.train()
     if dc.grad_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -525,7 +525,7 @@ def _accumulate(
                         diag = {}
             # DDP averages gradients over processes; the loss is already normalised by the global count.
             # Not acc.backward: it divides by gradient_accumulation_steps, which the counts already hold
-            # (there is no loss scaler: float16 autocast is refused in dskd.launch.make_accelerator)
+            # (there is no loss scaler: float16 autocast is refused in dskd.accelerator.make_accelerator)
             (loss * W).backward()
             terms["loss"] = loss
             logged += logged_values(terms, sstats, acc.device)

@@ -1,6 +1,8 @@
-"""Multiple-choice evaluation: prompts, fast shared-prefix scoring, metrics with bootstrap errors.
+"""Multiple-choice evaluation by log-likelihood (fast shared-prefix scoring), and the ``eval`` command.
 
-Two scoring modes here (a third, ``generate``, greedy answers, lives in :mod:`dskd.generate`):
+Two scoring modes here (a third, ``generate``, greedy answers, lives in :mod:`dskd.generate`, beside
+this one: :func:`score_task` hands it those tasks; both build on :mod:`dskd.prompts` and :mod:`dskd.metrics`,
+and :func:`evaluate` on top plans the tasks with :mod:`dskd.presets`):
 
 * ``loglik`` (lm-eval's ``multiple_choice``): each choice is a continuation of the question's cloze
   query; its score is the summed log-probability of its tokens. ``acc`` takes the best sum,
@@ -32,7 +34,6 @@ Result files are JSON (see :func:`evaluate`) with per-item predictions and log-l
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import warnings
 import weakref
@@ -46,21 +47,31 @@ import torch
 from torch import nn
 
 from dskd.config import DEFAULT_TEACHER, ConfigError, EvalConfig
+from dskd.devices import environment
 from dskd.io import write_json, write_text_atomic
 
-# Prompts, item selection, metrics and the result table live in their own modules (data, plan, fidelity
-# and report use them without this scorer); they are re-exported here for existing callers.
-from dskd.metrics import RESULT_FORMAT, bootstrap_samples, markdown_table, metric_value  # noqa: F401
+# Below this module: prompts and item selection (dskd.prompts), metrics, task entries and the result table
+# (dskd.metrics), shared with the generation scorer (dskd.generate) and with data, plan, fidelity and report
+# without this scorer; some are re-exported here for existing callers. Above: nothing in dskd imports this
+# module but the command table and the pipeline, so the imports never close a circle (tests/test_structure.py).
+from dskd.metrics import (  # noqa: F401
+    RESULT_FORMAT,
+    bootstrap_samples,
+    markdown_table,
+    metric_value,
+    progress_bar,
+    setup_label,
+    task_entry,
+)
 from dskd.models import lm_head_logits as _head
+from dskd.presets import check_chat, plan
 from dskd.prompts import (  # noqa: F401
-    LETTER_INSTRUCTION,
-    _chat,
     letter_prompt,
     letter_requests,
     loglik_requests,
     select_items,
 )
-from dskd.tasks import Item, Task, get_task
+from dskd.tasks import Item, Task
 
 if TYPE_CHECKING:
     from dskd.prefix import PrefixMemo
@@ -661,7 +672,7 @@ def score_task(
         The task's entry of the result file: ``metrics``, ``n``, timings and per-item ``items``.
     """
     if cfg.scoring == "generate":
-        from dskd.generate import score_generate
+        from dskd.generate import score_generate  # the scorer beside this one; loaded only when asked for
 
         return score_generate(model, tokenizer, task, items, cfg, progress=progress)
     t0 = time.perf_counter()
@@ -707,92 +718,12 @@ def score_task(
         rec,
         cfg,
         primary="acc_norm" if cfg.scoring == "loglik" and task.name in _ACC_NORM_TASKS else "acc",
-        setup=_setup(cfg),
+        setup=setup_label(cfg),
         seconds=time.perf_counter() - t0,
         score_seconds=t_score,
         tokens=sum(g.length for g in groups),
         packed=packed,
     )
-
-
-def progress_bar(progress: bool, total: int, desc: str) -> Any:
-    """A tqdm bar over ``total`` items with items/s on stderr, or None when ``progress`` is off."""
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
-
-
-def task_entry(
-    task: Task,
-    items: Sequence[Item],
-    scores: dict[str, np.ndarray],
-    rec: dict[str, Any],
-    cfg: EvalConfig,
-    *,
-    primary: str,
-    setup: str,
-    seconds: float,
-    score_seconds: float,
-    tokens: int,
-    extra_metrics: dict[str, float] | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    """The task's entry of a result file from per-item scores, the same for every scoring mode.
-
-    Args:
-        task: The task scored.
-        items: Its items, (N,).
-        scores: Per metric, the per-item scores, each (N,); a metric is their mean, or the macro
-            average over subjects for tasks with subjects, with a bootstrap ``*_stderr``.
-        rec: Per-item records (``id``, predictions, ...); gets ``subject`` for tasks with subjects.
-        cfg: Bootstrap resamples and seed.
-        primary: The headline metric.
-        setup: The protocol label (:func:`dskd.generate.setup_label`).
-        seconds: Wall time of the whole task.
-        score_seconds: Wall time of the model calls (items/s is over these).
-        tokens: Prompt tokens scored (counted as if no prefix were shared).
-        extra_metrics: Metrics without per-item scores or errors (``unparseable``).
-        **fields: Mode-specific entries (``packed``, ``max_new_tokens``, ``stop``).
-    """
-    subjects = [x.subject or "" for x in items] if task.has_subjects else None
-    if subjects is not None:
-        rec["subject"] = subjects
-    metrics: dict[str, float] = {}
-    for name, c in scores.items():
-        metrics[name] = metric_value(c, subjects)
-        if cfg.bootstrap:
-            metrics[f"{name}_stderr"] = float(bootstrap_samples(c[None], subjects, cfg.bootstrap, cfg.seed).std())
-    metrics |= extra_metrics or {}
-    entry: dict[str, Any] = {
-        "title": task.title,
-        "n": len(items),
-        "metrics": metrics,
-        "primary": primary,
-        "setup": setup,
-        "aggregate": "macro over subjects" if subjects is not None else "mean over items",
-        "protocol": task.protocol,
-        **fields,
-        "seconds": round(seconds, 3),
-        "score_seconds": round(score_seconds, 3),
-        "items_per_s": round(len(items) / max(score_seconds, 1e-9), 3),
-        "tokens": int(tokens),
-        "items": rec,
-    }
-    if subjects is not None:
-        entry["subjects"] = {
-            s: {k: float(c[np.asarray(subjects) == s].mean()) for k, c in scores.items()}
-            | {"n": int(sum(1 for x in subjects if x == s))}
-            for s in dict.fromkeys(subjects)
-        }
-    return entry
-
-
-def _setup(cfg: EvalConfig) -> str:
-    from dskd.generate import setup_label
-
-    return setup_label(cfg)
 
 
 # lm-eval reports acc_norm as the headline for these (length-biased choices); acc elsewhere.
@@ -805,17 +736,6 @@ def resolve_model_spec(spec: str) -> str:
     if p.is_dir() and not (p / "config.json").is_file() and (p / "student" / "config.json").is_file():
         return str(p / "student")
     return spec
-
-
-def parse_sources(data: Sequence[str]) -> dict[str, str]:
-    """``["piqa=ybisk/piqa", ...]`` -> ``{"piqa": "ybisk/piqa"}`` with task names checked."""
-    out = {}
-    for entry in data:
-        name, sep, source = entry.partition("=")
-        if not sep or not name or not source:
-            raise ConfigError(f"--eval.data: expected TASK=DATASET (got {entry!r})")
-        out[get_task(name, flag="--eval.data").name] = source
-    return out
 
 
 def evaluate(
@@ -853,8 +773,6 @@ def evaluate(
     out = Path(out)
     if out.suffix != ".json":
         raise ConfigError(f"--out: expected a .json file (got {out})")
-    from dskd.presets import check_chat, plan
-
     work = plan(cfg)  # unknown tasks/presets and data errors surface before the model loads
     spec = resolve_model_spec(model_spec)
     if tokenizer is None:
@@ -878,6 +796,7 @@ def evaluate(
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "environment": environment(),
         "tasks": {},
         "complete": False,
     }

@@ -214,6 +214,64 @@ def _hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, memo: Prefi
     return model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
 
 
+def _pack(docs: Sequence[Doc], batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of documents, right-padded: ``ids``, ``mask`` (B, W); per valid position, row-major,
+    ``rows``, ``cols``, ``next`` (the actual next token, padding after a document's end), ``has_next``
+    and ``doc`` (the document's index), each (P,)."""
+    width = len(docs[batch[0]].ids)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, i in enumerate(batch):
+        ids[r, : len(docs[i].ids)] = docs[i].ids
+        mask[r, : len(docs[i].ids)] = 1
+    rows, cols = mask.nonzero(as_tuple=True)  # valid positions, row-major
+    nxt = torch.cat([ids[:, 1:], torch.full((len(batch), 1), pad_id)], 1)[rows, cols]  # (P,)
+    has_next = (cols + 1 < mask.sum(1)[rows]).cpu()  # (P,)
+    return {"ids": ids, "mask": mask, "rows": rows, "cols": cols, "next": nxt, "has_next": has_next,
+            "doc": torch.tensor(batch)[rows]}  # fmt: skip
+
+
+def _add_chunk(
+    sums: dict[str, dict[str, np.ndarray]],
+    per: dict[str, torch.Tensor],
+    lp_t: torch.Tensor,
+    d_of: np.ndarray,
+    tgt: torch.Tensor,
+    ok: torch.Tensor,
+) -> None:
+    """Add one chunk of positions to the per-document sums of each model in ``per`` (name -> log-probs (c, V));
+    ``lp_t`` the teacher's; the entry ``teacher`` (when present) is the reference itself."""
+    top_t = lp_t.argmax(-1).cpu()
+    for m, lp in per.items():
+        s = sums[m]
+        np.add.at(s["n"], d_of, 1.0)
+        if m == "teacher":
+            np.add.at(s["agree"], d_of, 1.0)
+        else:
+            kl = (lp_t.exp() * (lp_t - lp)).sum(-1).clamp_min(0).cpu().double().numpy()
+            np.add.at(s["kl"], d_of, kl)
+            np.add.at(s["agree"], d_of, (lp.argmax(-1).cpu() == top_t).double().numpy())
+        nll = -lp.gather(1, tgt.to(lp.device)[:, None])[:, 0].cpu().double()
+        np.add.at(s["n_tgt"], d_of[ok.numpy()], 1.0)
+        np.add.at(s["nll"], d_of[ok.numpy()], nll[ok].numpy())
+
+
+def _add_probe(
+    sums: dict[str, dict[str, np.ndarray]],
+    states: dict[str, torch.Tensor],
+    probe: SenseProbe,
+    d_of: np.ndarray,
+    tgt: torch.Tensor,
+    ok: torch.Tensor,
+) -> None:
+    """Add one chunk's sense-probe counts of each model in ``states`` (name -> LM-head inputs (c, d))."""
+    for m, h in states.items():
+        app, hit = probe.hits(h[ok.to(h.device)], tgt[ok])
+        d_ok = d_of[ok.numpy()]
+        np.add.at(sums[m]["probe_n"], d_ok, app.double().numpy())
+        np.add.at(sums[m]["probe_hit"], d_ok, hit.double().numpy())
+
+
 @torch.no_grad()
 def measure(
     teacher: nn.Module,
@@ -226,6 +284,7 @@ def measure(
     chunk: int = 256,
     desc: str | None = None,
     memo: PrefixMemo | None = None,
+    teacher_states: list[torch.Tensor] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-document sums of the fidelity statistics for the teacher and each model.
 
@@ -241,14 +300,21 @@ def measure(
         desc: Label of a progress bar (None: no bar).
         memo: Bottom-layer states shared by the models (:class:`dskd.prefix.PrefixMemo`): computed
             once per batch for every model with the same frozen bottom layers; results unchanged.
+        teacher_states: The teacher's LM-head inputs at the valid positions of each batch, kept in CPU
+            memory between calls (tokens x hidden size values): an empty list is filled; a filled one
+            (from a call on the same ``docs`` and ``batch_tokens``) stands in for the teacher's decoder,
+            whose head still runs, and the teacher's own sums are then not measured again. Models
+            measured one call at a time this way get the very numbers of one call with all of them.
 
     Returns:
         ``{"teacher": sums, name: sums, ...}``, each sums a dict of (D,) arrays over documents:
         ``n`` positions, ``kl`` summed KL(teacher || model), ``agree`` argmax matches, ``n_tgt``
         positions with a next token, ``nll`` summed -log p(next token), ``probe_n`` probed positions,
-        ``probe_hit`` probe hits. The teacher's own ``kl`` and ``agree`` are 0 and ``n``.
+        ``probe_hit`` probe hits. The teacher's own ``kl`` and ``agree`` are 0 and ``n``; it has no
+        entry when ``teacher_states`` came filled.
     """
-    names = ["teacher", *models]
+    reuse = bool(teacher_states)
+    names = [*([] if reuse else ["teacher"]), *models]
     for name, mod in (("teacher", teacher), *models.items()):
         # fidelity applies the head to the decoder's last state: refuse a model where that is not its logits
         if (problem := head_problem(mod)) is not None:
@@ -259,46 +325,28 @@ def measure(
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(d.ids) for d in docs), desc=desc, unit="tok", file=sys.stderr, dynamic_ncols=True)
-    for batch in plan_batches([len(d.ids) for d in docs], batch_tokens):
-        width = len(docs[batch[0]].ids)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, : len(docs[i].ids)] = docs[i].ids
-            mask[r, : len(docs[i].ids)] = 1
-        rows, cols = mask.nonzero(as_tuple=True)  # valid positions, row-major
-        nxt = torch.cat([ids[:, 1:], torch.full((len(batch), 1), pad_id)], 1)[rows, cols]  # (P,)
-        has_next = (cols + 1 < mask.sum(1)[rows]).cpu()  # (P,)
-        doc_of = torch.tensor(batch)[rows]  # (P,)
-        h_t = _hidden(teacher, ids, mask, memo)[rows, cols]  # (P, d)
+    t_dev = next(teacher.parameters()).device
+    for b, batch in enumerate(plan_batches([len(d.ids) for d in docs], batch_tokens)):
+        x = _pack(docs, batch, pad_id)
+        ids, mask, rows, cols = x["ids"], x["mask"], x["rows"], x["cols"]
+        if reuse:
+            h_t = teacher_states[b].to(t_dev)  # (P, d), the very tensor an earlier call computed
+        else:
+            h_t = _hidden(teacher, ids, mask, memo)[rows, cols]  # (P, d)
+            if teacher_states is not None:
+                teacher_states.append(h_t.cpu())
         h_s = {m: _hidden(mod, ids, mask, memo)[rows, cols] for m, mod in models.items()}  # (P, d) each
         for a in range(0, len(rows), chunk):
             sl = slice(a, a + chunk)
-            d_of, tgt, ok = doc_of[sl].numpy(), nxt[sl], has_next[sl]
+            d_of, tgt, ok = x["doc"][sl].numpy(), x["next"][sl], x["has_next"][sl]
             lp_t = torch.log_softmax(_head(teacher, h_t[sl])[:, :vocab], -1)  # (c, V)
-            top_t = lp_t.argmax(-1).cpu()
-            per = {"teacher": lp_t}
+            per = {} if reuse else {"teacher": lp_t}
             for m, h in h_s.items():
                 per[m] = torch.log_softmax(_head(models[m], h[sl])[:, :vocab], -1).to(lp_t.device)  # (c, V)
-            for m, lp in per.items():
-                s = sums[m]
-                np.add.at(s["n"], d_of, 1.0)
-                if m == "teacher":
-                    np.add.at(s["agree"], d_of, 1.0)
-                else:
-                    kl = (lp_t.exp() * (lp_t - lp)).sum(-1).clamp_min(0).cpu().double().numpy()
-                    np.add.at(s["kl"], d_of, kl)
-                    np.add.at(s["agree"], d_of, (lp.argmax(-1).cpu() == top_t).double().numpy())
-                nll = -lp.gather(1, tgt.to(lp.device)[:, None])[:, 0].cpu().double()
-                np.add.at(s["n_tgt"], d_of[ok.numpy()], 1.0)
-                np.add.at(s["nll"], d_of[ok.numpy()], nll[ok].numpy())
+            _add_chunk(sums, per, lp_t, d_of, tgt, ok)
             if probe is not None:
-                states = {"teacher": h_t[sl], **{m: h[sl] for m, h in h_s.items()}}
-                for m, h in states.items():
-                    app, hit = probe.hits(h[ok.to(h.device)], tgt[ok])
-                    d_ok = d_of[ok.numpy()]
-                    np.add.at(sums[m]["probe_n"], d_ok, app.double().numpy())
-                    np.add.at(sums[m]["probe_hit"], d_ok, hit.double().numpy())
+                states = {**({} if reuse else {"teacher": h_t[sl]}), **{m: h[sl] for m, h in h_s.items()}}
+                _add_probe(sums, states, probe, d_of, tgt, ok)
         if bar is not None:
             bar.update(int(mask.sum()))
     if bar is not None:
@@ -378,6 +426,105 @@ def _parse_models(entries: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _check_request(
+    out: Path, models: dict[str, str], baseline: str | None, cfg: FidelityConfig, senses_dir, lexicon_dir
+) -> None:
+    """Refuse, before any work, an output that is no .json file, no models, an unknown baseline, a missing
+    probe folder."""
+    if out.suffix != ".json":
+        raise ConfigError(f"--out: expected a .json file (got {out})")
+    if not models:
+        raise ConfigError("--model: give at least one model to compare with the teacher")
+    if baseline is not None and baseline not in models:
+        raise ConfigError(f"--baseline: {baseline!r} is none of the models ({', '.join(models)})")
+    for flag, p in (("--senses", senses_dir), ("--lexicon", lexicon_dir)):
+        if cfg.probe and p is not None and not Path(p).is_dir():
+            raise FidelityError(f"{flag} {p}: no such folder")
+
+
+def _heldout_sets(
+    tok, cfg: FidelityConfig, ptasks: list[str], n_shots: int, chat: bool, style: str
+) -> dict[str, list[Doc]]:
+    """The held-out sets that have documents (``text``, ``prompts``); none at all is an error."""
+    sets = {
+        "text": heldout_text(tok, cfg.text_tasks, cfg.text_limit, cfg.max_length),
+        # the prompt tasks are the run's eval.tasks unless fidelity.prompt_tasks names its own
+        "prompts": heldout_prompts(
+            tok,
+            ptasks,
+            cfg.prompt_limit,
+            n_shots,
+            cfg.seed,
+            cfg.max_length,
+            chat=chat,
+            flag="--fidelity.prompt_tasks" if cfg.prompt_tasks else "--eval.tasks",
+            style=style,
+        ),
+    }
+    sets = {k: v for k, v in sets.items() if v}
+    if not sets:
+        raise ConfigError("--fidelity.text_tasks / --fidelity.prompt_tasks: no held-out documents")
+    return sets
+
+
+def _open_probe(senses_dir, lexicon_dir, teacher_fp: str, tok) -> tuple[SenseProbe, dict[str, str]]:
+    """The sense probe on the teacher's store and the lexicon, and its entry in the result."""
+    from dskd.lexicon import Lexicon
+    from dskd.senses import open_store
+
+    probe = SenseProbe(open_store(senses_dir, teacher_fp), Lexicon.load(lexicon_dir, tok))
+    return probe, {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
+
+
+def _check_vocab(name: str, mod: nn.Module, vocab: int) -> None:
+    from dskd.models import output_vocab_size
+
+    if output_vocab_size(mod) < vocab:
+        raise FidelityError(f"model {name}: {output_vocab_size(mod)} output rows, the tokenizer has {vocab} tokens")
+
+
+def _measure_one_at_a_time(
+    teacher: nn.Module,
+    specs: dict[str, str],
+    load: Any,
+    sets: dict[str, list[Doc]],
+    vocab: int,
+    pad_id: int,
+    cfg: FidelityConfig,
+    probe: SenseProbe | None,
+    progress: bool,
+    memo: PrefixMemo | None,
+) -> tuple[dict[str, dict[str, dict[str, np.ndarray]]], dict[str, Any]]:
+    """Per set, the per-document sums of the teacher and of every model, the models loaded (``load(name,
+    spec)`` -> (model, whether the caller keeps it, its fingerprint)) and measured one at a time: only the
+    teacher and one student are ever in memory. The teacher's decoder runs once per set; its LM-head
+    inputs are kept in CPU memory for the later models (:func:`measure`'s ``teacher_states``), so the
+    numbers are those of one pass with every model.
+
+    Returns:
+        (set -> model name -> sums, the teacher's first; model name -> what ``load`` returned third: the
+        model's fingerprint).
+    """
+    states: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
+    sums: dict[str, dict[str, dict[str, np.ndarray]]] = {name: {} for name in sets}
+    prints: dict[str, Any] = {}
+    for i, (m, spec) in enumerate(specs.items()):
+        mod, keep, prints[m] = load(m, spec)
+        _check_vocab(m, mod, vocab)
+        for name, docs in sets.items():
+            label = f"fidelity {name} ({m}, {i + 1}/{len(specs)})" if progress else None
+            got = measure(
+                teacher, {m: mod}, docs, vocab, pad_id, cfg.batch_tokens, probe, desc=label, memo=memo,
+                teacher_states=states[name],
+            )  # fmt: skip
+            sums[name].update(got)  # the teacher's entry comes with the first model only
+        if not keep:
+            del mod
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return sums, prints
+
+
 def fidelity(
     teacher_spec: str,
     models: dict[str, str],
@@ -399,6 +546,9 @@ def fidelity(
 ) -> dict[str, Any]:
     """Measure every model against the teacher on the held-out sets; write ``out`` (.json) and ``.md``.
 
+    The teacher stays loaded; the models are loaded and measured one at a time (:func:`_measure_one_at_a_time`),
+    so memory holds the teacher and one student whatever their number, with the numbers of one pass.
+
     Args:
         teacher_spec: Teacher model spec (alias, folder or hub id).
         models: name -> student spec (folder, run folder, alias or hub id).
@@ -414,7 +564,7 @@ def fidelity(
         device: ``auto``, ``cpu``, ``cuda`` ...
         baseline: Name of the model the table compares the others with (None: none).
         progress: Progress bars.
-        loaded: Already loaded models by name (``teacher`` included), used instead of loading.
+        loaded: Already loaded models by name (``teacher`` included), used instead of loading (and kept).
         memo: Bottom-layer states shared by the teacher and the students (:class:`dskd.prefix.PrefixMemo`):
             computed once per batch; a pure speed-up.
 
@@ -423,102 +573,65 @@ def fidelity(
     """
     from dskd import __version__
     from dskd.evaluate import resolve_model_spec
-    from dskd.models import check_same_tokenizer, fingerprint, load_model, load_tokenizer, output_vocab_size
+    from dskd.models import check_same_tokenizer, fingerprint, load_model, load_tokenizer
 
     out = Path(out)
-    if out.suffix != ".json":
-        raise ConfigError(f"--out: expected a .json file (got {out})")
-    if not models:
-        raise ConfigError("--model: give at least one model to compare with the teacher")
-    if baseline is not None and baseline not in models:
-        raise ConfigError(f"--baseline: {baseline!r} is none of the models ({', '.join(models)})")
+    _check_request(out, models, baseline, cfg, senses_dir, lexicon_dir)
     use_probe = cfg.probe and senses_dir is not None and lexicon_dir is not None
-    for flag, p in (("--senses", senses_dir), ("--lexicon", lexicon_dir)):
-        if cfg.probe and p is not None and not Path(p).is_dir():
-            raise FidelityError(f"{flag} {p}: no such folder")
     ptasks = list(cfg.prompt_tasks or prompt_tasks)
     n_shots = cfg.shots if cfg.shots is not None else shots
     loaded = dict(loaded or {})
     tok = load_tokenizer(teacher_spec)
     # build the documents before loading any model, so a bad task name fails at once
-    sets = {
-        "text": heldout_text(tok, cfg.text_tasks, cfg.text_limit, cfg.max_length),
-        # the prompt tasks are the run's eval.tasks unless fidelity.prompt_tasks names its own
-        "prompts": heldout_prompts(
-            tok,
-            ptasks,
-            cfg.prompt_limit,
-            n_shots,
-            cfg.seed,
-            cfg.max_length,
-            chat=chat,
-            flag="--fidelity.prompt_tasks" if cfg.prompt_tasks else "--eval.tasks",
-            style=style,
-        ),
-    }
-    sets = {k: v for k, v in sets.items() if v}
-    if not sets:
-        raise ConfigError("--fidelity.text_tasks / --fidelity.prompt_tasks: no held-out documents")
+    sets = _heldout_sets(tok, cfg, ptasks, n_shots, chat, style)
     specs = {m: resolve_model_spec(s) for m, s in models.items()}
     for m, s in specs.items():
         if m not in loaded:
             check_same_tokenizer(tok, load_tokenizer(s), f"teacher {teacher_spec!r}", f"model {m} ({s!r})")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = loaded.get("teacher") or load_model(teacher_spec, dtype).to(dev)
-    mods = {m: loaded.get(m) or load_model(s, dtype).to(dev) for m, s in specs.items()}
     vocab = len(tok)
-    for m, mod in {"teacher": teacher, **mods}.items():
-        if output_vocab_size(mod) < vocab:
-            raise FidelityError(f"model {m}: {output_vocab_size(mod)} output rows, the tokenizer has {vocab} tokens")
-    probe = None
-    probe_info = None
-    if use_probe:
-        from dskd.lexicon import Lexicon
-        from dskd.senses import open_store
+    _check_vocab("teacher", teacher, vocab)
+    probe, probe_info = (
+        _open_probe(senses_dir, lexicon_dir, fingerprint(teacher, tok), tok) if use_probe else (None, None)
+    )
 
-        store = open_store(senses_dir, fingerprint(teacher, tok))
-        probe = SenseProbe(store, Lexicon.load(lexicon_dir, tok))
-        probe_info = {"senses": str(senses_dir), "lexicon": str(lexicon_dir)}
+    def load(m: str, spec: str) -> tuple[nn.Module, bool, str]:
+        mod = loaded.get(m) or load_model(spec, dtype).to(dev)
+        return mod, m in loaded, fingerprint(mod, tok)
+
+    t0 = time.perf_counter()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sums, prints = _measure_one_at_a_time(teacher, specs, load, sets, vocab, pad_id, cfg, probe, progress, memo)
     result: dict[str, Any] = {
         "format": FORMAT,
         "teacher": teacher_spec,
         "models": models,
-        "fingerprints": {m: fingerprint(mod, tok) for m, mod in {"teacher": teacher, **mods}.items()},
+        "fingerprints": {"teacher": fingerprint(teacher, tok), **prints},
         "config": {**dataclasses.asdict(cfg), "prompt_tasks": ptasks, "shots": n_shots, "style": style, "chat": chat},
         "probe": probe_info,
         "baseline": baseline,
         "dskd_version": __version__,
         "device": dev,
-        "sets": {},
-        "complete": False,
+        "sets": {name: _set_result(docs, sums[name], cfg) for name, docs in sets.items()},
+        "complete": True,
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    t0 = time.perf_counter()
-    for name, docs in sets.items():
-        sums = measure(
-            teacher,
-            mods,
-            docs,
-            vocab,
-            pad_id,
-            cfg.batch_tokens,
-            probe,
-            desc=f"fidelity {name}" if progress else None,
-            memo=memo,
-        )
-        result["sets"][name] = {
-            "docs": [d.id for d in docs],
-            "tokens": int(sum(len(d.ids) for d in docs)),
-            "models": {
-                m: {"metrics": summarize(s, cfg.bootstrap, cfg.seed), "sums": {k: v.tolist() for k, v in s.items()}}
-                for m, s in sums.items()
-            },
-        }
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    result["complete"] = True
     write_json(out, result, indent=1)
     write_text_atomic(out.with_suffix(".md"), markdown(result, baseline))
     return result
+
+
+def _set_result(docs: Sequence[Doc], sums: dict[str, dict[str, np.ndarray]], cfg: FidelityConfig) -> dict[str, Any]:
+    """One held-out set's entry of the result: its documents, tokens, and per model the metrics and sums."""
+    return {
+        "docs": [d.id for d in docs],
+        "tokens": int(sum(len(d.ids) for d in docs)),
+        "models": {
+            m: {"metrics": summarize(s, cfg.bootstrap, cfg.seed), "sums": {k: v.tolist() for k, v in s.items()}}
+            for m, s in sums.items()
+        },
+    }
 
 
 def load_result(path: Path | str) -> dict[str, Any]:

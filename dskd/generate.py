@@ -34,6 +34,8 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dskd.config import ConfigError, EvalConfig
+from dskd.metrics import progress_bar, setup_label, task_entry
+from dskd.prompts import _chat, letter_prompt
 from dskd.tasks import Item, Task
 from dskd.tasks.base import LETTERS
 
@@ -51,7 +53,7 @@ def answer_text(task: Task, item: Item) -> str:
 def generation_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokenizer, chat: bool) -> str:
     """The prompt whose greedy continuation is the model's answer to ``item``.
 
-    Multiple choice: :func:`dskd.evaluate.letter_prompt` (lettered choices, ending in ``Answer:`` or
+    Multiple choice: :func:`dskd.prompts.letter_prompt` (lettered choices, ending in ``Answer:`` or
     the chat template's generation prompt). Extractive QA: the same layout with the passage block
     (``Title: / Background: / Question: / Answer:``) and the first gold answer after each exemplar;
     with chat, ``QA_INSTRUCTION`` opens the first user turn.
@@ -63,8 +65,6 @@ def generation_prompt(task: Task, item: Item, exemplars: Sequence[Item], tokeniz
         tokenizer: Needed for its chat template when ``chat`` is on.
         chat: Wrap in the tokenizer's chat template.
     """
-    from dskd.evaluate import _chat, letter_prompt
-
     if task.kind != "qa":
         return letter_prompt(task, item, exemplars, tokenizer, chat)
     block = task.qa_block  # type: ignore[attr-defined]
@@ -287,16 +287,6 @@ def squad_scores(prediction: str, golds: Sequence[str]) -> tuple[float, float]:
 
 
 # ---- a task --------------------------------------------------------------------------------------
-def setup_label(cfg: EvalConfig) -> str:
-    """One line naming the protocol a number came from, e.g. ``5-shot chat, greedy generation``."""
-    how = {
-        "loglik": "log-likelihood of each choice",
-        "letter": "log-likelihood of the answer letters",
-        "generate": "greedy generation",
-    }[cfg.scoring]
-    return f"{cfg.shots}-shot {'chat' if cfg.chat else 'plain'}, {how}"
-
-
 def score_generate(
     model: nn.Module, tokenizer, task: Task, items: Sequence[Item], cfg: EvalConfig, progress: bool = False
 ) -> dict[str, Any]:
@@ -316,8 +306,6 @@ def score_generate(
         ``setup``, ``n``, timings, the budget and stop sequences, and per-item ``items`` with each
         ``generation`` (and ``pred``, -1 when unparseable; or per-item ``em`` / ``f1``).
     """
-    from dskd.evaluate import progress_bar, task_entry
-
     t0 = time.perf_counter()
     budget = cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.kind]
     stop = list(cfg.stop) if cfg.stop is not None else list(DEFAULT_STOP)
@@ -365,15 +353,6 @@ def score_generate(
     )
 
 
-def subject_quota(subjects: Sequence[Any], limit: int) -> dict[Any, int]:
-    """Items per subject for ``limit`` items spread over ``subjects``: ``limit // S`` each, and one
-    more for ``limit % S`` evenly spaced subjects (so the quotas sum to ``limit``)."""
-    S = len(subjects)
-    base, rem = divmod(limit, S) if S else (0, 0)
-    extra = {k * S // rem for k in range(rem)} if rem else set()
-    return {s: base + (i in extra) for i, s in enumerate(subjects)}
-
-
 __all__ = [
     "StopOnStrings",
     "cut_at_stops",
@@ -383,9 +362,7 @@ __all__ = [
     "generation_prompt",
     "normalize_answer",
     "parse_choice",
-    "subject_quota",
     "score_generate",
-    "setup_label",
     "squad_scores",
     "token_f1",
 ]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dskd.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -129,7 +131,7 @@ class Artefact:
         version: The ``format.version`` readers accept.
         what: Words for messages (``lexicon``, ``sense store``).
         rebuild: The command that (re)builds it (``dskd lexicon build``).
-        error: The stage's error class (a :class:`dskd.config.DskdError`, printed as one line by the CLI).
+        error: The stage's error class (a :class:`dskd.errors.DskdError`, printed as one line by the CLI).
     """
 
     name: str
@@ -304,7 +306,7 @@ def check_output(
     what: str | None = None,
     accept: Callable[[Path], bool] | None = None,
 ) -> None:
-    """Refuse, as one :class:`dskd.config.ConfigError` line naming ``flag`` and ``path``, an output that
+    """Refuse, as one :class:`dskd.errors.ConfigError` line naming ``flag`` and ``path``, an output that
     cannot be written: a file where a folder goes or the reverse, a parent that is a file or not
     writable, or an existing target of another kind (never replaced: it may be what a user made). Writes
     nothing.
@@ -319,8 +321,6 @@ def check_output(
         accept: Also accept an existing non-empty target this says is the command's own (a run folder
             with checkpoints but no sidecar yet).
     """
-    from dskd.config import ConfigError
-
     path = Path(path)
     what = what or (kind.what if kind else ("folder" if folder else "file"))
 

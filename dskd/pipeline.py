@@ -13,6 +13,15 @@ from the same inputs (:func:`dskd.io.is_built`), so a rerun is quick, an interru
 rebuilds exactly the stages downstream of it. ``<out>/pipeline.json`` only records, for the reader,
 where each stage wrote and how long it took.
 
+Under ``accelerate launch --num_processes N -m dskd run`` (or torchrun) every process runs the chain in
+one process group (:func:`join_launch`: accelerate's backend, ``distill.timeout_minutes``). Process 0
+decides whether each stage runs, moves old outputs aside, writes and logs; the others wait at a barrier
+while it builds the lexicon, the training prompts, the teacher cache and the untrained student. The sense
+gather is shared (each process gathers its blocks of the corpus; process 0 clusters) and every student
+is trained by all processes (DDP). Then the other processes leave the group and exit, and process 0
+alone evaluates, measures fidelity and writes the report: no process waits at a barrier during them.
+``dskd experiment`` is refused under several processes (its evaluations come between trainings).
+
 ``dskd experiment`` runs several arms (KD, DSKD, KD + direct hidden-state MSE, ablations) over
 several seeds, sharing the lexicon, the sense store and the teacher cache, and reports per task the
 mean of each arm and the paired difference against KD with its bootstrap confidence interval.
@@ -109,22 +118,106 @@ def without_added_defaults(inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass
+class Launch:
+    """This process's place in a launch of ``dskd run`` by ``accelerate launch`` / ``torchrun`` (alone:
+    rank 0 of 1, and every method does nothing). See :func:`join_launch`."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this is process 0, the one that writes every shared file."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every process is here (under the process group's timeout, ``distill.timeout_minutes``)."""
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def leave(self) -> Launch:
+        """End this process's part in the group (all processes call it together); process 0 goes on alone."""
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+            td.destroy_process_group()
+        return Launch()
+
+
+def join_launch(cfg: RunConfig) -> Launch:
+    """Join the launch's process group when started as several processes (``WORLD_SIZE`` > 1).
+
+    The group is accelerate's, created here before the first stage, as training would create it: the
+    backend it trains with (NCCL on GPUs, gloo on the CPU) and the recipe's ``distill.timeout_minutes``,
+    the longest any process may wait at a barrier. The sense build and every student's training then run
+    in it. A DeepSpeed, FSDP or Megatron launch config is refused here, before any work (dskd trains
+    with DDP).
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Launch()
+    from datetime import timedelta
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    for backend in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):  # what `accelerate launch` exports from such a config
+        if parse_flag_from_env(f"ACCELERATE_USE_{backend}"):
+            raise ConfigError(
+                f"accelerate launch: the accelerate config asks for {backend} (ACCELERATE_USE_{backend}); dskd run "
+                "trains with DDP only: launch with a multi-GPU (DDP) accelerate config"
+            )
+    cpu = cfg.model.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")  # as the Accelerator reads it
+    state = PartialState(cpu=cpu, timeout=timedelta(minutes=cfg.distill.timeout_minutes))
+    if state.num_processes != world:
+        raise ConfigError(
+            f"launched as {world} processes but accelerate sees {state.num_processes} (each would write the same "
+            "run folder): on CPU set ACCELERATE_USE_CPU=1 with torchrun, on GPUs use `accelerate launch`"
+        )
+    return Launch(state.process_index, state.num_processes)
+
+
 class Pipeline:
     """Runs stages into one folder; each is skipped when its artefact says it was built from the same inputs."""
 
-    def __init__(self, out: Path, force: bool = False, log: Callable[[str], None] = print):
+    def __init__(
+        self, out: Path, force: bool = False, log: Callable[[str], None] = print, launch: Launch | None = None
+    ):
         self.out = out
+        self.launch = launch or Launch()  # under several processes: process 0 decides, writes and logs
         self.out.mkdir(parents=True, exist_ok=True)
         self.state_file = out / "pipeline.json"  # paths and times, for the reader
         self.state: dict[str, Any] = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
         self.force = force
-        self.log = log
+        self.log = log if self.launch.main else _quiet
         self.timings: dict[str, float] = {}
         self.hashes: dict[str, str] = {}  # inputs hash of each stage met in this run (what downstream reads)
         self.stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())  # names this run's folder under replaced/
 
     def stage(
-        self, key: str, inputs: dict[str, Any], path: Path, fn: Callable[[], Any], kind: Artefact | None = None
+        self,
+        key: str,
+        inputs: dict[str, Any],
+        path: Path,
+        fn: Callable[[], Any],
+        kind: Artefact | None = None,
+        every_process: bool = False,
     ) -> str:
         """Run ``fn`` unless the artefact at ``path`` is built from the same ``inputs``; returns their hash.
 
@@ -136,27 +229,39 @@ class Pipeline:
             fn: Builds it.
             kind: Its kind (:class:`dskd.io.Artefact`); None for an output without a sidecar of its own,
                 which gets a bare one (:data:`STAGE_OUTPUT`, beside a file or inside a folder).
+            every_process: Under several processes (:class:`Launch`), every process runs ``fn`` (it shares
+                the work itself: the sense gather, DDP training); otherwise process 0 runs it while the
+                others wait. Either way process 0 alone decides whether it runs, moves an old output
+                aside and records the inputs.
         """
         h = stable_hash(without_added_defaults(inputs))
         self.hashes[key] = h
         own = kind is None
         kind = kind or STAGE_OUTPUT
-        if not self.force and (is_built(path, kind, h) or self._adopt(key, path, kind, h, own)):
-            self.log(f"[skip] {key:<24} {path}  (up to date)")
+        todo = False
+        if self.launch.main:
+            todo = self.force or not (is_built(path, kind, h) or self._adopt(key, path, kind, h, own))
+            if not todo:
+                self.log(f"[skip] {key:<24} {path}  (up to date)")
+            else:
+                if finished(path, own):  # never deleted: a finished output of other inputs is moved aside
+                    self.set_aside(key, path, "built from other inputs" if not self.force else "--force")
+                self.log(f"[run ] {key:<24} -> {path}")
+                if own:  # a sidecar of the previous output must not vouch for a half-written new one
+                    sidecar_file(path).unlink(missing_ok=True)
+        if not self.launch.broadcast(todo):
             return h
-        if finished(path, own):  # never deleted: a finished output of other inputs is moved aside
-            self.set_aside(key, path, "built from other inputs" if not self.force else "--force")
-        self.log(f"[run ] {key:<24} -> {path}")
-        if own:  # a sidecar of the previous output must not vouch for a half-written new one
-            sidecar_file(path).unlink(missing_ok=True)
-        t0 = time.time()
-        fn()
-        dt = time.time() - t0
-        record_inputs(path, kind, h, create=own)
-        self.timings[key] = dt
-        self.state[key] = {"path": str(path), "seconds": round(dt, 1)}
-        write_json(self.state_file, self.state)
-        self.log(f"[done] {key:<24} {dt:7.1f}s")
+        if self.launch.main or every_process:
+            t0 = time.time()
+            fn()
+            dt = time.time() - t0
+        if self.launch.main:
+            record_inputs(path, kind, h, create=own)
+            self.timings[key] = dt
+            self.state[key] = {"path": str(path), "seconds": round(dt, 1)}
+            write_json(self.state_file, self.state)
+            self.log(f"[done] {key:<24} {dt:7.1f}s")
+        self.launch.barrier()  # the others wait while process 0 builds and records it
         return h
 
     def set_aside(self, key: str, path: Path, why: str) -> Path:
@@ -198,6 +303,10 @@ class Pipeline:
         self.state[key] = {"path": str(path), "seconds": old.get("seconds")}  # the hash lives in the sidecar now
         write_json(self.state_file, self.state)
         return True
+
+
+def _quiet(_: str) -> None:
+    """The log of a process other than process 0."""
 
 
 REPLACED_DIR = "replaced"  # <out>/replaced/<UTC time>/...: finished outputs a later run rebuilt
@@ -271,14 +380,16 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
     # the offline defaults check themselves (a step that finds its output does nothing, in well under
     # a second), so this stage needs no sidecar: it is skipped when no step had anything to do
     t0 = time.time()
-    reports = assets.prepare_all(only=assets.needed_assets(cfg))  # what this recipe reads, before long work
-    for r in reports:
-        if r.error:
-            raise ConfigError(r.error)
-    if any(r.did_work for r in reports):
-        pipe.log(f"[done] {'assets':<24} {time.time() - t0:7.1f}s  -> {assets.dskd_home()}")
-    else:
-        pipe.log(f"[skip] {'assets':<24} {assets.dskd_home()}  (up to date)")
+    if pipe.launch.main:  # under several processes the others wait: they read what it writes
+        reports = assets.prepare_all(only=assets.needed_assets(cfg))  # what this recipe reads, before long work
+        for r in reports:
+            if r.error:
+                raise ConfigError(r.error)
+        if any(r.did_work for r in reports):
+            pipe.log(f"[done] {'assets':<24} {time.time() - t0:7.1f}s  -> {assets.dskd_home()}")
+        else:
+            pipe.log(f"[skip] {'assets':<24} {assets.dskd_home()}  (up to date)")
+    pipe.launch.barrier()
 
     from dskd.lexicon import ARTEFACT as LEXICON
     from dskd.lexicon import build_lexicon
@@ -309,11 +420,13 @@ def prepare_shared(cfg: RunConfig, pipe: Pipeline) -> dict[str, Any]:
         sen_cfg = dataclasses.replace(cfg.senses, corpus=corpus)
 
     def do_senses() -> None:
+        # under several processes each gathers its share of the corpus; process 0 clusters and writes
         build_senses(cfg.model.teacher, sen_cfg, lex_dir, sen_dir)
-        write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
+        if pipe.launch.main:
+            write_json(out / "senses_coverage.json", sense_coverage(sen_dir, lex_dir, tok, prompts))
 
-    h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses, STORE_ARTEFACT)
-    if (out / "senses_coverage.json").is_file():
+    h_sen = pipe.stage("senses", sen_inputs, sen_dir, do_senses, STORE_ARTEFACT, every_process=True)
+    if pipe.launch.main and (out / "senses_coverage.json").is_file():
         print(coverage_line(json.loads((out / "senses_coverage.json").read_text())))
 
     from dskd.data import CACHE_ARTEFACT, CACHE_FORMAT, build_teacher_cache
@@ -566,18 +679,21 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
     run_dir = pipe.out / "students" / key
 
     inputs = _train_inputs(c, shared)
-    if not pipe.force and "hash" not in pipe.state.get(f"train:{key}", {}):
+    if pipe.launch.main and not pipe.force and "hash" not in pipe.state.get(f"train:{key}", {}):
         adopt_trained(run_dir, c, shared, stable_hash(without_added_defaults(inputs)), pipe.log)
 
     def do() -> None:
         from dskd.checkpoint import latest_checkpoint
 
         rc = c
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if pipe.launch.main and run_dir.exists() and any(run_dir.iterdir()):
             rc = _resume_config(run_dir, c) if latest_checkpoint(run_dir) is not None and not pipe.force else None
             if rc is None:  # trained steps of other settings are kept, never deleted
                 pipe.set_aside(f"train:{key}", run_dir, "unfinished, other settings" if not pipe.force else "--force")
                 rc = c
+        # every process trains (DDP), with process 0's choice: continue the run in the folder or start anew
+        if pipe.launch.broadcast(rc is not c) and not pipe.launch.main:
+            rc = _resume_config(run_dir, c) or c  # read after process 0 has set anything aside
         distill(
             rc,
             run_dir,
@@ -587,7 +703,7 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
             resume=True,
         )
 
-    pipe.stage(f"train:{key}", inputs, run_dir, do, RUN_ARTEFACT)
+    pipe.stage(f"train:{key}", inputs, run_dir, do, RUN_ARTEFACT, every_process=True)
     return run_dir / "student"
 
 
@@ -768,6 +884,19 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path | None:
     return out
 
 
+def _train_students(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any]) -> dict[str, Path]:
+    """The untrained truncation, then the KD and DSKD students (``dskd run``'s); returns their folders."""
+    for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
+        c = _arm_config(cfg, arm)
+        if pipe.launch.main and not pipe.force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (_adopt)
+            h = stable_hash(without_added_defaults(_train_inputs(c, shared)))  # as Pipeline.stage hashes
+            adopt_trained(pipe.out / "students" / arm, c, shared, h, pipe.log)
+    students = {"untrained": export_untrained(cfg, pipe)}
+    for arm in ("kd", "dskd"):
+        students[arm] = train_arm(cfg, pipe, shared, arm)
+    return students
+
+
 def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[str, Any]:
     """The main job; returns the paths of everything it wrote."""
     if until not in STAGES:
@@ -775,30 +904,31 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     from dskd.devices import check_required_accelerator
 
     check_required_accelerator(cfg.model.require_accelerator)  # before any work
-    t0 = time.time()
-    out = cfg.out_dir
-    pipe = Pipeline(out, force=force)
-    out.mkdir(parents=True, exist_ok=True)
-    from dskd.config import dump_yaml
-
-    dump_yaml(cfg, out / "config.yaml")
-    print(f"dskd run: {cfg.name} -> {out}")
     from dskd.presets import check_paper
 
     check_paper(cfg.eval, cfg.model.teacher)  # the paper protocol's chat prompts, before hours of work
+    t0 = time.time()
+    out = cfg.out_dir
+    launch = join_launch(cfg)
+    pipe = Pipeline(out, force=force, launch=launch)
+    out.mkdir(parents=True, exist_ok=True)
+    from dskd.config import dump_yaml
+
+    if launch.main:
+        dump_yaml(cfg, out / "config.yaml")
+        print(f"dskd run: {cfg.name} -> {out}" + (f" ({launch.world} processes)" if launch.world > 1 else ""))
     shared = prepare_shared(cfg, pipe)
     result: dict[str, Any] = {"out": out, **{k: v for k, v in shared.items() if k != "hashes"}}
     if STAGES.index(until) < STAGES.index("students"):
+        launch.leave()
         return result
-    for arm in ("kd", "dskd"):  # students trained by `dskd distill`: adopted or refused before any training
-        c = _arm_config(cfg, arm)
-        if not force and "hash" not in pipe.state.get(f"train:{arm}", {}):  # (a legacy entry: Pipeline._adopt)
-            h = stable_hash(without_added_defaults(_train_inputs(c, shared)))  # as Pipeline.stage hashes
-            adopt_trained(out / "students" / arm, c, shared, h, pipe.log)
-    students = {"untrained": export_untrained(cfg, pipe)}
-    for arm in ("kd", "dskd"):
-        students[arm] = train_arm(cfg, pipe, shared, arm)
-    result["students"] = students
+    students = result["students"] = _train_students(cfg, pipe, shared)
+    # what follows (evaluation, fidelity, report) is process 0's alone: the others leave the group now
+    # rather than wait at a barrier for hours
+    pipe.launch = launch.leave()
+    if not launch.main:
+        print(f"dskd run: process {launch.rank}: students trained; evaluation, fidelity and report run on process 0")
+        return result
     if STAGES.index(until) < STAGES.index("eval"):
         return result
     from dskd.models import resolve_spec
@@ -865,6 +995,17 @@ def run(cfg: RunConfig, *, until: str = "report", force: bool = False) -> dict[s
     return result
 
 
+def _one_process(command: str) -> None:
+    """Refuse ``command`` under several processes (``WORLD_SIZE`` > 1), before any work."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{command} runs in one process (its evaluations come between the trainings); under accelerate "
+            "launch, train the students with `dskd run` / `dskd distill`, then run the experiment in one process"
+        )
+
+
 def experiment(
     cfg: RunConfig,
     *,
@@ -882,6 +1023,7 @@ def experiment(
     from dskd.devices import check_required_accelerator
 
     check_required_accelerator(cfg.model.require_accelerator)  # before any work
+    _one_process("dskd experiment")  # its evaluations come between trainings
     arms = list(arms or DEFAULT_ARMS)
     if baseline not in arms:
         arms.insert(0, baseline)

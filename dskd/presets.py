@@ -21,9 +21,12 @@ them over its subjects (:func:`preset_items`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dskd.config import ConfigError, EvalConfig
+from dskd.metrics import setup_label
+from dskd.prompts import select_items, subject_quota
 from dskd.tasks import Item, Task, get_task
 
 
@@ -74,8 +77,6 @@ def preset_items(task: Task, limit: int) -> list[Item]:
     ``limit % S`` evenly spaced subjects one more, so a small budget still samples the whole range
     of subjects (the macro average is then over the subjects present).
     """
-    from dskd.generate import subject_quota
-
     items = task.eval_items()
     if not limit:
         return items
@@ -91,6 +92,17 @@ def preset_items(task: Task, limit: int) -> list[Item]:
     return out
 
 
+def parse_sources(data: Sequence[str]) -> dict[str, str]:
+    """``["piqa=ybisk/piqa", ...]`` -> ``{"piqa": "ybisk/piqa"}`` with task names checked."""
+    out = {}
+    for entry in data:
+        name, sep, source = entry.partition("=")
+        if not sep or not name or not source:
+            raise ConfigError(f"--eval.data: expected TASK=DATASET (got {entry!r})")
+        out[get_task(name, flag="--eval.data").name] = source
+    return out
+
+
 def plan(cfg: EvalConfig) -> list[tuple[Task, list[Item], EvalConfig]]:
     """The tasks, items and per-task settings of an evaluation, checked before any model loads.
 
@@ -98,8 +110,6 @@ def plan(cfg: EvalConfig) -> list[tuple[Task, list[Item], EvalConfig]]:
         ConfigError / TaskError: An unknown preset or task, or a task that the chosen scoring cannot
             score (extractive QA needs ``--scoring generate``); the message names the flag.
     """
-    from dskd.evaluate import parse_sources, select_items
-
     sources = parse_sources(cfg.data)
     out = []
     for name, c in task_configs(cfg):
@@ -152,8 +162,6 @@ def check_paper(cfg: EvalConfig, model_spec: str) -> None:
 
 def describe(cfg: EvalConfig) -> str:
     """One markdown line stating the protocol of every task of a preset evaluation."""
-    from dskd.generate import setup_label
-
     limit = f"at most {cfg.limit} items per task" if cfg.limit else "all evaluation items"
     parts = [f"{name}: {setup_label(c)}" for name, c in task_configs(cfg)]
     return f"preset `{cfg.preset}`, {limit}; " + "; ".join(parts)
@@ -166,6 +174,7 @@ __all__ = [
     "check_paper",
     "describe",
     "paper_config",
+    "parse_sources",
     "plan",
     "preset_items",
     "task_configs",

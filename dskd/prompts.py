@@ -7,6 +7,7 @@ importing the scorer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from dskd.config import ConfigError
 from dskd.tasks import Item, Task
@@ -98,3 +99,12 @@ def select_items(task: Task, limit: int) -> list[Item]:
             seen[x.subject] = seen.get(x.subject, 0) + 1
             out.append(x)
     return out
+
+
+def subject_quota(subjects: Sequence[Any], limit: int) -> dict[Any, int]:
+    """Items per subject for ``limit`` items spread over ``subjects``: ``limit // S`` each, and one
+    more for ``limit % S`` evenly spaced subjects (so the quotas sum to ``limit``)."""
+    S = len(subjects)
+    base, rem = divmod(limit, S) if S else (0, 0)
+    extra = {k * S // rem for k in range(rem)} if rem else set()
+    return {s: base + (i in extra) for i, s in enumerate(subjects)}

@@ -204,4 +204,21 @@ def test_cache_build_and_eval_say_where_they_run(tiny_teacher_dir, text_file, tm
         progress=False,
     )
     assert res["device"] == "cpu" and res["dtype"] == "bfloat16"
+    assert (
+        res["environment"]["torch"] == torch.__version__.split("+")[0]
+        or res["environment"]["torch"] == torch.__version__
+    )
     assert "[dskd eval] on cpu" in capsys.readouterr().err
+
+
+def test_environment_records_versions_kernel_level_and_processor():
+    import importlib.metadata as md
+
+    from dskd.devices import environment
+
+    env = environment()
+    assert env["torch"] == md.version("torch") and env["transformers"] == md.version("transformers")
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu"] and env["python"].count(".") == 2
+    assert ("gpu" in env) == torch.cuda.is_available()
+    json.dumps(env)  # stored in result JSON as it is

@@ -16,7 +16,7 @@ from test_distill import ROOT, make_cfg, metrics, trainable
 from dskd.checkpoint import latest_checkpoint
 from dskd.config import ConfigError, to_dict
 from dskd.distill import distill, setup
-from dskd.launch import make_accelerator
+from dskd.accelerator import make_accelerator
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +255,14 @@ def test_the_exported_student_has_a_model_card_the_hub_renders(tiny_teacher_dir,
 def test_bf16_through_accelerate_trains_as_dskd_autocast_alone(tiny_teacher_dir, text_file, tmp_path, monkeypatch):
     """accelerate's bf16 wrapping of the forward (autocast, outputs to float32) adds nothing to dskd's own
     autocast: the losses are computed in float32 from the same bfloat16 values."""
-    import dskd.launch
+    import dskd.accelerator
 
     cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__max_steps=2, distill__precision="bf16")
     cfg.loss.hidden, cfg.loss.hidden_weight = "mse", 0.5
     wrapped = distill(cfg, tmp_path / "acc", progress=False)
-    monkeypatch.setattr(dskd.launch, "accelerate_precision", lambda amp: "no")  # the Accelerator as before: no wrapping
+    monkeypatch.setattr(
+        dskd.accelerator, "accelerate_precision", lambda amp: "no"
+    )  # the Accelerator as before: no wrapping
     plain = distill(cfg, tmp_path / "plain", progress=False)
     a, b = trainable(wrapped), trainable(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)

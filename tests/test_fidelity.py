@@ -188,3 +188,59 @@ def test_heldout_prompts_are_built_like_the_training_prompts(tokenizer):
     assert cloze != letter and cloze.rstrip().endswith("Answer:")
     with pytest.raises(ConfigError, match="--data.style"):
         F.heldout_prompts(tokenizer, ["arc_easy"], 1, 1, 0, 4096, chat=False, style="essay")
+
+
+def test_students_are_loaded_one_at_a_time_with_the_numbers_of_one_pass(
+    tmp_path, tiny_teacher_dir, tokenizer, monkeypatch
+):
+    """fidelity() keeps the teacher and ONE student in memory (issue 23: 10 students of an 8B recipe do not
+    fit beside the teacher), and its sums equal measure() with every model at once, bit for bit."""
+    import gc
+    import weakref
+
+    import dskd.models as M
+    from dskd.models import load_model, truncate
+    from dskd.prefix import PrefixMemo
+
+    specs = {}
+    for i, layers in enumerate((2, 3, 2)):
+        d = tmp_path / f"s{i}"
+        s = truncate(load_model(str(tiny_teacher_dir)), layers)
+        with torch.no_grad():
+            for p in s.model.layers[-1].parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        s.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        specs[f"s{i}"] = str(d)
+    alive: list[weakref.ref] = []
+    most = []
+    real = M.load_model
+
+    def counting(spec, *a, **k):
+        gc.collect()
+        most.append(sum(r() is not None for r in alive))  # models alive when another is loaded
+        m = real(spec, *a, **k)
+        alive.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(M, "load_model", counting)
+    cfg = FidelityConfig(text_limit=5, prompt_limit=2, bootstrap=20, batch_tokens=48, probe=False)
+    # the memo serves the students' shared bottom layer from the teacher's pass: it must not change a number
+    res = F.fidelity(str(tiny_teacher_dir), specs, cfg, tmp_path / "f.json", prompt_tasks=["arc_easy"],
+                     progress=False, memo=PrefixMemo(1))  # fmt: skip
+    assert len(most) == 4 and max(most) <= 2  # the teacher, then each student beside it alone
+    assert list(res["sets"]["text"]["models"]) == ["teacher", "s0", "s1", "s2"]
+    assert list(res["fingerprints"]) == ["teacher", "s0", "s1", "s2"]
+    # the reference: one measure() call with all models loaded together
+    teacher = real(str(tiny_teacher_dir))
+    models = {m: real(s) for m, s in specs.items()}
+    for name, docs in (
+        ("text", F.heldout_text(tokenizer, cfg.text_tasks, cfg.text_limit, cfg.max_length)),
+        ("prompts", F.heldout_prompts(tokenizer, ["arc_easy"], cfg.prompt_limit, 0, 0, cfg.max_length)),
+    ):
+        ref = F.measure(teacher, models, docs, len(tokenizer), tokenizer.pad_token_id, cfg.batch_tokens)
+        got = res["sets"][name]["models"]
+        assert res["sets"][name]["docs"] == [d.id for d in docs]
+        for m in ref:
+            assert got[m]["sums"] == {k: v.tolist() for k, v in ref[m].items()}, (name, m)
+    assert got["s0"]["metrics"]["kl"] > 0

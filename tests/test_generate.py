@@ -20,10 +20,10 @@ from dskd.generate import (
     normalize_answer,
     parse_choice,
     squad_scores,
-    subject_quota,
     token_f1,
 )
 from dskd.presets import PRESETS, check_chat, check_paper, paper_config, plan, preset_items, task_configs
+from dskd.prompts import subject_quota
 from dskd.tasks import Item, Task, get_task
 
 PROMPTS = [

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py at tiny size on the CPU: every measurement runs and the projection adds up."""
+"""benchmarks/gpu_check.py at tiny size on the CPU: dskd's own functions run, the outputs are written, the
+projection adds up."""
 
 from __future__ import annotations
 
@@ -23,28 +24,50 @@ def _module():
 
 def test_gpu_check_runs_at_tiny_size(tmp_path, capsys):
     mod = _module()
-    out = tmp_path / "gc.json"
-    assert mod.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    assert mod.main(["--tiny", "--device", "cpu", "--out_dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "TINY shapes" in text and "projected wall time" in text
-    res = json.loads(out.read_text())
+    assert "TINY shapes" in text and "projected wall time" in text and "FAILED" not in text
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["tiny"] and res["device"].startswith("cpu") and res["dtype"] == "bfloat16"
+    assert res["never_ran_on_a_gpu_before"]
+    # the project's own functions, not re-implementations
+    assert res["gather"]["function"] == "dskd.senses.build.gather_batch"
+    assert res["kmeans"]["function"] == "dskd.senses.kmeans.cluster_groups"
+    assert res["distill:kd"]["function"] == res["distill:dskd"]["function"] == "dskd.distill.fit"
+    assert res["eval"]["function"] == "dskd.evaluate.score_groups"
     # a ratio, not a timing bound: timed assertions fail on a loaded machine (speed goals live in benchmarks)
     assert res["gather"]["gather_tokens_per_s"] > 0 and res["gather"]["ratio"] > 0
-    assert res["kmeans"]["rows"] == mod.TINY.kmeans_groups * mod.TINY.kmeans_per_group and res["kmeans"]["seconds"] > 0
-    d = res["distill"]
-    assert d["kd_step_s"] > 0 and d["ratio"] == pytest.approx(d["dskd_step_s"] / d["kd_step_s"])
-    assert d["sense_table"]["bank_rows"] > 0  # the DSKD arm really ran the sense loss
-    # the loop's cached path: the layers above the frozen ones, the head at target positions only
-    assert d["prefix_layers"] == mod.TINY.student_layers - mod.TINY.trainable and d["head_at_targets"]
+    assert res["gather"]["reservoir_rows"] > 0  # the states went through the reservoir to its row file
+    tiny = mod.recipe_shapes(None, True)
+    assert res["kmeans"]["rows"] == tiny.kmeans_groups * tiny.kmeans_per_group and res["kmeans"]["seconds"] > 0
+    kd, dskd = res["distill:kd"], res["distill:dskd"]
+    assert kd["step_s"] > 0 and dskd["step_s"] > 0 and kd["lam"] == 0 and dskd["lam"] > 0
+    assert kd["steps_timed"] == tiny.repeats
+    assert dskd["sense_table"]["bank_rows"] > 0  # the DSKD arm really ran the sense loss
     assert res["eval"]["items_per_s"] > 0
     one, eight = res["projection"]
-    assert (one["gpus"], eight["gpus"]) == (1, 8)
+    assert (one["gpus"], eight["gpus"]) == (1, 8) and not one["left_out"]
     for p in (one, eight):
         parts = [v for k, v in p.items() if k.endswith("_h") and k != "total_h"]
         assert p["total_h"] == pytest.approx(sum(parts))
     assert eight["total_h"] < one["total_h"]
-    assert one["distill_kd_plus_dskd_h"] == pytest.approx(8 * eight["distill_kd_plus_dskd_h"])
+    assert one["distill_dskd_h"] == pytest.approx(8 * eight["distill_dskd_h"])
+    # the plan of the same recipe beside the measurement
+    plan = json.loads((tmp_path / "gpu_check_plan.json").read_text())
+    assert plan["name"] == "llama3-8b-instruct_to_16l"
+    assert "[distill:dskd]" in (tmp_path / "gpu_check_plan.txt").read_text()
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| distill:dskd | `dskd.distill.fit` |" in md and "TINY" in md
+
+
+def test_a_failing_stage_is_reported_and_the_others_run():
+    mod = _module()
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    r = mod.run_stage("distill:dskd", oom, torch.device("cpu"))
+    assert r["error"].startswith("out of memory: CUDA out of memory") and "stage_seconds" in r
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -287,4 +287,9 @@ def test_planned_cache_size_equals_a_built_cache(prefix, tiny_teacher_dir, text_
     targets = plan["data"]["positions"] - plan["data"]["sequences"]  # the cache keeps target positions
     assert meta["counts"]["positions"] == targets
     assert planned / plan["data"]["positions"] == built / targets
+    # the stage's figure is its estimator's, per position
+    from dskd.plan import shapes, teacher_cache_position_bytes
+
+    sh = shapes(cfg, [])
+    assert planned == plan["data"]["positions"] * teacher_cache_position_bytes(cfg, sh)
     assert ("prefix_layers" in meta["settings"]) == (prefix == "auto")

@@ -345,10 +345,13 @@ def test_kmeans_on_a_row_source_equals_the_tensor(tmp_path):
     def sink(gs, ss, cs):
         got.update({gi: (s, c) for gi, s, c in zip(gs, ss, cs, strict=True)})
 
-    b = S.cluster_groups(src, sizes, 4, 30, seed=1, sink=sink)
-    assert b[0] == [] and torch.equal(a[2], b[2])
-    for i in range(len(sizes)):
-        assert torch.equal(a[0][i], got[i][0]) and torch.equal(a[1][i], got[i][1])
+    for samples in (src, x):  # rows from a file, or the tensor itself, into a sink
+        got.clear()
+        b = S.cluster_groups(samples, sizes, 4, 30, seed=1, sink=sink)
+        assert b[0] == [] and b[1] == [] and torch.equal(a[2], b[2])
+        assert sorted(got) == list(range(len(sizes)))
+        for i in range(len(sizes)):
+            assert torch.equal(a[0][i], got[i][0]) and torch.equal(a[1][i], got[i][1])
 
 
 # ------------------------------------------------------------------------------------------------ merging

@@ -33,8 +33,8 @@ def test_unknown_task_suggests_near_matches():
 def test_unknown_task_error_names_the_flag_that_gave_it(tokenizer):
     from dskd.config import DataConfig
     from dskd.data import task_prompts
-    from dskd.evaluate import parse_sources
     from dskd.fidelity import heldout_prompts, heldout_text
+    from dskd.presets import parse_sources
 
     with pytest.raises(TaskError, match="--data.tasks: unknown task 'arc_eazy'"):
         task_prompts(DataConfig(tasks=["arc_eazy"]), tokenizer=None)

@@ -585,78 +585,30 @@ def _write_store(
 ) -> dict:
     """Cluster, compose and write ``senses.safetensors`` (and ``samples.safetensors``) into ``work``.
 
+    Args:
+        work: The folder the store is built in.
+        source: Row source of the samples (rows in the order of ``tokens``).
+        tokens: (R,) int64 the token of each sample, sorted.
+        seen: (V,) states seen per token.
+        dist: (m,) MSE values between states of different positions.
+        cfg: Sense options.
+        vocab: Token entries of the store.
+        dim: Width of a sense.
+        lex: The lexicon whose multi-token tails get composed senses, or None.
+        device: Where k-means runs.
+        progress: Show a progress bar while clustering.
     Returns:
         The counts / coverage / timing parts of the meta.
     """
     t_cluster = time.perf_counter()
-    uniq, sizes = torch.unique_consecutive(tokens, return_counts=True)
-    sink = _SenseSink(work / ".senses.tmp.bin", dim, vocab)
-    groups = uniq.tolist()
-    _, _, inertia = cluster_groups(
-        source,
-        sizes,
-        cfg.k,
-        cfg.kmeans_iters,
-        cfg.seed,
-        cfg.kmeans_init,
-        progress=progress,
-        device=device,
-        sink=lambda gs, s, c: sink.put([groups[g] for g in gs], s, c),
-    )
+    sink, sizes, inertia = _cluster_tokens(work, source, tokens, cfg, vocab, dim, device, progress)
     cluster_seconds = time.perf_counter() - t_cluster
-
-    spans: list[tuple[int, ...]] = []
-    span_s: list[torch.Tensor] = []
-    span_c: list[torch.Tensor] = []
     tails = lex.multi_token_tails() if lex is not None else []
-    for tail in tails:
-        if len(tail) > MAX_SPAN or any(not 0 <= t < vocab or sink.count[t] == 0 for t in tail):
-            continue
-        c, n = compose_senses([sink.senses(t) for t in tail], [sink.get_counts(t) for t in tail])
-        span_s.append(c)
-        span_c.append(n)
-        spans.append(tuple(tail))
-    # composed senses go to the end of the sense file, as entries vocab, vocab + 1, ...
-    sink.start += [0] * len(spans)
-    sink.count += [0] * len(spans)
-    sink.counts += [None] * len(spans)
-    for i in range(0, len(spans), 4096):
-        sink.put(list(range(vocab + i, vocab + min(i + 4096, len(spans)))), span_s[i : i + 4096], span_c[i : i + 4096])
-
+    spans = _compose_spans(sink, tails, vocab)
     n_entries = vocab + len(spans)
-    sizes_e = torch.tensor(sink.count, dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_e, 0)])
-    starts_e = torch.tensor(sink.start, dtype=torch.int64)
-    order = torch.repeat_interleave(starts_e - offsets[:-1], sizes_e) + torch.arange(int(offsets[-1]))
-    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.store_dtype]
-    span_t = torch.full((len(spans), MAX_SPAN), -1, dtype=torch.int64)
-    for i, s in enumerate(spans):
-        span_t[i, : len(s)] = torch.tensor(s)
-    all_counts = torch.cat([sink.get_counts(e) for e in range(n_entries)]) if n_entries else torch.zeros(0)
-    for f in (META_FILE, STORE_FILE, SAMPLES_FILE):
-        (work / f).unlink(missing_ok=True)
-    write_safetensors(
-        work / STORE_FILE,
-        {
-            "counts": all_counts.to(torch.int64),
-            "offsets": offsets,
-            "spans": span_t,
-            "senses": (store_dtype, (int(offsets[-1]), dim), _chunks(sink.file, order, store_dtype)),
-        },
-    )
-    sink.file.close()
-    (work / ".senses.tmp.bin").unlink()
+    sizes_e, offsets = _write_senses(work, sink, spans, cfg.store_dtype, vocab, dim)
     if cfg.keep_samples:
-        s_dtype = getattr(source, "dtype", torch.float32)
-        write_safetensors(
-            work / SAMPLES_FILE,
-            {
-                "dist": dist.float(),
-                "seen": seen.to(torch.int64),
-                "tokens": tokens,
-                "samples": (s_dtype, (tokens.numel(), dim), _chunks(source, torch.arange(tokens.numel()), s_dtype)),
-            },
-        )
+        _write_samples(work, source, tokens, seen, dist, dim)
     with_senses = int((sizes_e[:vocab] > 0).sum())
     heads = lex.heads() if lex is not None else []
     heads_cov = sum(1 for h in heads if 0 <= h < vocab and sizes_e[h] > 0)
@@ -682,6 +634,123 @@ def _write_store(
         },
         "cluster_seconds": round(cluster_seconds, 2),
     }
+
+
+def _cluster_tokens(
+    work: Path,
+    source,
+    tokens: torch.Tensor,
+    cfg: SenseConfig,
+    vocab: int,
+    dim: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[_SenseSink, torch.Tensor, torch.Tensor]:
+    """Cluster each token's samples (:func:`cluster_groups`) into a sense file in ``work``.
+
+    Returns:
+        (the sink holding every token's senses, samples per clustered token (U,), inertia (U,)
+        float64), for the U tokens that have samples, in token order.
+    """
+    uniq, sizes = torch.unique_consecutive(tokens, return_counts=True)
+    sink = _SenseSink(work / ".senses.tmp.bin", dim, vocab)
+    groups = uniq.tolist()
+    _, _, inertia = cluster_groups(
+        source,
+        sizes,
+        cfg.k,
+        cfg.kmeans_iters,
+        cfg.seed,
+        cfg.kmeans_init,
+        progress=progress,
+        device=device,
+        sink=lambda gs, s, c: sink.put([groups[g] for g in gs], s, c),
+    )
+    return sink, sizes, inertia
+
+
+def _compose_spans(sink: _SenseSink, tails: list[tuple[int, ...]], vocab: int) -> list[tuple[int, ...]]:
+    """Compose the senses of the multi-token tails whose tokens all have senses; add them to ``sink``.
+
+    Composed senses go to the end of the sense file, as entries ``vocab``, ``vocab + 1``, ..., in the
+    order of ``tails``; a tail longer than ``MAX_SPAN`` or with a token without senses is skipped.
+
+    Returns:
+        The composed spans, in entry order.
+    """
+    spans: list[tuple[int, ...]] = []
+    span_s: list[torch.Tensor] = []
+    span_c: list[torch.Tensor] = []
+    for tail in tails:
+        if len(tail) > MAX_SPAN or any(not 0 <= t < vocab or sink.count[t] == 0 for t in tail):
+            continue
+        c, n = compose_senses([sink.senses(t) for t in tail], [sink.get_counts(t) for t in tail])
+        span_s.append(c)
+        span_c.append(n)
+        spans.append(tuple(tail))
+    sink.start += [0] * len(spans)
+    sink.count += [0] * len(spans)
+    sink.counts += [None] * len(spans)
+    for i in range(0, len(spans), 4096):
+        sink.put(list(range(vocab + i, vocab + min(i + 4096, len(spans)))), span_s[i : i + 4096], span_c[i : i + 4096])
+    return spans
+
+
+def _write_senses(
+    work: Path, sink: _SenseSink, spans: list[tuple[int, ...]], store_dtype: str, vocab: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the store's ``senses.safetensors`` from the sense file, in entry order; remove the sense file.
+
+    Earlier store files in ``work`` are removed first.
+
+    Args:
+        work: The folder the store is built in.
+        sink: Every entry's senses (tokens, then ``spans``).
+        spans: The composed spans (entries ``vocab``, ``vocab + 1``, ...).
+        store_dtype: ``float16`` or ``bfloat16``.
+        vocab: Token entries.
+        dim: Width of a sense.
+    Returns:
+        (senses per entry (E,) int64, offsets (E + 1,) int64 of each entry's first sense).
+    """
+    n_entries = vocab + len(spans)
+    sizes_e = torch.tensor(sink.count, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_e, 0)])
+    starts_e = torch.tensor(sink.start, dtype=torch.int64)
+    order = torch.repeat_interleave(starts_e - offsets[:-1], sizes_e) + torch.arange(int(offsets[-1]))
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[store_dtype]
+    span_t = torch.full((len(spans), MAX_SPAN), -1, dtype=torch.int64)
+    for i, s in enumerate(spans):
+        span_t[i, : len(s)] = torch.tensor(s)
+    all_counts = torch.cat([sink.get_counts(e) for e in range(n_entries)]) if n_entries else torch.zeros(0)
+    for f in (META_FILE, STORE_FILE, SAMPLES_FILE):
+        (work / f).unlink(missing_ok=True)
+    write_safetensors(
+        work / STORE_FILE,
+        {
+            "counts": all_counts.to(torch.int64),
+            "offsets": offsets,
+            "spans": span_t,
+            "senses": (dtype, (int(offsets[-1]), dim), _chunks(sink.file, order, dtype)),
+        },
+    )
+    sink.file.close()
+    (work / ".senses.tmp.bin").unlink()
+    return sizes_e, offsets
+
+
+def _write_samples(work: Path, source, tokens: torch.Tensor, seen: torch.Tensor, dist: torch.Tensor, dim: int) -> None:
+    """Write ``samples.safetensors`` (``keep_samples``): the samples in token order, in their dtype on disk."""
+    s_dtype = getattr(source, "dtype", torch.float32)
+    write_safetensors(
+        work / SAMPLES_FILE,
+        {
+            "dist": dist.float(),
+            "seen": seen.to(torch.int64),
+            "tokens": tokens,
+            "samples": (s_dtype, (tokens.numel(), dim), _chunks(source, torch.arange(tokens.numel()), s_dtype)),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -744,152 +813,327 @@ def build_senses(
                 f"--block-chars 0: the one-process stream layout cannot be shared by {dist.world} processes; "
                 f"give --block-chars > 0 (default {DEFAULT_BLOCK_CHARS} under several processes)"
             )
-        return _build(
+        job = _Job(
             teacher_spec, cfg, lexicon_dir, out, force, t_dtype, progress, dev, s_dtype, block_chars, dist, t_start
         )
+        return _build(job)
     finally:
         dist.close()
 
 
-def _build(
-    teacher_spec: str,
-    cfg: SenseConfig,
-    lexicon_dir: Path | None,
-    out: Path,
-    force: bool,
-    teacher_dtype: str,
-    progress: bool,
-    dev: torch.device,
-    sample_dtype: str,
-    block_chars: int,
-    dist: _Dist,
-    t_start: float,
-) -> Path:
-    show = progress and dist.rank == 0
-    tok, teacher_fp = _teacher_identity(teacher_spec)
-    lex = _lexicon(lexicon_dir, tok)
+@dataclasses.dataclass
+class _Job:
+    """One process's build: the arguments of :func:`build_senses` with the runtime options resolved.
+
+    Attributes:
+        teacher_spec: Teacher model spec (alias, local folder or hub id).
+        cfg: Sense options.
+        lexicon_dir: Lexicon folder whose multi-token tails get composed senses (None: no spans).
+        out: Output folder.
+        force: Rebuild even when ``out`` matches.
+        teacher_dtype: The teacher's weights dtype (a key of ``DTYPES``).
+        progress: Print progress bars and a summary (process 0 only: see ``show``).
+        device: Where the teacher, the reservoir and k-means run.
+        sample_dtype: Dtype of the gathered sample rows on disk (a key of ``DTYPES``).
+        block_chars: Block size of the ``blocks`` corpus layout; 0 for the ``stream`` layout.
+        dist: This process's place among the launch's processes.
+        t_start: When the build began (``time.perf_counter``).
+    """
+
+    teacher_spec: str
+    cfg: SenseConfig
+    lexicon_dir: Path | None
+    out: Path
+    force: bool
+    teacher_dtype: str
+    progress: bool
+    device: torch.device
+    sample_dtype: str
+    block_chars: int
+    dist: _Dist
+    t_start: float
+
+    @property
+    def show(self) -> bool:
+        """Whether this process prints (progress asked for, and process 0)."""
+        return self.progress and self.dist.rank == 0
+
+    @property
+    def work(self) -> Path:
+        """The hidden sibling folder the store is built in (``.<out>.partial``), renamed over ``out`` at the end."""
+        return self.out.parent / f".{self.out.name}.partial"
+
+    @property
+    def corpus_flag(self) -> str:
+        """``--senses.corpus`` and its value, as the errors name it."""
+        return f"--senses.corpus {','.join(self.cfg.corpus)}"
+
+
+@dataclasses.dataclass
+class _Gathered:
+    """What gathering leaves for clustering: the samples grouped by token, and the loaded teacher's shapes.
+
+    Attributes:
+        source: Row source of the samples, in the order of ``tokens``.
+        tokens: (R,) int64 the token of each sample, sorted.
+        seen: (V,) states seen per token.
+        dist: (m,) MSE values between states of different positions.
+        timing: Gathering times (``gather_seconds``, ``tokens_per_second``, ...).
+        vocab: Token entries of the store (the larger of the tokenizer's and the LM head's size).
+        dim: Width of a state.
+        teacher_fp: The loaded teacher's fingerprint (what later stages will compute).
+    """
+
+    source: Any
+    tokens: torch.Tensor
+    seen: torch.Tensor
+    dist: torch.Tensor
+    timing: dict
+    vocab: int
+    dim: int
+    teacher_fp: str
+
+
+def _build(job: _Job) -> Path:
+    """Build the store (module docstring): plan, skip when up to date, gather, cluster, compose, write.
+
+    Under several processes every process gathers; process 0 then writes the store while the others
+    wait, and they return once it is in place.
+
+    Returns:
+        ``job.out``.
+    """
+    tok, teacher_fp = _teacher_identity(job.teacher_spec)
+    lex = _lexicon(job.lexicon_dir, tok)
     lex_fp = lex.fingerprint if lex is not None else None
-    plan = _plan(tok, cfg, block_chars, dist)
+    plan = _plan(tok, job.cfg, job.block_chars, job.dist)
+    _check_plan(job, plan, lex)
+    identity = _identity(job, teacher_fp, lex_fp, plan)
+    build_id = _sha(identity)
+    if not job.force and _up_to_date(job.out, build_id):
+        if job.show:
+            print(f"dskd senses: {job.out} is up to date (skipped)")
+        return job.out
+    gather_key = _gather_key(job, identity)
+    if job.show:
+        print(
+            f"dskd senses: gathering on {job.device} ({job.teacher_dtype} teacher, {job.sample_dtype} samples on "
+            f"disk), {job.dist.world} process(es), {plan.layout} layout, {plan.n_pos:,} positions; "
+            f"k-means on {job.device}"
+        )
+    got = _samples(job, tok, plan, gather_key)
+    if got is None:  # another process writes the store, and it is in place
+        return job.out
+    parts = _write_store(
+        job.work, got.source, got.tokens, got.seen, got.dist, job.cfg, got.vocab, got.dim, lex, job.device, job.show
+    )
+    _check_coverage(job, parts["coverage"])
+    meta = _meta(job, plan, lex_fp, build_id, gather_key, got, parts)
+    _install(job, meta)
+    if job.show:
+        _print_summary(job.out, meta)
+    return job.out
+
+
+def _check_plan(job: _Job, plan: _Plan, lex) -> None:
+    """Refuse a corpus too short to gather from, or (``key=actual``, tokens kept, one process) one in which
+    too few of the lexicon's heads occur, before the teacher runs.
+
+    States are filed under the token that follows, so a head absent from the corpus gets no sense: the
+    store's head coverage is known (bounded) from the tokens.
+
+    Raises:
+        SenseError: Naming ``--senses.corpus``.
+    """
+    cfg = job.cfg
     if plan.n_pos < 1:
-        raise SenseError(f"--senses.corpus {','.join(cfg.corpus)}: fewer than 2 tokens of text")
-    if lex is not None and cfg.key == "actual" and plan.tokens is not None and dist.world == 1:
-        # states are filed under the token that follows: a head absent from the corpus gets no sense, so
-        # the store's head coverage is known (bounded) before the teacher runs
-        heads = lex.heads()
-        present = np.isin(np.asarray(heads, dtype=np.int64), np.concatenate(plan.tokens)).sum() if heads else 0
-        if heads and present < MIN_HEAD_SHARE * len(heads):
-            raise SenseError(
-                f"--senses.corpus {','.join(cfg.corpus)}: only {int(present):,} of the lexicon's {len(heads):,} heads "
-                f"occur in its first {plan.n_pos + 1:,} tokens (under {100 * MIN_HEAD_SHARE:g}%): the store would "
-                f"cover almost none of --lexicon_dir {lexicon_dir}; not written to {out}"
-            )
-    options = dataclasses.asdict(cfg)
+        raise SenseError(f"{job.corpus_flag}: fewer than 2 tokens of text")
+    if lex is None or cfg.key != "actual" or plan.tokens is None or job.dist.world != 1:
+        return
+    heads = lex.heads()
+    present = np.isin(np.asarray(heads, dtype=np.int64), np.concatenate(plan.tokens)).sum() if heads else 0
+    if heads and present < MIN_HEAD_SHARE * len(heads):
+        raise SenseError(
+            f"{job.corpus_flag}: only {int(present):,} of the lexicon's {len(heads):,} heads "
+            f"occur in its first {plan.n_pos + 1:,} tokens (under {100 * MIN_HEAD_SHARE:g}%): the store would "
+            f"cover almost none of --lexicon_dir {job.lexicon_dir}; not written to {job.out}"
+        )
+
+
+def _identity(job: _Job, teacher_fp: str, lex_fp: str | None, plan: _Plan) -> dict[str, Any]:
+    """What the store is a function of; its hash is the ``build_id`` a rebuild is skipped on.
+
+    The runtime options that change the store beyond the config (layout, process count when sampling,
+    accelerator, sample dtype) are left out at the defaults of a one-process CPU build, so stores built
+    before these options existed are still recognised as up to date.
+    """
+    options = dataclasses.asdict(job.cfg)
     identity: dict[str, Any] = {
         "teacher": teacher_fp,
-        "teacher_dtype": teacher_dtype,
+        "teacher_dtype": job.teacher_dtype,
         "lexicon": lex_fp,
         "corpus": plan.fingerprint,
         "config": {k: v for k, v in options.items() if k not in _NON_IDENTITY},
     }
-    # What changes the store beyond the config; left out at the defaults of a one-process CPU build,
-    # so stores built before these options existed are still recognised as up to date.
     if plan.layout != "stream":
-        identity["block_chars"] = block_chars
-    if dist.world > 1 and not _no_sampling_possible(cfg):
-        identity["world"] = dist.world
-    if dev.type != "cpu":
-        identity["device"] = dev.type
-    if sample_dtype != "float32":
-        identity["sample_dtype"] = sample_dtype
-    build_id = _sha(identity)
-    if not force and (out / META_FILE).is_file():
-        try:
-            old = json.loads((out / META_FILE).read_text())
-            if old.get("complete") and old.get("build_id") == build_id:
-                if show:
-                    print(f"dskd senses: {out} is up to date (skipped)")
-                return out
-        except json.JSONDecodeError:
-            pass
-    gather_key = _sha(
+        identity["block_chars"] = job.block_chars
+    if job.dist.world > 1 and not _no_sampling_possible(job.cfg):
+        identity["world"] = job.dist.world
+    if job.device.type != "cpu":
+        identity["device"] = job.device.type
+    if job.sample_dtype != "float32":
+        identity["sample_dtype"] = job.sample_dtype
+    return identity
+
+
+def _gather_key(job: _Job, identity: dict[str, Any]) -> str:
+    """What the gathered samples are a function of (a partial gather or kept samples with this key are
+    reused): the identity without the lexicon and the clustering options, with each process's own
+    reservoir under several processes."""
+    options = dataclasses.asdict(job.cfg)
+    return _sha(
         {
             **identity,
-            **({"world": dist.world} if dist.world > 1 else {}),  # each process's own reservoir
+            **({"world": job.dist.world} if job.dist.world > 1 else {}),
             "lexicon": None,
             "config": {k: v for k, v in options.items() if k not in _NON_GATHER},
         }
     )
-    if show:
-        print(
-            f"dskd senses: gathering on {dev} ({teacher_dtype} teacher, {sample_dtype} samples on disk), "
-            f"{dist.world} process(es), {plan.layout} layout, {plan.n_pos:,} positions; k-means on {dev}"
-        )
 
+
+def _up_to_date(out: Path, build_id: str) -> bool:
+    """Whether ``out`` holds a complete store of this ``build_id``."""
+    if not (out / META_FILE).is_file():
+        return False
+    try:
+        old = json.loads((out / META_FILE).read_text())
+    except json.JSONDecodeError:
+        return False
+    return bool(old.get("complete") and old.get("build_id") == build_id)
+
+
+def _load_teacher(job: _Job, tok) -> tuple[torch.nn.Module, int, int, str]:
+    """The teacher on the build's device.
+
+    Returns:
+        (model, vocab: the larger of the tokenizer's and the LM head's size, dim: the LM head's input
+        width, the loaded model's fingerprint: loading may change the config, and the store records
+        what later stages will compute).
+    """
     from dskd.models import fingerprint, load_model
 
-    model = load_model(teacher_spec, teacher_dtype).to(dev)
+    model = load_model(job.teacher_spec, job.teacher_dtype).to(job.device)
     vocab = max(len(tok), model.get_output_embeddings().weight.shape[0])
     dim = model.get_output_embeddings().weight.shape[1]
-    if fingerprint(model, tok) != teacher_fp:
-        teacher_fp = fingerprint(model, tok)  # loading changed the config: record what stages will compute
-    work = out.parent / f".{out.name}.partial"
+    return model, vocab, dim, fingerprint(model, tok)
+
+
+def _samples(job: _Job, tok, plan: _Plan, gather_key: str) -> _Gathered | None:
+    """The samples to cluster: those an earlier store kept with this ``gather_key`` (one process), else
+    gathered by the teacher, merged over the processes under several.
+
+    The teacher is released before clustering.
+
+    Returns:
+        The samples, or None on a process other than 0 of several (it returns once process 0 has
+        written the store).
+    """
+    cfg, dist, dev = job.cfg, job.dist, job.device
+    model, vocab, dim, teacher_fp = _load_teacher(job, tok)
     if dist.rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
+        job.work.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    reused = _reuse_samples(out, gather_key, cfg.max_samples) if dist.world == 1 else None
+    reused = _reuse_samples(job.out, gather_key, cfg.max_samples) if dist.world == 1 else None
     if reused is not None:
-        source, tokens, seen, dist_t, timing = reused
         del model
-        if show:
-            print(f"dskd senses: reusing the samples kept in {out / SAMPLES_FILE} (same teacher, corpus, options)")
-    else:
-        res, dist_t, timing = _gather(
-            model, tok, plan, cfg, block_chars, vocab, dim, work, gather_key, dev, DTYPES[sample_dtype], dist, show
-        )
-        del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        if dist.world == 1:
-            tokens = (res.keys // cfg.max_samples).cpu()
-            rows = res.rows.cpu()
-            source = MultiRowSource([res.store], torch.zeros_like(rows), rows)
-            seen = res.seen.cpu()
-        else:
-            from safetensors.torch import save_file
+        if job.show:
+            print(f"dskd senses: reusing the samples kept in {job.out / SAMPLES_FILE} (same teacher, corpus, options)")
+        return _Gathered(*reused, vocab, dim, teacher_fp)
+    s_dtype = DTYPES[job.sample_dtype]
+    res, dist_t, timing = _gather(
+        model, tok, plan, cfg, job.block_chars, vocab, dim, job.work, gather_key, dev, s_dtype, dist, job.show
+    )
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if dist.world == 1:
+        rows = res.rows.cpu()
+        tokens = (res.keys // cfg.max_samples).cpu()
+        if plan.layout == "blocks":  # by token, then position, as the merge of several processes orders them
+            o = torch.from_numpy(np.lexsort((res.pos.cpu().numpy(), tokens.numpy())))
+            tokens, rows = tokens[o], rows[o]
+        source = MultiRowSource([res.store], torch.zeros_like(rows), rows)
+        return _Gathered(source, tokens, res.seen.cpu(), dist_t, timing, vocab, dim, teacher_fp)
+    merged = _merge_processes(job, res, dist_t, timing, dim)
+    return None if merged is None else _Gathered(*merged, vocab, dim, teacher_fp)
 
-            save_file({**res.state_dict(), "dist": dist_t}, str(work / f"final.rank{dist.rank}.safetensors"))
-            res.store.close()
-            allt = dist.all_gather(timing)
-            dist.barrier()  # every process's rows and bookkeeping are on disk
-            if dist.rank != 0:
-                dist.barrier()  # wait while process 0 merges, clusters and writes
-                return out
-            from safetensors.torch import load_file
 
-            states = [load_file(str(work / f"final.rank{r}.safetensors")) for r in range(dist.world)]
-            tokens, file_of, row_of, seen = _merge(states, cfg.max_samples, cfg.seed)
-            files = [RowFile(work / f"rows.rank{r}.bin", dim, DTYPES[sample_dtype]) for r in range(dist.world)]
-            source = MultiRowSource(files, file_of, row_of)
-            dist_t = torch.cat([s["dist"] for s in states])[:_DIST_CAP]
-            timing = {
-                "gather_seconds": max(t["gather_seconds"] for t in allt),
-                "tokens_per_second": round(sum(t["tokens_per_second"] for t in allt), 1),
-                "processes": dist.world,
-            }
-    parts = _write_store(work, source, tokens, seen, dist_t, cfg, vocab, dim, lex, dev, show)
-    cov = parts["coverage"]
-    if cov["lexicon_heads"] and cov["lexicon_heads_with_senses"] < MIN_HEAD_SHARE * cov["lexicon_heads"]:
-        if dist.world > 1:
-            dist.barrier()  # release the processes waiting for the store; this one fails the launch
-        shutil.rmtree(work, ignore_errors=True)  # its gather (keyed by this corpus) would not be reused
-        raise SenseError(
-            f"--senses.corpus {','.join(cfg.corpus)}: the store would hold senses for "
-            f"{cov['lexicon_heads_with_senses']:,} of the lexicon's {cov['lexicon_heads']:,} heads "
-            f"(under {100 * MIN_HEAD_SHARE:g}%; {cov['vocab_tokens_with_senses']:,} tokens in all): too little "
-            f"or no real text for --lexicon_dir {lexicon_dir}; not written to {out}"
-        )
+def _merge_processes(
+    job: _Job, res: Reservoir, dist_t: torch.Tensor, timing: dict, dim: int
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, dict] | None:
+    """Under several processes: every process files its reservoir's bookkeeping in ``work``; process 0
+    merges them (:func:`_merge`) while the others wait until the store is written.
+
+    Returns:
+        On process 0 (row source over every process's rows file, tokens (R,), seen (V,), dist (m,),
+        timing of the slowest process with the summed rate); None on the others, once the store is in place.
+    """
+    from safetensors.torch import load_file, save_file
+
+    cfg, dist, work = job.cfg, job.dist, job.work
+    save_file({**res.state_dict(), "dist": dist_t}, str(work / f"final.rank{dist.rank}.safetensors"))
+    res.store.close()
+    allt = dist.all_gather(timing)
+    dist.barrier()  # every process's rows and bookkeeping are on disk
+    if dist.rank != 0:
+        dist.barrier()  # wait while process 0 merges, clusters and writes
+        return None
+    states = [load_file(str(work / f"final.rank{r}.safetensors")) for r in range(dist.world)]
+    tokens, file_of, row_of, seen = _merge(states, cfg.max_samples, cfg.seed)
+    files = [RowFile(work / f"rows.rank{r}.bin", dim, DTYPES[job.sample_dtype]) for r in range(dist.world)]
+    timing = {
+        "gather_seconds": max(t["gather_seconds"] for t in allt),
+        "tokens_per_second": round(sum(t["tokens_per_second"] for t in allt), 1),
+        "processes": dist.world,
+    }
+    dist_t = torch.cat([s["dist"] for s in states])[:_DIST_CAP]
+    return MultiRowSource(files, file_of, row_of), tokens, seen, dist_t, timing
+
+
+def _check_coverage(job: _Job, cov: dict[str, Any]) -> None:
+    """Refuse a store holding senses for under ``MIN_HEAD_SHARE`` of its lexicon's heads: nothing is
+    written, and the partial folder (keyed by this corpus, so never reused) is removed.
+
+    Raises:
+        SenseError: Naming ``--senses.corpus`` and ``--lexicon_dir``.
+    """
+    if not cov["lexicon_heads"] or cov["lexicon_heads_with_senses"] >= MIN_HEAD_SHARE * cov["lexicon_heads"]:
+        return
+    if job.dist.world > 1:
+        job.dist.barrier()  # release the processes waiting for the store; this one fails the launch
+    shutil.rmtree(job.work, ignore_errors=True)
+    raise SenseError(
+        f"{job.corpus_flag}: the store would hold senses for "
+        f"{cov['lexicon_heads_with_senses']:,} of the lexicon's {cov['lexicon_heads']:,} heads "
+        f"(under {100 * MIN_HEAD_SHARE:g}%; {cov['vocab_tokens_with_senses']:,} tokens in all): too little "
+        f"or no real text for --lexicon_dir {job.lexicon_dir}; not written to {job.out}"
+    )
+
+
+def _meta(
+    job: _Job,
+    plan: _Plan,
+    lex_fp: str | None,
+    build_id: str,
+    gather_key: str,
+    got: _Gathered,
+    parts: dict[str, Any],
+) -> dict[str, Any]:
+    """The store's ``meta.json`` (without ``complete``): identity, inputs, counts, coverage, the distance
+    statistics of the gathered states, timing and runtime."""
     from dskd import __version__
 
+    dist_t = got.dist
     q = (
         torch.quantile(dist_t.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         if dist_t.numel()
@@ -900,41 +1144,50 @@ def _build(
         "dskd_version": __version__,
         "build_id": build_id,
         "gather_key": gather_key,
-        "config": options,
-        "teacher": {"spec": teacher_spec, "fingerprint": teacher_fp, "dtype": teacher_dtype},
-        "lexicon": {"path": str(lexicon_dir) if lexicon_dir else None, "fingerprint": lex_fp},
-        "corpus": {"specs": cfg.corpus, "fingerprint": plan.fingerprint, "tokens_per_corpus": plan.per_corpus},
-        "vocab_size": vocab,
-        "dim": dim,
+        "config": dataclasses.asdict(job.cfg),
+        "teacher": {"spec": job.teacher_spec, "fingerprint": got.teacher_fp, "dtype": job.teacher_dtype},
+        "lexicon": {"path": str(job.lexicon_dir) if job.lexicon_dir else None, "fingerprint": lex_fp},
+        "corpus": {"specs": job.cfg.corpus, "fingerprint": plan.fingerprint, "tokens_per_corpus": plan.per_corpus},
+        "vocab_size": got.vocab,
+        "dim": got.dim,
         "counts": {"positions": plan.n_pos, **parts["counts"]},
         "coverage": parts["coverage"],
         "distance": {"median_mse": q[1], "p10_mse": q[0], "p90_mse": q[2], "pairs": int(dist_t.numel())},
-        "timing": {**timing, "cluster_seconds": parts["cluster_seconds"]},
+        "timing": {**got.timing, "cluster_seconds": parts["cluster_seconds"]},
         "runtime": {
-            "device": str(dev),
-            "sample_dtype": sample_dtype,
-            "processes": dist.world,
+            "device": str(job.device),
+            "sample_dtype": job.sample_dtype,
+            "processes": job.dist.world,
             "layout": plan.layout,
-            "block_chars": block_chars,
+            "block_chars": job.block_chars,
         },
     }
-    meta["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    meta["timing"]["total_seconds"] = round(time.perf_counter() - job.t_start, 2)
+    return meta
+
+
+def _install(job: _Job, meta: dict[str, Any]) -> None:
+    """Remove the gathering's files from ``work``, write the meta (``complete`` last) and rename ``work``
+    over ``out``; then release the processes waiting for the store."""
+    work = job.work
     for f in [*work.glob("progress*"), *work.glob(".progress*"), *work.glob("rows.rank*"), *work.glob("final.rank*")]:
         f.unlink()
     write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": False}, indent=2))
     write_text_atomic(work / META_FILE, json.dumps({**meta, "complete": True}, indent=2))
-    replace_dir(work, out)
-    dist.barrier()  # the others may go on: the store is in place
-    if show:
-        c, with_senses = meta["coverage"], meta["coverage"]["vocab_tokens_with_senses"]
-        heads, heads_cov = c["lexicon_heads"], c["lexicon_heads_with_senses"]
-        print(
-            f"dskd senses: wrote {out}: {meta['counts']['senses']:,} senses for {with_senses:,}/{vocab:,} tokens "
-            f"({100 * c['vocab_share']:.1f}% of the vocabulary), {meta['counts']['spans']:,} composed spans"
-            + (f", lexicon heads covered {heads_cov:,}/{heads:,}" if heads else "")
-            + f"; median MSE {q[1]:.3f}; {meta['timing']['total_seconds']:.0f}s"
-        )
-    return out
+    replace_dir(work, job.out)
+    job.dist.barrier()  # the others may go on: the store is in place
+
+
+def _print_summary(out: Path, meta: dict[str, Any]) -> None:
+    """The one-line summary of a written store."""
+    c, with_senses = meta["coverage"], meta["coverage"]["vocab_tokens_with_senses"]
+    heads, heads_cov = c["lexicon_heads"], c["lexicon_heads_with_senses"]
+    print(
+        f"dskd senses: wrote {out}: {meta['counts']['senses']:,} senses for {with_senses:,}/{meta['vocab_size']:,} "
+        f"tokens ({100 * c['vocab_share']:.1f}% of the vocabulary), {meta['counts']['spans']:,} composed spans"
+        + (f", lexicon heads covered {heads_cov:,}/{heads:,}" if heads else "")
+        + f"; median MSE {meta['distance']['median_mse']:.3f}; {meta['timing']['total_seconds']:.0f}s"
+    )
 
 
 def _no_sampling_possible(cfg: SenseConfig) -> bool:

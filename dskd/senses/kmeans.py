@@ -12,7 +12,7 @@ given (the samples' device by default); buckets are sized to that device's memor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -405,32 +405,78 @@ def cluster_groups(
     senses: list[torch.Tensor] = [empty] * g_count if keep else []
     counts: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * g_count if keep else []
     inertia = torch.zeros(g_count, dtype=torch.float64)
+
+    def put(groups: list[int], s: list[torch.Tensor], c: list[torch.Tensor]) -> None:
+        if sink is not None:
+            sink(groups, s, c)
+            return
+        for g, x, n in zip(groups, s, c, strict=True):
+            senses[g], counts[g] = x, n
+
     ones = torch.ones(k, dtype=torch.int64)
     small = (sizes <= k).nonzero().flatten()
-    if is_tensor:
-        for g, s, n in zip(small.tolist(), starts[small].tolist(), sizes[small].tolist(), strict=True):
-            senses[g], counts[g] = samples[s : s + n], ones[:n]  # views: the samples are their own senses
-        if not keep:
-            sink(small.tolist(), [senses[g] for g in small.tolist()], [counts[g] for g in small.tolist()])
-            senses, counts = [], []
-    else:
-        step = max(1, budget // (k * d))  # small groups read about ``budget`` floats at a time, in order
-        for a in range(0, small.numel(), step):
-            part = small[a : a + step]
-            lens = sizes[part]
-            rows = torch.repeat_interleave(starts[part] - (torch.cumsum(lens, 0) - lens), lens) + torch.arange(
-                int(lens.sum())
-            )
-            got = list(samples.take(rows).split(lens.tolist()))
-            if keep:
-                for g, x, n in zip(part.tolist(), got, lens.tolist(), strict=True):
-                    senses[g], counts[g] = x, ones[:n]
-            else:
-                sink(part.tolist(), got, [ones[:n] for n in lens.tolist()])
+    for groups, got in _small_groups(samples, small, sizes, starts, max(1, budget // (k * d))):
+        put(groups, got, [ones[: len(x)] for x in got])
+    buckets = _buckets(sizes, k, d, budget)
+    reader = _BucketReader(samples, sizes, starts, dev, budget)
+    gen = torch.Generator(dev).manual_seed(seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(len(b) for b in buckets)
+        bar = tqdm(total=total, unit="tok", desc=f"cluster ({dev.type})", dynamic_ncols=True)
+    for bucket in buckets:
+        x, mask = reader.read(bucket)
+        out_s, out_c, inert = _cluster_bucket(x, mask, k, iters, gen, n_init)
+        inertia[torch.tensor(bucket)] = inert
+        put(bucket, out_s, out_c)
+        if bar is not None:
+            bar.update(len(bucket))
+    if bar is not None:
+        bar.close()
+    return senses, counts, inertia
+
+
+def _small_groups(
+    samples: torch.Tensor | RowSource, small: torch.Tensor, sizes: torch.Tensor, starts: torch.Tensor, step: int
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """The samples of the groups that keep them as their senses (at most k samples), in group order.
+
+    Args:
+        samples: The samples (see :func:`cluster_groups`).
+        small: (S,) indices of those groups; sizes: (G,) and starts: (G,) every group's size and first row.
+        step: Groups per read from a :class:`RowSource` (about ``budget`` floats at a time).
+    Yields:
+        (groups, their samples [(n_g, d)]): from a tensor, once, as views; from a row source, ``step``
+        groups at a time.
+    """
+    if isinstance(samples, torch.Tensor):
+        yield (
+            small.tolist(),
+            [samples[s : s + n] for s, n in zip(starts[small].tolist(), sizes[small].tolist(), strict=True)],
+        )
+        return
+    for a in range(0, small.numel(), step):
+        part = small[a : a + step]
+        lens = sizes[part]
+        first = starts[part] - (torch.cumsum(lens, 0) - lens)
+        rows = torch.repeat_interleave(first, lens) + torch.arange(int(lens.sum()))
+        yield part.tolist(), list(samples.take(rows).split(lens.tolist()))
+
+
+def _buckets(sizes: torch.Tensor, k: int, d: int, budget: int) -> list[list[int]]:
+    """The groups of more than k samples, largest first, cut into buckets clustered as one padded batch.
+
+    A bucket ends before a group of under 0.6 x its first (largest) group's size, or before the group
+    that would make its padded size (groups x largest size x d) exceed ``budget`` floats.
+
+    Returns:
+        Per bucket, its group indices.
+    """
     big = (sizes > k).nonzero().flatten()
     big = big[torch.argsort(sizes[big], descending=True, stable=True)]
     size_of = sizes.tolist()
-    start_of = starts.tolist()
     buckets: list[list[int]] = []
     cur: list[int] = []
     for g in big.tolist():
@@ -441,49 +487,73 @@ def cluster_groups(
         cur.append(g)
     if cur:
         buckets.append(cur)
-    gen = torch.Generator(dev).manual_seed(seed)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return buckets
 
-        bar = tqdm(total=len(big), unit="tok", desc=f"cluster ({dev.type})", dynamic_ncols=True)
-    buf = None
-    for bucket in buckets:
-        n_max = size_of[bucket[0]]
+
+class _BucketReader:
+    """Reads a bucket's groups as one padded (B, n_max, d) tensor on the clustering device.
+
+    Padding rows repeat other samples; :func:`kmeans_padded` ignores them (any finite values), and
+    zeroing them would cost a pass. From a tensor on the clustering device, one buffer of ``budget``
+    floats serves every bucket (a fresh 8 MB tensor per bucket costs its page faults).
+    """
+
+    def __init__(
+        self,
+        samples: torch.Tensor | RowSource,
+        sizes: torch.Tensor,
+        starts: torch.Tensor,
+        device: torch.device,
+        budget: int,
+    ) -> None:
+        self.samples, self.sizes, self.starts, self.device, self.budget = samples, sizes, starts, device, budget
+        self.size_of, self.start_of = sizes.tolist(), starts.tolist()
+        self._buf: torch.Tensor | None = None
+
+    def read(self, bucket: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples of the groups ``bucket`` (the first one the largest).
+
+        Returns:
+            (x (B, n_max, d) float32 on the device, mask (B, n_max) bool of the real samples).
+        """
+        samples, dev = self.samples, self.device
+        b, n_max, d = len(bucket), self.size_of[bucket[0]], samples.shape[1]
         idx = torch.tensor(bucket)
-        lens = sizes[idx]
+        lens = self.sizes[idx]
         mask = (torch.arange(n_max)[None, :] < lens[:, None]).to(dev)  # (B, n_max)
-        rows = (starts[idx][:, None] + torch.arange(n_max)[None, :]).clamp_(max=samples.shape[0] - 1)
-        if not is_tensor:
-            # padding rows repeat other samples; kmeans_padded ignores them (any finite values)
-            x = samples.take(rows.flatten()).to(dev, non_blocking=True).view(len(bucket), n_max, d)
-        elif len(bucket) == 1:  # no padding: a view of the samples
-            x = samples[start_of[bucket[0]] :][:n_max][None].to(dev)
+        rows = (self.starts[idx][:, None] + torch.arange(n_max)[None, :]).clamp_(max=samples.shape[0] - 1)
+        if not isinstance(samples, torch.Tensor):
+            x = samples.take(rows.flatten()).to(dev, non_blocking=True).view(b, n_max, d)
+        elif b == 1:  # no padding: a view of the samples
+            x = samples[self.start_of[bucket[0]] :][:n_max][None].to(dev)
         elif samples.device != dev:
-            x = samples.index_select(0, rows.flatten().to(samples.device)).to(dev).view(len(bucket), n_max, d)
+            x = samples.index_select(0, rows.flatten().to(samples.device)).to(dev).view(b, n_max, d)
         else:
-            # padding rows repeat other samples; kmeans_padded ignores them (zeroing them costs a pass).
-            # One buffer serves every bucket: a fresh 8 MB tensor per bucket costs its page faults.
-            if buf is None:
-                buf = samples.new_empty(budget)
-            x = buf[: len(bucket) * n_max * d].view(len(bucket) * n_max, d)
+            if self._buf is None:
+                self._buf = samples.new_empty(self.budget)
+            x = self._buf[: b * n_max * d].view(b * n_max, d)
             torch.index_select(samples, 0, rows.flatten().to(dev), out=x)
-            x = x.view(len(bucket), n_max, d)  # (B, n_max, d)
-        c, cnt, inert = kmeans_padded(x, mask, k, iters, gen, n_init)
-        order = torch.argsort(-cnt, dim=1, stable=True)  # largest first; empty clusters last
-        c = c[torch.arange(len(bucket), device=dev)[:, None], order]
-        cnt = torch.gather(cnt, 1, order).cpu()
-        inertia[idx] = inert.cpu()
-        n_keep = (cnt > 0).sum(1).tolist()
-        out_s = [ci[:nk] for ci, nk in zip(c.unbind(0), n_keep, strict=True)]
-        out_c = [cnti[:nk] for cnti, nk in zip(cnt.unbind(0), n_keep, strict=True)]
-        if keep:
-            for g, s, n in zip(bucket, out_s, out_c, strict=True):
-                senses[g], counts[g] = s, n
-        else:
-            sink(bucket, out_s, out_c)
-        if bar is not None:
-            bar.update(len(bucket))
-    if bar is not None:
-        bar.close()
-    return senses, counts, inertia
+            x = x.view(b, n_max, d)  # (B, n_max, d)
+        return x, mask
+
+
+def _cluster_bucket(
+    x: torch.Tensor, mask: torch.Tensor, k: int, iters: int, gen: torch.Generator, n_init: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """k-means on one padded bucket (:func:`kmeans_padded`), senses ordered by count, empty ones dropped.
+
+    Args:
+        x: (B, n, d) padded samples; mask: (B, n) real samples.
+        k: Senses per group; iters: Lloyd iterations; gen: the seeding's generator; n_init: seedings per group.
+    Returns:
+        (senses per group [(n_g, d)] on the device, counts per group [(n_g,)] int64 on the CPU,
+        inertia (B,) float64 on the CPU).
+    """
+    c, cnt, inert = kmeans_padded(x, mask, k, iters, gen, n_init)
+    order = torch.argsort(-cnt, dim=1, stable=True)  # largest first; empty clusters last
+    c = c[torch.arange(x.shape[0], device=x.device)[:, None], order]
+    cnt = torch.gather(cnt, 1, order).cpu()
+    n_keep = (cnt > 0).sum(1).tolist()
+    out_s = [ci[:nk] for ci, nk in zip(c.unbind(0), n_keep, strict=True)]
+    out_c = [cnti[:nk] for cnti, nk in zip(cnt.unbind(0), n_keep, strict=True)]
+    return out_s, out_c, inert.cpu()
