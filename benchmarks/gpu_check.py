@@ -260,8 +260,8 @@ def check_distill(teacher, cfg, sh: Shapes, dev: torch.device, arm: str, work: P
     from distill_speed import SyntheticLexicon, SyntheticStore
 
     from dskd import data as D
-    from dskd.distill import Training, _optimiser, fit
     from dskd.accelerator import make_accelerator
+    from dskd.distill import Training, _optimiser, fit
     from dskd.models import Pair, freeze_except_top, head_at_targets_ok, num_layers, truncate
     from dskd.sense_targets import build_sense_table
 

@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
-from dskd import data as D
 from dskd import accelerator
+from dskd import data as D
 from dskd.checkpoint import (
     check_resume_config,
     check_resume_window,

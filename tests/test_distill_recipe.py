@@ -13,10 +13,10 @@ import torch
 from conftest import TOY_TEXT, make_model
 from test_distill import ROOT, make_cfg, metrics, trainable
 
+from dskd.accelerator import make_accelerator
 from dskd.checkpoint import latest_checkpoint
 from dskd.config import ConfigError, to_dict
 from dskd.distill import distill, setup
-from dskd.accelerator import make_accelerator
 
 
 @pytest.fixture(scope="module")
