@@ -32,9 +32,10 @@ optimiser and scheduler do go through ``prepare``):
 
 What it would add (python ``random`` and numpy RNG states) the loop does not use: the data order and the
 sense positions come from seeded generators (:func:`dskd.data.epoch_batches`,
-:func:`dskd.sense_targets.window_plans`). Exact resume is tested (``tests/test_distill.py``: an interrupted
-run resumed equals the uninterrupted one bit for bit; 2 processes resume 1 process's checkpoint only with the
-same window).
+:func:`dskd.sense_targets.window_plans`). Exact resume is tested: an interrupted run resumed equals the
+uninterrupted one bit for bit (``tests/test_distill.py``; with a grad_share lambda in
+``tests/test_sense_diagnostics.py``); 2 processes continue 1 process's checkpoint with the same window, and
+another window is refused (``tests/test_distill_recipe.py``).
 """
 
 from __future__ import annotations
