@@ -134,8 +134,9 @@ def interleaved_step_times(cfg, cache_dir: Path, steps: int, lexicon_dir, senses
     import time
 
     from dskd import data as D
-    from dskd.distill import build_sense_table, micro_batch_loss, open_sense_sources, teacher_outputs, window_plans
+    from dskd.distill import micro_batch_loss, teacher_outputs
     from dskd.models import build_pair
+    from dskd.sense_targets import build_sense_table, open_sense_sources, window_plans
 
     torch.manual_seed(0)
     pair = build_pair(cfg.model)

@@ -260,8 +260,10 @@ def check_distill(teacher, cfg, sh: Shapes, dev: torch.device, arm: str, work: P
     from distill_speed import SyntheticLexicon, SyntheticStore
 
     from dskd import data as D
-    from dskd.distill import Training, _accelerator, _optimiser, build_sense_table, fit
+    from dskd.accelerator import make_accelerator
+    from dskd.distill import Training, _optimiser, fit
     from dskd.models import Pair, freeze_except_top, head_at_targets_ok, num_layers, truncate
+    from dskd.sense_targets import build_sense_table
 
     dc = cfg.distill
     lam = cfg.loss.lam if arm == "dskd" else 0.0
@@ -288,7 +290,7 @@ def check_distill(teacher, cfg, sh: Shapes, dev: torch.device, arm: str, work: P
     data = D.TokenData(seqs, {"hash": "gpu-check"})
     out = work / f"run-{arm}"
     out.mkdir(parents=True, exist_ok=True)
-    acc = _accelerator(Accelerator, cfg, out)
+    acc = make_accelerator(Accelerator, cfg, out)
     pair = Pair(teacher, student, _PadOnly(), V, "random", "random", [], {})
     run = Training(cfg, out, acc, pair, teacher, student.to(acc.device), data, None, None, {"hash": "gpu-check"})
     run.head_at_targets = head_at_targets_ok(student)

@@ -227,7 +227,7 @@ def hidden_loss(
 class SenseTable:
     """Sense candidates of the tokens of one training set, as padded index tables into one bank.
 
-    Built once per run (:func:`dskd.distill.build_sense_table`) from the sense store and the lexicon,
+    Built once per run (:func:`dskd.sense_targets.build_sense_table`) from the sense store and the lexicon,
     restricted to the tokens that occur as targets, so that the training step only gathers rows.
 
     Attributes:

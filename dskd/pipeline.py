@@ -550,7 +550,7 @@ def _train_inputs(c: RunConfig, shared: dict[str, Any]) -> dict[str, Any]:
         loss = {k: v for k, v in loss.items() if k not in SENSE_FIELDS}
         hashes.pop("senses", None)
         hashes.pop("lexicon", None)
-    from dskd.distill import RUNTIME_FIELDS
+    from dskd.checkpoint import RUNTIME_FIELDS
 
     distill = {k: v for k, v in to_dict(c.distill).items() if f"distill.{k}" not in RUNTIME_FIELDS}
     return {
@@ -683,7 +683,7 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
         adopt_trained(run_dir, c, shared, stable_hash(without_added_defaults(inputs)), pipe.log)
 
     def do() -> None:
-        from dskd.distill import latest_checkpoint
+        from dskd.checkpoint import latest_checkpoint
 
         rc = c
         if pipe.launch.main and run_dir.exists() and any(run_dir.iterdir()):

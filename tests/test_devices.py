@@ -165,7 +165,8 @@ def test_stages_refuse_an_absent_gpu_before_loading(tiny_teacher_dir, text_file,
 
 
 def test_distill_in_bfloat16_trains_float32_masters_and_exports_bfloat16(tiny_teacher_dir, text_file, tmp_path, capsys):
-    from dskd.distill import distill, latest_checkpoint
+    from dskd.checkpoint import latest_checkpoint
+    from dskd.distill import distill
 
     run = distill(_cfg(tiny_teacher_dir, text_file, device="cpu", dtype="bfloat16"), tmp_path / "run", progress=False)
     err = capsys.readouterr().err

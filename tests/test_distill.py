@@ -16,9 +16,10 @@ from fakes import FakeLexicon, FakeStore
 from safetensors.torch import load_file
 
 from dskd import data as D
+from dskd.checkpoint import latest_checkpoint
 from dskd.config import ConfigError, from_dict
 from dskd.data import CacheError, TeacherCache, build_teacher_cache
-from dskd.distill import distill, latest_checkpoint
+from dskd.distill import distill
 
 ROOT = Path(__file__).resolve().parents[1]
 SYN = [(" big", " large"), (" red", " crimson"), (" fast", " quick"), (" happy", " glad")]
@@ -92,6 +93,15 @@ def test_run_folder_metrics_and_exported_student(tiny_teacher_dir, text_file, se
     # the trained weights moved, the frozen ones did not
     w = trainable(run)
     assert list(w) and all(k.startswith("model.layers.1.") for k in w)
+    # a checkpoint is safetensors + JSON, nothing pickled (dskd.checkpoint says why not accelerate's save_state)
+    assert sorted(p.name for p in latest_checkpoint(run).iterdir()) == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng-0.safetensors",
+        "scheduler.json",
+        "state.json",
+        "trainable.safetensors",
+    ]
     # plain transformers, without importing dskd, reloads the student and gives the trained model's logits
     from dskd.models import load_model, truncate
 
@@ -279,9 +289,9 @@ def test_sparse_cache_with_top_k(tiny_teacher_dir, text_file, tmp_path, capsys):
 def test_antonym_margin_is_calibrated_at_the_teacher_states(tiny_teacher_dir, text_file, senses, tmp_path, capsys):
     """Default margin: the margin_quantile quantile of MSE(antonym sense, teacher state) of the first sequences,
     so at the teacher's own states (measured here through sense_loss itself) that share of the hinge is on."""
-    from dskd.distill import build_sense_table, window_plans
     from dskd.losses import sense_loss
     from dskd.models import load_model
+    from dskd.sense_targets import build_sense_table, window_plans
 
     store, lex = senses
     q = 0.3

@@ -13,8 +13,10 @@ import torch
 from conftest import TOY_TEXT, make_model
 from test_distill import ROOT, make_cfg, metrics, trainable
 
+from dskd.accelerator import make_accelerator
+from dskd.checkpoint import latest_checkpoint
 from dskd.config import ConfigError, to_dict
-from dskd.distill import _accelerator, distill, latest_checkpoint, setup
+from dskd.distill import distill, setup
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +60,22 @@ def test_the_node_accelerate_environment_does_not_leak_in(tiny_teacher_dir, text
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
     cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0)
-    acc = _accelerator(Accelerator, cfg, tmp_path)
+    acc = make_accelerator(Accelerator, cfg, tmp_path)
     assert (acc.mixed_precision, acc.gradient_accumulation_steps, acc.scaler) == ("no", 4, None)
     assert acc.state.dynamo_plugin.backend.value == "NO"
     from datetime import timedelta
 
     assert acc.init_handler.timeout == timedelta(minutes=cfg.distill.timeout_minutes)  # the process group's
     cfg_bf16 = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__precision="bf16")
-    assert _accelerator(Accelerator, cfg_bf16, tmp_path).mixed_precision == "bf16"
+    assert make_accelerator(Accelerator, cfg_bf16, tmp_path).mixed_precision == "bf16"
     # float16 autocast would need a loss scaler: refused in one line
     with pytest.raises(ConfigError, match="^--model.dtype: training under float16 autocast needs a loss scaler"):
-        _accelerator(Accelerator, make_cfg(tiny_teacher_dir, text_file, model__dtype="float16"), tmp_path)
+        make_accelerator(Accelerator, make_cfg(tiny_teacher_dir, text_file, model__dtype="float16"), tmp_path)
     for backend in ("DEEPSPEED", "FSDP"):  # a node config for another engine: refused, not half-used
         with monkeypatch.context() as m:
             m.setenv(f"ACCELERATE_USE_{backend}", "true")
             with pytest.raises(ConfigError, match=f"^accelerate launch: the accelerate config asks for {backend}"):
-                _accelerator(Accelerator, cfg, tmp_path)
+                make_accelerator(Accelerator, cfg, tmp_path)
     run = setup(cfg, tmp_path / "run")
     assert isinstance(run.opt, AcceleratedOptimizer) and isinstance(run.sched, AcceleratedScheduler)
     assert run.acc.mixed_precision == "no" and run.acc.gradient_accumulation_steps == 4
@@ -100,6 +102,12 @@ def test_resume_with_another_window_is_refused(tiny_teacher_dir, text_file, tmp_
     with pytest.raises(ConfigError, match=r"^--resume: .* 1 process\(es\) x grad_accum 4 = 4 micro-batches") as e:
         distill(other, run, progress=False)
     assert "--distill.grad_accum 4" in str(e.value) and "\n" not in str(e.value)
+    # the RNG state of a process the checkpoint had is needed: without it the resume is refused, not inexact
+    rng = latest_checkpoint(run) / "rng-0.safetensors"
+    rng.rename(rng.with_suffix(".aside"))
+    with pytest.raises(ConfigError, match=r"^--resume: checkpoint .* lacks rng-0.safetensors"):
+        distill(cfg, run, progress=False)
+    rng.with_suffix(".aside").rename(rng)
     # a tracker or a timeout may change on resume: they change neither the data nor the maths
     cfg.distill.timeout_minutes = 5
     distill(cfg, run, progress=False)
@@ -247,12 +255,14 @@ def test_the_exported_student_has_a_model_card_the_hub_renders(tiny_teacher_dir,
 def test_bf16_through_accelerate_trains_as_dskd_autocast_alone(tiny_teacher_dir, text_file, tmp_path, monkeypatch):
     """accelerate's bf16 wrapping of the forward (autocast, outputs to float32) adds nothing to dskd's own
     autocast: the losses are computed in float32 from the same bfloat16 values."""
-    import dskd.distill as dd
+    import dskd.accelerator
 
     cfg = make_cfg(tiny_teacher_dir, text_file, loss__lam=0.0, distill__max_steps=2, distill__precision="bf16")
     cfg.loss.hidden, cfg.loss.hidden_weight = "mse", 0.5
     wrapped = distill(cfg, tmp_path / "acc", progress=False)
-    monkeypatch.setattr(dd, "_accelerate_precision", lambda amp: "no")  # the Accelerator as before: no wrapping
+    monkeypatch.setattr(
+        dskd.accelerator, "accelerate_precision", lambda amp: "no"
+    )  # the Accelerator as before: no wrapping
     plain = distill(cfg, tmp_path / "plain", progress=False)
     a, b = trainable(wrapped), trainable(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)

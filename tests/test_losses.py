@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from fakes import FakeLexicon, FakeStore
 
 from dskd.config import ConfigError, LossConfig
-from dskd.distill import build_sense_table
 from dskd.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
@@ -24,6 +23,7 @@ from dskd.losses import (
     sparse_teacher,
     summarize_sense_stats,
 )
+from dskd.sense_targets import build_sense_table
 
 P = torch.tensor([0.75, 0.25]).log()
 Q = torch.tensor([0.5, 0.5]).log()

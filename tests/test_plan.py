@@ -152,6 +152,7 @@ def test_paper_config_header_commands_pass_parsing_and_validation(name, tmp_path
 
     import dskd.distill
     import dskd.pipeline
+    import dskd.sense_targets
     from dskd.__main__ import main as dskd_main
 
     cmds = _header_commands(ROOT / "configs" / name)
@@ -175,7 +176,7 @@ def test_paper_config_header_commands_pass_parsing_and_validation(name, tmp_path
 
     def fake_distill(cfg, out=None, resume=True, **kw):
         # the checks distill makes before loading anything
-        lex, sen = dskd.distill._sense_dirs(cfg.distill, None, None) if cfg.loss.lam > 0 else (None, None)
+        lex, sen = dskd.sense_targets.sense_dirs(cfg.distill, None, None) if cfg.loss.lam > 0 else (None, None)
         seen["distill"].append((cfg, Path(out), lex, sen))
         return Path(out)
 

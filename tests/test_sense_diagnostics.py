@@ -15,14 +15,9 @@ from test_distill import ANT, SYN, make_cfg, metrics, trainable
 
 from dskd import data as D
 from dskd.config import ConfigError, LossConfig
-from dskd.distill import (
-    build_sense_table,
-    distill,
-    teacher_state_variance,
-    variance_scale,
-    window_plans,
-)
+from dskd.distill import distill
 from dskd.losses import SensePlan, SenseTable, aux_and_main, grad_comparison, sense_loss
+from dskd.sense_targets import build_sense_table, teacher_state_variance, variance_scale, window_plans
 
 
 @pytest.fixture(scope="module")
