@@ -18,7 +18,7 @@ network) with random bfloat16 weights directly on the device, and times the proj
    (the sense loss on a synthetic store and lexicon, ``benchmarks/distill_speed.py``: its cost depends on
    candidate counts, not values) on sequences of ``data.max_length`` tokens, one optimiser step =
    ``batch_size x grad_accum`` of them as the recipe says; step times from the loop's own metrics.jsonl;
-4. evaluation: ``dskd.evaluate.score_groups`` (what ``dskd eval`` scores with) on letter questions of
+4. evaluation: ``dskd.loglik.score_groups`` (what ``dskd eval`` scores with) on letter questions of
    ~700 tokens at ``eval.batch_size``.
 
 Each stage's peak GPU memory is ``torch.cuda.max_memory_allocated`` (reset before it); a stage that runs
@@ -320,8 +320,8 @@ def check_distill(teacher, cfg, sh: Shapes, dev: torch.device, arm: str, work: P
 
 
 def check_eval(teacher, sh: Shapes, dev: torch.device) -> dict:
-    """Letter scoring (4 one-token continuations per question) through ``dskd.evaluate.score_groups``."""
-    from dskd.evaluate import Group, score_groups
+    """Letter scoring (4 one-token continuations per question) through ``dskd.loglik.score_groups``."""
+    from dskd.loglik import Group, score_groups
 
     V = teacher.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(2)
@@ -342,7 +342,7 @@ def check_eval(teacher, sh: Shapes, dev: torch.device) -> dict:
         _sync(dev)
     dt = time.perf_counter() - t0
     return {
-        "function": "dskd.evaluate.score_groups",
+        "function": "dskd.loglik.score_groups",
         "items": sh.eval_items,
         "context_tokens": sh.eval_ctx,
         "batch_size": sh.eval_batch,

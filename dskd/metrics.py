@@ -1,6 +1,6 @@
 """Metrics of evaluation results: the per-item metric, bootstrap replicates (within subjects when a task
 has them), a task's entry of a result file and its protocol label, and the markdown table of a result
-file. Shared by both scorers (log-likelihood in :mod:`dskd.evaluate`, generation in :mod:`dskd.generate`),
+file. Shared by both scorers (log-likelihood in :mod:`dskd.loglik`, generation in :mod:`dskd.generate`),
 :mod:`dskd.presets` and :mod:`dskd.report` without importing either scorer.
 """
 

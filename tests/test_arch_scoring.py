@@ -16,8 +16,8 @@ import pytest
 import torch
 from archs import ARCHS, SLIDING, WINDOW, build
 
-import dskd.evaluate as E
-from dskd.evaluate import Group, packing_ok, score_groups, score_reference
+import dskd.loglik as E
+from dskd.loglik import Group, packing_ok, score_groups, score_reference
 from dskd.prefix import PrefixMemo
 
 VOCAB = 97
@@ -106,7 +106,7 @@ def test_packing_is_checked_again_for_a_longer_group(monkeypatch):
 
 
 def test_bos_follows_lm_eval_for_the_gemma_family(tokenizer):
-    from dskd.evaluate import build_groups, wants_bos
+    from dskd.loglik import build_groups, wants_bos
 
     assert wants_bos(build("gemma3-text", VOCAB)) and wants_bos(build("gemma3-mm", VOCAB))
     assert not wants_bos(build("llama", VOCAB))

@@ -67,7 +67,7 @@ def test_packed_scores_equal_brute_force_per_choice(model, tokenizer, chat, shot
 
 def test_groups_sharing_a_row_score_as_alone(model, tokenizer):
     """Several questions side by side in one row attend only within themselves."""
-    from dskd.evaluate import _score_packed
+    from dskd.loglik import _score_packed
 
     task = ToyTask()
     groups = build_groups(tokenizer, [loglik_requests(task, x, [], tokenizer, False) for x in task.eval_items()])
@@ -79,7 +79,7 @@ def test_groups_sharing_a_row_score_as_alone(model, tokenizer):
 
 
 def test_packing_check_runs_once_per_model(model, tokenizer, monkeypatch):
-    import dskd.evaluate as E
+    import dskd.loglik as E
 
     calls = []
     monkeypatch.setattr(E, "_PACKING_CHECKED", E.weakref.WeakKeyDictionary())
@@ -91,7 +91,7 @@ def test_packing_check_runs_once_per_model(model, tokenizer, monkeypatch):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_plan_rows_places_every_group_once_within_the_row_length(seed):
-    from dskd.evaluate import plan_rows
+    from dskd.loglik import plan_rows
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 60, size=int(rng.integers(1, 80))).tolist()
@@ -121,7 +121,7 @@ def test_batch_size_and_padding_do_not_change_scores(model, tokenizer):
 @pytest.mark.parametrize("chat", [False, True])
 def test_shared_exemplar_prefix_scores_equal_unshared(model, tokenizer, monkeypatch, scoring, chat):
     """Exemplars encoded once and their KV cache reused give every choice the same log-likelihood."""
-    import dskd.evaluate as E
+    import dskd.loglik as E
 
     task = FixedShots()
     items = task.eval_items()  # questions and choices of different lengths: rows carry padding
@@ -153,7 +153,7 @@ def test_shared_exemplar_prefix_scores_equal_unshared(model, tokenizer, monkeypa
 
 
 def test_shared_prefixes_keeps_a_scored_token_and_skips_short_or_lone_prefixes(tokenizer):
-    from dskd.evaluate import Group, shared_prefixes
+    from dskd.loglik import Group, shared_prefixes
 
     a = Group(0, [0], list(range(40)), [[1]])
     b = Group(1, [0], list(range(30)) + [99, 98], [[1]])

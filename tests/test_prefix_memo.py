@@ -11,7 +11,8 @@ from fakes import FixedShots, ToyTask
 
 from dskd import fidelity as F
 from dskd.config import EvalConfig
-from dskd.evaluate import _pack, build_groups, evaluate, loglik_requests, score_groups, score_task
+from dskd.evaluate import evaluate, loglik_requests, score_task
+from dskd.loglik import _pack, build_groups, score_groups
 from dskd.models import truncate
 from dskd.prefix import PrefixMemo, prefix_fingerprint
 
