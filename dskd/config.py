@@ -379,7 +379,10 @@ class LossConfig:
             ``antonym_quantile`` one is calibrated in them). ``grad_share``: lam is set once, at the first
             step after the learning-rate warm-up, so that the lam-weighted sense gradient's norm is
             ``sense_share`` times the KD + CE gradient's (measured on that step's first micro-batch;
-            loss.lam weighs the warm-up steps), then frozen (recorded in meta.json).
+            loss.lam weighs the warm-up steps), then frozen (recorded in meta.json). The share holds at that
+            step only: on the 24-layer demo recipe a 0.3 share set lam = 7.9 at step 8, the ratio then rose
+            to ~1.3 on average as KD's gradient shrank, and accuracy fell to the untrained truncation's
+            (results/smollm2-135m_to_24l/sense_study.md); watch ``aux_grad_ratio`` in metrics.jsonl.
         sense_share: The share of ``grad_share``: ||lam * grad sense|| / ||grad (KD + CE)|| at the step
             lam is set (in (0, 10]).
     """
