@@ -657,7 +657,16 @@ def _print_overview(commands: dict[str, tuple[str, str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(COMMANDS, argv)
+    try:
+        rc = dispatch(COMMANDS, argv)
+        sys.stdout.flush()  # a pipe's buffered output fails here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `dskd eval --list_tasks | head`: the reader left; no traceback (Python's recipe)
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+        return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
 
 
 __all__ = ["COMMANDS", "ConfigError", "build_parser", "dispatch", "main", "parse_command", "run_command"]

@@ -223,3 +223,14 @@ def test_a_recipe_checks_only_the_assets_it_reads():
     paper.lexicon.sources = ["pairs:x.txt:syn"]
     paper.senses.corpus = ["my_dump.txt", "prompts"]
     assert needed_assets(paper) == {"benchmarks"}
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    """`dskd eval --list_tasks | head -1`: the reader leaves early; no traceback, exit status 141."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dskd", "eval", "--list_tasks"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    p.stdout.close()  # closed before the command writes a line (its imports take far longer)
+    err = p.stderr.read().decode()
+    assert p.wait() == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
