@@ -601,6 +601,11 @@ def _distill_stage(cfg: RunConfig, sh: Shapes, arm: str) -> Stage:
             f"with --distill.teacher_cache true a {_gb(cache)} teacher cache on disk replaces the "
             f"teacher in memory (built once for KD and DSKD)"
         )
+    if prefix:
+        note.append(
+            f"assumes the split below the {prefix} frozen layers is exact (probed on the model when the cache is "
+            "built; docs/architectures.md): a refused split (GPT-2, Granite) stores no prefix and runs them at every step"
+        )
     note.append(
         "the time is compute at the assumed utilisation; batch-1 steps of short sequences reach less "
         "(gpu_check.py measures the step time)"

@@ -293,3 +293,12 @@ def test_planned_cache_size_equals_a_built_cache(prefix, tiny_teacher_dir, text_
     sh = shapes(cfg, [])
     assert planned == plan["data"]["positions"] * teacher_cache_position_bytes(cfg, sh)
     assert ("prefix_layers" in meta["settings"]) == (prefix == "auto")
+
+
+@pytest.mark.parametrize("prefix", ["auto", "off"])
+def test_distill_stage_says_when_it_assumes_an_exact_split(prefix, tiny_teacher_dir, text_file):
+    """The plan cannot probe the split (it loads no weights): with a cached prefix it says what it assumed."""
+    cfg = _cfg(tiny_teacher_dir, text_file, teacher_cache=True, cache_prefix=prefix, max_steps=1)
+    plan = make_plan(cfg, ["--config", "c.yaml"])
+    notes = " ".join(n for st in plan["stages"] if st["name"].startswith("distill") for n in st["notes"])
+    assert ("assumes the split below" in notes) == (prefix == "auto"), notes
