@@ -4,8 +4,8 @@ Every artefact kind (recipe, lexicon, sense store, teacher cache, student folder
 result JSON) missing, empty, truncated, of the wrong format or the wrong type; outputs that cannot be
 written or are of the wrong kind; unknown and stale options. Each case runs the CLI in-process
 (``dskd.__main__.main``, what ``python -m dskd`` calls) and asserts what a user sees: exit status 2, one
-line on stderr without a traceback naming the path or the flag, in under 30 s, and nothing written or
-changed at the output. The artefacts are built tiny once (``tiny_artefacts`` in conftest.py); a case
+line on stderr without a traceback naming the path or the flag (so no progress bar of long work ran
+first: bars go to stderr), and nothing written or changed at the output. The artefacts are built tiny once (``tiny_artefacts`` in conftest.py); a case
 copies what it damages.
 
 Also here: every config field given a wrong-typed value through a YAML recipe and through its flag
@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import types
 import typing
 from collections.abc import Callable
@@ -58,9 +57,7 @@ def refused(argv: list[str], must: list[Any], outputs: list[Path], capsys) -> st
     """Run ``dskd ARGV`` in-process and check the refusal; returns the error line."""
     before = [_state(Path(o)) for o in outputs]
     capsys.readouterr()
-    t = time.perf_counter()
     rc = main([str(a) for a in argv])
-    seconds = time.perf_counter() - t
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err, err
@@ -70,7 +67,6 @@ def refused(argv: list[str], must: list[Any], outputs: list[Path], capsys) -> st
     assert line.startswith("dskd "), line
     for m in must:
         assert str(m) in line, (m, line)
-    assert seconds < 30, seconds
     assert [_state(Path(o)) for o in outputs] == before, "the output was written or changed"
     return line
 
