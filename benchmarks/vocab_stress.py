@@ -20,7 +20,7 @@ Prints the table and the Gemma / SmolLM2 ratios; writes JSON with ``--out``. Inp
 (costs do not depend on the text). Run it alone: two torch jobs on 2 cores slow each other 5-10x.
 
     python benchmarks/vocab_stress.py --out results/benchmarks/vocab_stress.json
-    python benchmarks/vocab_stress.py --tiny          # random tiny models, a smoke test (the suite runs it)
+    python benchmarks/vocab_stress.py --tiny          # tiny random Llama and Gemma-3 text models (tests/archs.py), a smoke test (the suite runs it)
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 HOME = Path(os.environ.get("DSKD_HOME", Path.home() / ".cache" / "dskd")) / "models"
+TINY = {"smollm2-135m": ("llama", 1024), "gemma3-270m": ("gemma3-text", 4096)}  # --tiny: family, vocabulary
 TEACHERS = {"smollm2-135m": (str(HOME / "smollm2-135m-instruct"), 15), "gemma3-270m": (str(HOME / "gemma3-270m"), 14)}
 
 
@@ -52,39 +53,15 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _tiny(kind: str):
-    """A random tiny Llama (``smollm2-135m``) or Gemma-3 text model (``gemma3-270m``), 4 layers."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if kind == "gemma3-270m":
-        cfg = Gemma3TextConfig(
-            vocab_size=4096,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            sliding_window=16,
-        )
-        return Gemma3ForCausalLM(cfg).eval()
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _teacher(name: str, tiny: bool):
     from dskd.models import load_model
 
-    return _tiny(name) if tiny else load_model(TEACHERS[name][0], "float32").eval()
+    if tiny:  # the suite's architecture matrix (tests/archs.py): 6 layers, hidden 64
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from archs import build
+
+        return build(*TINY[name])
+    return load_model(TEACHERS[name][0], "float32").eval()
 
 
 def part_gather(name: str, a) -> dict:
