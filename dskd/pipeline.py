@@ -687,9 +687,11 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
 
         rc = c
         if pipe.launch.main and run_dir.exists() and any(run_dir.iterdir()):
-            rc = _resume_config(run_dir, c) if latest_checkpoint(run_dir) is not None and not pipe.force else None
+            has_ckpt = latest_checkpoint(run_dir) is not None
+            rc = _resume_config(run_dir, c) if has_ckpt and not pipe.force else None
             if rc is None:  # trained steps of other settings are kept, never deleted
-                pipe.set_aside(f"train:{key}", run_dir, "unfinished, other settings" if not pipe.force else "--force")
+                why = "--force" if pipe.force else "unfinished, other settings" if has_ckpt else "unfinished, no checkpoint yet"
+                pipe.set_aside(f"train:{key}", run_dir, why)
                 rc = c
         # every process trains (DDP), with process 0's choice: continue the run in the folder or start anew
         if pipe.launch.broadcast(rc is not c) and not pipe.launch.main:

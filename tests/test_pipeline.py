@@ -326,3 +326,22 @@ def test_an_unfinished_student_resumes_whatever_the_evaluation_flags(tmp_path):
     kd_saved["loss"]["kappa"] = 9
     assert training_changes(kd_saved, kd) == []
     assert training_changes(kd_saved, RunConfig(name="r")) == ["loss.kappa", "loss.lam"]
+
+
+def test_an_interrupted_student_without_a_checkpoint_is_set_aside_saying_so(tiny_teacher_dir, tmp_path, capsys):
+    """A student killed before its first checkpoint has nothing to resume from: its folder (the steps'
+    metrics) is moved under replaced/ with the reason, not described as trained with other settings."""
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(recipe), "--until", "cache"]) == 0
+    kd = out / "students" / "kd"
+    kd.mkdir(parents=True)
+    (kd / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    capsys.readouterr()
+    assert main(["run", "--config", str(recipe), "--until", "students"]) == 0
+    log = capsys.readouterr().out
+    line = next(x for x in log.splitlines() if x.startswith("[keep] train:kd"))
+    assert "(unfinished, no checkpoint yet) moved to" in line, line
+    aside = list((out / "replaced").glob("*/students/kd/metrics.jsonl"))
+    assert len(aside) == 1 and aside[0].read_text() == '{"step": 1, "loss": 9.0}\n'
+    assert (kd / "student" / "model.safetensors").is_file()
