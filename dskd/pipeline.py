@@ -690,7 +690,13 @@ def train_arm(cfg: RunConfig, pipe: Pipeline, shared: dict[str, Any], arm: str, 
             has_ckpt = latest_checkpoint(run_dir) is not None
             rc = _resume_config(run_dir, c) if has_ckpt and not pipe.force else None
             if rc is None:  # trained steps of other settings are kept, never deleted
-                why = "--force" if pipe.force else "unfinished, other settings" if has_ckpt else "unfinished, no checkpoint yet"
+                why = (
+                    "--force"
+                    if pipe.force
+                    else "unfinished, other settings"
+                    if has_ckpt
+                    else "unfinished, no checkpoint yet"
+                )
                 pipe.set_aside(f"train:{key}", run_dir, why)
                 rc = c
         # every process trains (DDP), with process 0's choice: continue the run in the folder or start anew
