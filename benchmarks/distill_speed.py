@@ -46,6 +46,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_proc.py, however this file is loaded
+from _proc import status_mb  # noqa: E402
+
 from dskd.config import from_dict, load_yaml, to_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +93,6 @@ class SyntheticLexicon:
         return self._rel(t)[1]
 
 
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(arm: str, cfg_path: Path, run_dir: Path, cache_dir: Path, lexicon_dir, senses_dir) -> dict:
     """One arm: a distill run of --steps steps; returns its step times and peak memory."""
     from dskd.distill import distill
@@ -119,7 +115,7 @@ def worker(arm: str, cfg_path: Path, run_dir: Path, cache_dir: Path, lexicon_dir
         "arm": arm,
         "step_s": statistics.median(times),
         "tokens": sum(r["tokens"] for r in rows[1:]),
-        "peak_mb": _peak_rss_mb(),
+        "peak_mb": status_mb("VmHWM"),
         "sense_table": (meta.get("senses") or {}).get("table"),
         "hinge_active_share": rows[-1].get("hinge_active_share"),
     }

@@ -41,16 +41,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_proc.py, however this file is loaded
+from _proc import status_mb  # noqa: E402
+
 HOME = Path(os.environ.get("DSKD_HOME", Path.home() / ".cache" / "dskd")) / "models"
 TINY = {"smollm2-135m": ("llama", 1024), "gemma3-270m": ("gemma3-text", 4096)}  # --tiny: family, vocabulary
 TEACHERS = {"smollm2-135m": (str(HOME / "smollm2-135m-instruct"), 15), "gemma3-270m": (str(HOME / "gemma3-270m"), 14)}
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _teacher(name: str, tiny: bool):
@@ -74,7 +70,7 @@ def part_gather(name: str, a) -> dict:
     model.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
     res = Reservoir.empty(V, d, 2000, seed=0)  # rows in memory (the build's go to a file)
     g = torch.Generator().manual_seed(0)
-    base = _rss_mb("VmRSS")
+    base = status_mb("VmRSS")
     dist, times = torch.zeros(0), []
     for step in range(a.steps + 1):
         ids = torch.randint(0, V, (a.gather_batch, a.seq_len), generator=g)
@@ -88,7 +84,7 @@ def part_gather(name: str, a) -> dict:
         "hidden": d,
         "positions_per_s": a.gather_batch * a.seq_len / sec,
         "seconds_per_batch": sec,
-        "peak_extra_mb": _rss_mb("VmHWM") - base,
+        "peak_extra_mb": status_mb("VmHWM") - base,
     }
 
 
@@ -107,7 +103,7 @@ def part_kd(name: str, a) -> dict:
         p.requires_grad_(True)
     V, d = teacher.config.vocab_size, teacher.config.hidden_size
     g = torch.Generator().manual_seed(0)
-    base = _rss_mb("VmRSS")
+    base = status_mb("VmRSS")
     times = []
     for step in range(a.steps + 1):
         ids = torch.randint(0, V, (a.kd_batch, a.seq_len), generator=g)
@@ -142,7 +138,7 @@ def part_kd(name: str, a) -> dict:
         "hidden": d,
         "targets": a.kd_batch * (a.seq_len - 1),
         "seconds_per_micro_batch": sec,
-        "peak_extra_mb": _rss_mb("VmHWM") - base,
+        "peak_extra_mb": status_mb("VmHWM") - base,
     }
 
 
