@@ -1005,10 +1005,11 @@ def build_teacher_cache(
         The cache folder.
     """
     from dskd.devices import log_placement, resolve_device
-    from dskd.models import build_pair
+    from dskd.models import build_pair, check_rope_length
 
     device = resolve_device(model.device, flag="--model.device")
     pair = build_pair(model, device=device)
+    check_rope_length(pair.teacher, data.max_length, "--data.max_length", "cached training sequences")
     log_placement("cache build", device, next(pair.teacher.parameters()).dtype)
     return ensure_cache(data, distill, T, pair, out, force=force, rebuild_foreign=True, run_dir=run_dir)
 

@@ -300,10 +300,12 @@ def _restore(run: Training, ckpt: Path) -> None:
 
 def _models_and_data(cfg: RunConfig, out: Path, acc, cache_dir) -> Training:
     """Teacher and student on this process's device, the training set, and the teacher cache."""
-    from dskd.models import build_pair, head_at_targets_ok, num_layers, tokenizer_fingerprint
+    from dskd.models import build_pair, check_rope_length, head_at_targets_ok, num_layers, tokenizer_fingerprint
 
     dc = cfg.distill
     pair = build_pair(cfg.model, device=acc.device)
+    for m in (pair.teacher, pair.student):  # the cache and the prefix split batch sequences differently
+        check_rope_length(m, cfg.data.max_length, "--data.max_length", "training sequences")
     _check_widths(cfg.loss, pair.teacher, pair.student)
     tok = pair.tokenizer
     teacher, student = pair.teacher.to(acc.device), pair.student.to(acc.device)

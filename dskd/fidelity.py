@@ -573,7 +573,7 @@ def fidelity(
     """
     from dskd import __version__
     from dskd.evaluate import resolve_model_spec
-    from dskd.models import check_same_tokenizer, fingerprint, load_model, load_tokenizer
+    from dskd.models import check_rope_length, check_same_tokenizer, fingerprint, load_model, load_tokenizer
 
     out = Path(out)
     _check_request(out, models, baseline, cfg, senses_dir, lexicon_dir)
@@ -590,6 +590,7 @@ def fidelity(
             check_same_tokenizer(tok, load_tokenizer(s), f"teacher {teacher_spec!r}", f"model {m} ({s!r})")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = loaded.get("teacher") or load_model(teacher_spec, dtype).to(dev)
+    check_rope_length(teacher, cfg.max_length, "--fidelity.max_length", "held-out sequences")
     vocab = len(tok)
     _check_vocab("teacher", teacher, vocab)
     probe, probe_info = (
@@ -598,6 +599,7 @@ def fidelity(
 
     def load(m: str, spec: str) -> tuple[nn.Module, bool, str]:
         mod = loaded.get(m) or load_model(spec, dtype).to(dev)
+        check_rope_length(mod, cfg.max_length, "--fidelity.max_length", "held-out sequences")
         return mod, m in loaded, fingerprint(mod, tok)
 
     t0 = time.perf_counter()

@@ -44,6 +44,7 @@ from torch import nn
 
 from dskd.config import ConfigError, EvalConfig
 from dskd.metrics import progress_bar, setup_label, task_entry
+from dskd.models import check_rope_length
 from dskd.models import lm_head_logits as _head
 from dskd.prompts import letter_requests, loglik_requests
 from dskd.tasks import Item, Task
@@ -656,6 +657,10 @@ def score_loglik(
     # questions shown the same exemplars share their encoded prefix (score_groups); 0-shot shares nothing
     keys = [tuple(e.id for e in shots[g.item]) or None for g in groups]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    if groups:  # the longest sequence a choice is scored in (a group past max_len loses context)
+        longest = max(min(len(g.ctx) + max(len(c) for c in g.conts) - 1, max_len) for g in groups)
+        check_rope_length(model, longest, "--eval.shots", f"{task.name} questions")
     if packed is None:
         # the shortest group with several continuations (cheap, tests the mask) and the longest (what
         # only length shows: a sliding window shorter than the group)
@@ -665,7 +670,6 @@ def score_loglik(
     n_groups = np.bincount([g.item for g in groups], minlength=len(items))
     weights = [1.0 / n_groups[g.item] for g in groups]
     bar = progress_bar(progress, len(items), task.name)
-    max_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     t1 = time.perf_counter()
     scores = score_groups(model, groups, cfg.batch_size, pad_id, max_len, bar, weights, packed, keys, memo)
     t_score = time.perf_counter() - t1

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dskd import assets
-from dskd.config import DskdError
+from dskd.config import ConfigError, DskdError
 from dskd.io import stable_hash as _sha
 
 ALIASES = {assets.DEFAULT_MODEL_ALIAS: assets.default_model_dir}
@@ -145,6 +145,54 @@ def text_config(config):
     as Gemma-3 4B-27B keep the decoder's layer count, window and soft-cap there)."""
     get = getattr(config, "get_text_config", None)
     return get(decoder=True) if callable(get) else config
+
+
+# rope types whose frequencies depend on the longest sequence of a forward (transformers'
+# dynamic_rope_update): "dynamic" (NTK) grows them past max_position_embeddings, "longrope" (Phi-3.5,
+# Phi-4-mini) switches to its long factors past original_max_position_embeddings
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_length_limit(config) -> tuple[str, int] | None:
+    """(rope type, tokens) when the model's rope changes with the longest sequence of a batch past that many
+    tokens; None when its rope is a function of the positions alone (the default, linear, llama3, yarn).
+
+    Past the limit, a sequence's states depend on what it is batched or packed with, so no stage can equal
+    the model's own forward of that sequence alone.
+    """
+    c = text_config(config)
+    params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return None
+    per_type = params.values() if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    found: list[tuple[str, int]] = []
+    for p in per_type:
+        kind = str(p.get("rope_type") or p.get("type") or "default")
+        if "dynamic" in kind:
+            limit = getattr(c, "max_position_embeddings", None)
+        elif kind == "longrope":
+            limit = p.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
+        else:
+            continue
+        found.append((kind, int(limit) if limit else 0))
+    return min(found, key=lambda x: x[1]) if found else None
+
+
+def check_rope_length(model_or_config, length: int, flag: str, what: str) -> None:
+    """Refuse, in one line naming the model type and ``flag``, sequences of ``length`` tokens that a
+    length-dependent rope (:func:`rope_length_limit`) would treat differently batched than alone."""
+    config = getattr(model_or_config, "config", model_or_config)
+    found = rope_length_limit(config)
+    if found is None or length <= found[1]:
+        return
+    kind, limit = found
+    model_type = getattr(text_config(config), "model_type", None) or type(config).__name__
+    raise ConfigError(
+        f"{model_type}: its {kind} rope changes past {limit} tokens with the longest sequence of a batch, so "
+        f"{what} of up to {length} tokens would not equal the model's own forward of each; refused: {flag} "
+        f"at most {limit}",
+        flag=flag.lstrip("-") if flag.startswith("--") else None,
+    )
 
 
 def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

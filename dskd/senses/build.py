@@ -1020,9 +1020,10 @@ def _load_teacher(job: _Job, tok) -> tuple[torch.nn.Module, int, int, str]:
         width, the loaded model's fingerprint: loading may change the config, and the store records
         what later stages will compute).
     """
-    from dskd.models import fingerprint, load_model
+    from dskd.models import check_rope_length, fingerprint, load_model
 
     model = load_model(job.teacher_spec, job.teacher_dtype).to(job.device)
+    check_rope_length(model, job.cfg.seq_len, "--senses.seq_len", "gathering windows")
     vocab = max(len(tok), model.get_output_embeddings().weight.shape[0])
     dim = model.get_output_embeddings().weight.shape[1]
     return model, vocab, dim, fingerprint(model, tok)

@@ -239,10 +239,11 @@ def recipe_keys(
         teacher = None
         if senses.key == "predicted":
             from dskd.devices import resolve_device, resolve_dtype
-            from dskd.models import load_model
+            from dskd.models import check_rope_length, load_model
 
             dev = resolve_device(senses.device, flag="--senses.device")
             teacher = load_model(model.teacher, resolve_dtype(senses.dtype, dev, flag="--senses.dtype")).to(dev)
+            check_rope_length(teacher, senses.seq_len, "--senses.seq_len", "gathering windows")
         return gather_keys(tok, cfg, senses.block_chars or 0, teacher, fingerprint_sizes)
 
 
