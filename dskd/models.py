@@ -147,18 +147,15 @@ def text_config(config):
     return get(decoder=True) if callable(get) else config
 
 
-# rope types whose frequencies depend on the longest sequence of a forward (transformers'
-# dynamic_rope_update): "dynamic" (NTK) grows them past max_position_embeddings, "longrope" (Phi-3.5,
-# Phi-4-mini) switches to its long factors past original_max_position_embeddings
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-
-
 def rope_length_limit(config) -> tuple[str, int] | None:
     """(rope type, tokens) when the model's rope changes with the longest sequence of a batch past that many
     tokens; None when its rope is a function of the positions alone (the default, linear, llama3, yarn).
 
-    Past the limit, a sequence's states depend on what it is batched or packed with, so no stage can equal
-    the model's own forward of that sequence alone.
+    The rope types whose frequencies follow the longest sequence of a forward (transformers'
+    ``dynamic_rope_update``): ``dynamic`` (NTK) grows them past ``max_position_embeddings``, ``longrope``
+    (Phi-3.5, Phi-4-mini) switches to its long factors past ``original_max_position_embeddings``. Past the
+    limit, a sequence's states depend on what it is batched or packed with, so no stage can equal the
+    model's own forward of that sequence alone.
     """
     c = text_config(config)
     params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
